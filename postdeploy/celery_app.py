@@ -1,0 +1,75 @@
+"""The Celery application: JSON only, settings fit for long jobs, our key prefix.
+
+Entry points call :func:`configure` with their Settings before starting Celery;
+tasks reach the same Settings through :func:`current_settings`.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from postdeploy import keys
+from postdeploy.appspec import MAX_TIMEOUT
+from postdeploy.config import Settings
+
+QUEUE = "postdeploy"
+HARD_LIMIT_MARGIN = 30  # seconds above soft limit + kill grace before Celery kills the task
+# Redelivery of an unacknowledged job must never start while it may still be running.
+VISIBILITY_TIMEOUT = MAX_TIMEOUT + 3_600
+
+app = Celery("postdeploy", include=["postdeploy.tasks"])
+_settings: Settings | None = None
+
+
+def configure(settings: Settings, redis_url: str) -> Celery:
+    """Point the app at ``redis_url`` and apply postdeploy's Celery settings."""
+    global _settings
+    _settings = settings
+    app.conf.update(
+        broker_url=redis_url,
+        result_backend=redis_url,
+        broker_transport_options={"global_keyprefix": keys.CELERY_PREFIX,
+                                  "visibility_timeout": VISIBILITY_TIMEOUT},
+        result_backend_transport_options={"global_keyprefix": keys.CELERY_PREFIX},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # keep trying while Redis is down
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],  # pickle is refused, never deserialised
+        result_accept_content=["json"],
+        task_default_queue=QUEUE,
+        task_acks_late=True,  # a job whose worker dies is not acknowledged
+        # ...and the check loop, not a redelivery loop, runs it again.
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,  # a long job never holds other jobs hostage
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        result_expires=7 * 86_400,
+        result_extended=True,  # Flower shows args of finished tasks
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_concurrency=settings.concurrency,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        beat_schedule={
+            "check-commits": {
+                "task": "postdeploy.check_commits",
+                "schedule": settings.check_interval,
+                # A check queued while no worker ran is stale by the next one.
+                "options": {"expires": settings.check_interval},
+            },
+        },
+        timezone="UTC",
+    )
+    return app
+
+
+def current_settings() -> Settings:
+    if _settings is None:
+        raise RuntimeError("postdeploy.celery_app.configure() was not called")
+    return _settings
+
+
+def hard_limit(timeout: int, kill_grace: float) -> int:
+    """Celery's hard time limit: above the soft limit plus the SIGTERM grace."""
+    return int(timeout + kill_grace + HARD_LIMIT_MARGIN)

@@ -1,0 +1,270 @@
+"""Operator settings: read from POSTDEPLOY_* variables and postdeploy.yaml, in one place.
+
+Everything else receives a :class:`Settings`; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from postdeploy.errors import ConfigError
+from postdeploy.redaction import redact_url
+
+DEFAULT_STATE_DIR = ".postdeploy"  # checkouts, embedded Redis data, its address
+DEFAULT_CHECK_INTERVAL = 30.0  # seconds between commit checks (the guide's "every 30s")
+DEFAULT_KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL of a timed-out job
+DEFAULT_OUTPUT_LIMIT = 1024 * 1024  # bytes of output tail kept per run
+DEFAULT_HISTORY_LIMIT = 50  # runs kept per app
+DEFAULT_CONCURRENCY = 2  # prefork processes per worker
+CONFIG_FILE = "postdeploy.yaml"
+
+_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_TRANSPORT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")  # git's "<transport>::<address>"
+_ALLOWED_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """One watched application: a ``repo`` we clone, or a ``path`` someone else syncs."""
+
+    name: str
+    repo: str | None = None
+    path: str | None = None
+    branch: str | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the app comes from, safe to print (credentials hidden)."""
+        return redact_url(self.repo) if self.repo else str(self.path)
+
+    def describe(self) -> dict[str, str | None]:
+        return {"name": self.name, "kind": "repo" if self.repo else "path",
+                "source": self.source, "branch": self.branch}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the executor needs; built once by :meth:`load`."""
+
+    redis_url: str | None = None
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    check_interval: float = DEFAULT_CHECK_INTERVAL
+    apps: tuple[AppConfig, ...] = ()
+    kill_grace: float = DEFAULT_KILL_GRACE
+    output_limit: int = DEFAULT_OUTPUT_LIMIT
+    history_limit: int = DEFAULT_HISTORY_LIMIT
+    concurrency: int = DEFAULT_CONCURRENCY
+    log_level: str = "INFO"
+    config_file: Path | None = None
+    # The executor's own environment: the base of every job's environment and the
+    # fallback for POST_DEPLOY_* keys an appspec leaves out.
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def lock_ttl(self) -> int:
+        """Seconds a run lock outlives a dead holder: about one check interval."""
+        return int(min(30, max(5, self.check_interval)))
+
+    def app(self, name: str) -> AppConfig | None:
+        return next((a for a in self.apps if a.name == name), None)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Settings from ``environ`` (default os.environ), postdeploy.yaml, then flags.
+
+        ``overrides`` holds command-line values (None means "not given").
+        Raises ConfigError with one exact line for the first wrong value.
+        """
+        env = dict(os.environ if environ is None else environ)
+        flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+        config_path = _config_path(flags.get("config") or env.get("POSTDEPLOY_CONFIG"))
+        file_values = _read_config_file(config_path) if config_path else {}
+
+        def pick(key: str, var: str) -> Any:
+            if key in flags:
+                return flags[key]
+            if env.get(var, "") != "":
+                return env[var]
+            return file_values.get(key)
+
+        redis_url = pick("redis_url", "POSTDEPLOY_REDIS_URL")
+        state_dir = pick("state_dir", "POSTDEPLOY_STATE_DIR") or DEFAULT_STATE_DIR
+        settings = cls(
+            redis_url=_redis_url(redis_url) if redis_url else None,
+            state_dir=Path(str(state_dir)).expanduser().absolute(),
+            check_interval=_positive_number(
+                pick("check_interval", "POSTDEPLOY_CHECK_INTERVAL"),
+                "POSTDEPLOY_CHECK_INTERVAL", DEFAULT_CHECK_INTERVAL),
+            kill_grace=_positive_number(
+                pick("kill_grace", "POSTDEPLOY_KILL_GRACE"),
+                "POSTDEPLOY_KILL_GRACE", DEFAULT_KILL_GRACE),
+            output_limit=int(_positive_number(
+                pick("output_limit", "POSTDEPLOY_OUTPUT_LIMIT"),
+                "POSTDEPLOY_OUTPUT_LIMIT", DEFAULT_OUTPUT_LIMIT, integer=True)),
+            history_limit=int(_positive_number(
+                pick("history_limit", "POSTDEPLOY_HISTORY_LIMIT"),
+                "POSTDEPLOY_HISTORY_LIMIT", DEFAULT_HISTORY_LIMIT, integer=True)),
+            concurrency=int(_positive_number(
+                pick("concurrency", "POSTDEPLOY_CONCURRENCY"),
+                "POSTDEPLOY_CONCURRENCY", DEFAULT_CONCURRENCY, integer=True)),
+            log_level=_log_level(pick("log_level", "POSTDEPLOY_LOG_LEVEL") or "INFO"),
+            config_file=config_path,
+            environ=env,
+        )
+        repo = flags.get("repo") or env.get("POSTDEPLOY_REPO")
+        if repo:
+            branch = flags.get("branch") or env.get("POSTDEPLOY_BRANCH") or None
+            name = flags.get("name") or env.get("POSTDEPLOY_APP") or None
+            return replace(settings, apps=(_single_app(repo, branch, name),))
+        apps = _apps_from_file(file_values.get("apps"), config_path) if config_path else ()
+        return replace(settings, apps=apps)
+
+
+def default_app_name(source: str) -> str:
+    """The repo's directory or URL basename without ``.git``."""
+    base = source.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    return base[:-4] if base.endswith(".git") else base
+
+
+def check_repo_url(value: str, where: str) -> str:
+    """Refuse repo values git would treat as options or as a command transport."""
+    if value.startswith("-"):
+        raise ConfigError(f"{where}: repo {value!r} looks like a command-line option; "
+                          "give a URL or a path")
+    if _TRANSPORT.match(value) or value.lower().startswith("ext:"):
+        raise ConfigError(f"{where}: repo {redact_url(value)!r} uses a '<transport>::' "
+                          "address, which could run commands; use https://, ssh:// or a path")
+    if "://" in value and not value.lower().startswith(_ALLOWED_SCHEMES):
+        raise ConfigError(f"{where}: repo {redact_url(value)!r} has an unsupported scheme; "
+                          "use https://, http://, ssh://, git://, file:// or a path")
+    return value
+
+
+def _single_app(repo: str, branch: str | None, name: str | None) -> AppConfig:
+    check_repo_url(repo, "POSTDEPLOY_REPO")
+    app_name = name or default_app_name(repo)
+    _check_name(app_name, "POSTDEPLOY_APP")
+    if _looks_local(repo):
+        repo = str(Path(repo).expanduser().absolute())
+    return AppConfig(name=app_name, repo=repo, branch=branch)
+
+
+def _looks_local(value: str) -> bool:
+    return "://" not in value and not re.match(r"^[^/]+@[^/]+:", value)
+
+
+def _config_path(explicit: str | None) -> Path | None:
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; "
+                              "check --config / POSTDEPLOY_CONFIG")
+        return path.absolute()
+    default = Path(CONFIG_FILE)
+    return default.absolute() if default.is_file() else None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with 'apps:'")
+    known = {"apps", "check_interval", "redis_url", "state_dir", "kill_grace",
+             "output_limit", "history_limit", "concurrency", "log_level"}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; "
+                          f"known keys: {', '.join(sorted(known))}")
+    return data
+
+
+def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
+    where = str(path)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: 'apps' must be a list of apps")
+    apps: list[AppConfig] = []
+    for index, item in enumerate(raw):
+        label = f"{where}: apps[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{label} must be a mapping with 'repo' or 'path'")
+        unknown = sorted(str(k) for k in item if k not in {"name", "repo", "path", "branch"})
+        if unknown:
+            raise ConfigError(f"{label}: unknown field {unknown[0]!r}; "
+                              "use name, repo, path, branch")
+        for key in ("name", "repo", "path", "branch"):
+            if key in item and not isinstance(item[key], str):
+                raise ConfigError(f"{label}: {key!r} must be a string")
+        repo, app_path = item.get("repo"), item.get("path")
+        if bool(repo) == bool(app_path):
+            raise ConfigError(f"{label}: give exactly one of 'repo' or 'path'")
+        name = item.get("name") or default_app_name(repo or app_path)
+        label = f"{where}: app {name!r}"
+        _check_name(name, f"{label}: name")
+        if repo:
+            check_repo_url(repo, label)
+            if _looks_local(repo):
+                repo = str((path.parent if path else Path()) / Path(repo).expanduser())
+        if app_path:
+            if "branch" in item:
+                raise ConfigError(f"{label}: 'branch' only applies to 'repo' apps")
+            app_path = str(((path.parent if path else Path()) / app_path).absolute())
+        if any(a.name == name for a in apps):
+            raise ConfigError(f"{label}: name is used twice; give each app its own 'name'")
+        apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch")))
+    return tuple(apps)
+
+
+def _check_name(name: str, where: str) -> None:
+    if not _APP_NAME.match(name):
+        raise ConfigError(f"{where}: {name!r} is not a valid app name "
+                          "(letters, digits, '.', '_', '-'; at most 63)")
+
+
+def _positive_number(value: Any, name: str, default: float, integer: bool = False) -> float:
+    if value is None or value == "":
+        return default
+    text = str(value).strip()
+    try:
+        number = int(text) if integer else float(text)
+    except ValueError:
+        kind = "a positive integer" if integer else "a positive number of seconds"
+        raise ConfigError(f"invalid {name}: {text!r} is not {kind}") from None
+    if not number > 0 or number != number or number == float("inf"):
+        kind = "a positive integer" if integer else "a positive number of seconds"
+        raise ConfigError(f"invalid {name}: {text!r} is not {kind}")
+    return number
+
+
+def _redis_url(value: Any) -> str:
+    text = str(value).strip()
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"invalid POSTDEPLOY_REDIS_URL: {redact_url(text)!r}; "
+                          "expected redis://[:password@]host:port/db or unix:///path")
+    return text
+
+
+def _log_level(value: Any) -> str:
+    level = str(value).upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"invalid POSTDEPLOY_LOG_LEVEL: {value!r}; "
+                          "use DEBUG, INFO, WARNING or ERROR")
+    return level

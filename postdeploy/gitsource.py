@@ -1,0 +1,168 @@
+"""Where an app's code comes from: the deployed commit, files at a commit, a checkout.
+
+A ``repo`` app is cloned once per host into the state directory and checked out
+at the exact commit for each run; a ``path`` app is a working copy someone else
+keeps in sync, so only its HEAD is read. Checking for a change is a ref lookup
+(``git ls-remote`` or reading HEAD), never a clone or fetch, so its cost does not
+grow with the repository.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import git
+
+from postdeploy.config import AppConfig
+from postdeploy.errors import GitError
+from postdeploy.redaction import redact_url
+
+LS_REMOTE_TIMEOUT = 30.0  # seconds; a ref lookup that takes longer is a network problem
+FETCH_TIMEOUT = 600.0  # seconds for a clone or fetch of a large repository
+SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
+
+# Never prompt for a password, never run a transport that executes commands.
+GIT_ENV = {
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh",
+    "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND",
+                                      "ssh -o BatchMode=yes -o ConnectTimeout=15"),
+}
+
+
+def is_sha(value: str) -> bool:
+    return bool(SHA_PATTERN.match(value))
+
+
+class AppSource:
+    """Git access for one app on this host."""
+
+    def __init__(self, app: AppConfig, state_dir: Path) -> None:
+        self.app = app
+        self.clone_dir = state_dir / "checkouts" / app.name
+
+    @property
+    def workdir(self) -> Path:
+        """The directory jobs run in (before POST_DEPLOY_FOLDER)."""
+        return Path(self.app.path) if self.app.path else self.clone_dir
+
+    def current_sha(self) -> str:
+        """The commit the app is deployed from now: a cheap ref lookup."""
+        if self.app.path:
+            return self._path_head()
+        ref = f"refs/heads/{self.app.branch}" if self.app.branch else "HEAD"
+        out = self._git(None, ["ls-remote", "--", self.app.repo or "", ref],
+                        timeout=LS_REMOTE_TIMEOUT)
+        for line in out.splitlines():
+            sha, _, name = line.partition("\t")
+            if name == ref and is_sha(sha):
+                return sha
+        what = f"branch {self.app.branch!r}" if self.app.branch else "HEAD"
+        raise GitError(f"{what} not found in {self.app.source}; check the branch name")
+
+    def read_file(self, sha: str, name: str, limit: int) -> bytes | None:
+        """Content of ``name`` at ``sha`` (None if absent); refuse files over ``limit``."""
+        with self._host_lock():
+            self._ensure_commit(sha)
+            with git.Repo(self.workdir) as repo:
+                try:
+                    blob = repo.commit(sha).tree / name
+                except KeyError:
+                    return None
+                except (ValueError, git.BadName) as exc:
+                    raise GitError(f"commit {sha[:12]} not found in {self.app.source}") from exc
+                if blob.type != "blob":
+                    return None
+                if blob.size > limit:
+                    # Return just enough for the caller to report the size honestly.
+                    return b" " * (limit + 1)
+                data: bytes = blob.data_stream.read()
+                return data
+
+    def checkout(self, sha: str) -> Path:
+        """A working tree at exactly ``sha`` (a ``path`` app's tree is used as it is)."""
+        if self.app.path:
+            return self.workdir
+        with self._host_lock():
+            self._ensure_commit(sha)
+            self._git(self.clone_dir, ["checkout", "--quiet", "--force", "--detach", sha],
+                      timeout=FETCH_TIMEOUT)
+            # Keep ignored files (installed dependencies); drop stray tracked leftovers.
+            self._git(self.clone_dir, ["clean", "-ffdq"], timeout=FETCH_TIMEOUT)
+        return self.clone_dir
+
+    def has_commit(self, sha: str) -> bool:
+        try:
+            self._git(self.workdir, ["cat-file", "-e", f"{sha}^{{commit}}"], timeout=30)
+            return True
+        except GitError:
+            return False
+
+    def _path_head(self) -> str:
+        try:
+            with git.Repo(self.workdir) as repo:
+                return str(repo.head.commit.hexsha)
+        except (git.NoSuchPathError, git.InvalidGitRepositoryError):
+            raise GitError(f"{self.app.path} is not a git working copy; "
+                           "check the app's 'path'") from None
+        except ValueError as exc:
+            raise GitError(f"{self.app.path}: cannot read HEAD ({exc})") from None
+
+    def _ensure_commit(self, sha: str) -> None:
+        if self.app.path:
+            if not self.has_commit(sha):
+                raise GitError(f"commit {sha[:12]} not found in {self.app.path}")
+            return
+        if not (self.clone_dir / ".git").exists():
+            self.clone_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._git(None, ["clone", "--quiet", "--no-checkout", "--", self.app.repo or "",
+                             str(self.clone_dir)], timeout=FETCH_TIMEOUT)
+        if self.has_commit(sha):
+            return
+        self._git(self.clone_dir, ["fetch", "--quiet", "--prune", "--force", "origin",
+                                   "+refs/heads/*:refs/remotes/origin/*"], timeout=FETCH_TIMEOUT)
+        if not self.has_commit(sha):
+            try:  # a commit no branch points to any more (force-pushed away)
+                self._git(self.clone_dir, ["fetch", "--quiet", "origin", sha],
+                          timeout=FETCH_TIMEOUT)
+            except GitError:
+                pass
+        if not self.has_commit(sha):
+            raise GitError(f"commit {sha[:12]} not found in {self.app.source}")
+
+    @contextmanager
+    def _host_lock(self) -> Iterator[None]:
+        """Serialise git writes to this app's clone among the processes of this host."""
+        self.clone_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.clone_dir.parent / f"{self.app.name}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _git(self, cwd: Path | None, args: list[str], timeout: float) -> str:
+        command = git.cmd.Git(str(cwd) if cwd else None)
+        try:
+            out = command.execute(["git", *args], kill_after_timeout=timeout,
+                                  env=GIT_ENV, stdout_as_string=True)
+        except git.GitCommandError as exc:
+            raise GitError(_describe_failure(args, exc, self.app.source)) from None
+        except OSError as exc:
+            raise GitError(f"cannot run git: {exc}") from None
+        return str(out)
+
+
+def _describe_failure(args: list[str], exc: git.GitCommandError, source: str) -> str:
+    stderr = exc.stderr.strip() if isinstance(exc.stderr, str) else str(exc.stderr or "")
+    # Keep git's own reason ("fatal: ...") on one line, with credentials hidden.
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    reason = next((line for line in lines if "fatal:" in line or "error:" in line),
+                  lines[-1] if lines else f"exit status {exc.status}")
+    reason = reason.removeprefix("stderr: ").strip("'").strip()
+    return redact_url(f"git {args[0]} failed for {source}: {reason}")

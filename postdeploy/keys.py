@@ -1,0 +1,56 @@
+"""Every Redis key postdeploy uses, under one prefix.
+
+The Celery broker and result backend are given the same prefix (through
+kombu's ``global_keyprefix``), so one ``SCAN postdeploy:*`` sees everything.
+"""
+
+PREFIX = "postdeploy:"
+# Celery's own keys (queues, unacked messages, task results) live below this.
+CELERY_PREFIX = PREFIX + "celery:"
+
+APPS = PREFIX + "apps"  # hash: app name -> JSON description (no credentials)
+
+
+def last_seen(app: str) -> str:
+    """String: the commit the latest check saw for ``app``."""
+    return f"{PREFIX}app:{app}:last_seen"
+
+
+def run_lock(app: str) -> str:
+    """String with expiry: token of the worker running ``app``'s job now."""
+    return f"{PREFIX}app:{app}:lock"
+
+
+def active_run(app: str) -> str:
+    """String: id of the run holding the lock; left behind only by a lost run."""
+    return f"{PREFIX}app:{app}:active"
+
+
+def history(app: str) -> str:
+    """List of run ids, newest first, capped."""
+    return f"{PREFIX}app:{app}:history"
+
+
+def done(app: str, sha: str) -> str:
+    """String: id of the automatic run that finished ``sha`` (idempotency marker)."""
+    return f"{PREFIX}app:{app}:done:{sha}"
+
+
+def claim(app: str, sha: str) -> str:
+    """String with expiry: an automatic run of ``sha`` is queued or running."""
+    return f"{PREFIX}app:{app}:claim:{sha}"
+
+
+def run(run_id: str) -> str:
+    """String: the JSON run record."""
+    return f"{PREFIX}run:{run_id}"
+
+
+def output(run_id: str) -> str:
+    """String: the tail of the run's output, capped."""
+    return f"{PREFIX}run:{run_id}:output"
+
+
+def check_errors(app: str) -> str:
+    """Counter: failed commit checks of ``app`` (for metrics)."""
+    return f"{PREFIX}app:{app}:check_errors"

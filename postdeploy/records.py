@@ -1,0 +1,70 @@
+"""A run of an app's job, as stored in Redis and shown by the CLI and --json."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    ERROR = "error"  # nothing was executed: bad appspec, git failure, ...
+    SUPERSEDED = "superseded"  # an automatic run of a commit that is no longer the latest
+    LOST = "lost"  # its worker died mid-run; the commit is run again
+
+    @property
+    def finished(self) -> bool:
+        return self not in (Status.QUEUED, Status.RUNNING)
+
+
+class Trigger(StrEnum):
+    AUTO = "auto"
+    MANUAL = "manual"
+
+
+@dataclass
+class RunRecord:
+    """One run; times are Unix seconds, ``None`` until they happen."""
+
+    id: str
+    app: str
+    sha: str
+    trigger: str
+    status: str = Status.QUEUED.value
+    exit_code: int | None = None
+    reason: str | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    timeout: int | None = None
+    command: str | None = None
+    output_bytes: int = 0
+
+    @classmethod
+    def new(cls, app: str, sha: str, trigger: str) -> RunRecord:
+        return cls(id=uuid.uuid4().hex[:16], app=app, sha=sha, trigger=trigger,
+                   queued_at=time.time())
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.finished_at or time.time()) - self.started_at
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunRecord:
+        data: dict[str, Any] = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

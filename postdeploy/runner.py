@@ -1,0 +1,201 @@
+"""Run one job: ``bash -c COMMAND`` in its own process group, with a deadline.
+
+On timeout the whole group gets SIGTERM, then SIGKILL after a grace period;
+processes that left the group but carry the run's id in their environment are
+stopped too, so nothing of a timed-out job survives. A job that exits leaving a
+daemon holding its stdout returns promptly: the pipe is handed to a detached
+``cat >/dev/null`` so the daemon can keep writing without blocking or SIGPIPE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from postdeploy.records import Status
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+TICK = 0.2  # seconds between deadline checks when the job is quiet
+DRAIN_QUIET = 0.2  # after the job exits: this long without output means a daemon holds the pipe
+DRAIN_MAX = 2.0  # ...and never wait longer than this for the last output
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    status: Status
+    exit_code: int | None
+    reason: str | None = None
+
+
+def run_command(command: str, cwd: Path, env: Mapping[str, str], timeout: float,
+                grace: float, run_id: str, on_output: Callable[[bytes], None],
+                on_tick: Callable[[], None]) -> JobOutcome:
+    """Run ``command``; ``on_output`` gets raw bytes, ``on_tick`` is called about every TICK.
+
+    ``env`` must contain POST_DEPLOY_RUN_ID=run_id: it is how stray processes are found.
+    """
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        ["bash", "-c", command], cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, bufsize=0)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    selector = selectors.DefaultSelector()
+    selector.register(fd, selectors.EVENT_READ)
+    pipe_open = True
+    try:
+        try:
+            while True:
+                if pipe_open:
+                    pipe_open = _pump(selector, fd, on_output, TICK)
+                else:
+                    time.sleep(TICK)
+                on_tick()
+                if proc.poll() is not None:
+                    break
+                if time.monotonic() - started >= timeout:
+                    raise SoftTimeLimitExceeded()
+        except SoftTimeLimitExceeded:
+            _stop_group(proc, run_id, grace, selector, fd if pipe_open else None, on_output)
+            return JobOutcome(Status.TIMED_OUT, proc.returncode,
+                              f"timed out after {timeout:g} s (POST_DEPLOY_TIMEOUT)")
+        if pipe_open:
+            _drain_after_exit(selector, fd, on_output)
+    finally:
+        selector.close()
+        proc.stdout.close()
+    code = proc.returncode
+    if code == 0:
+        return JobOutcome(Status.SUCCEEDED, 0)
+    if code < 0:
+        return JobOutcome(Status.FAILED, code, f"killed by signal {signal.Signals(-code).name}")
+    return JobOutcome(Status.FAILED, code, f"exited with code {code}")
+
+
+def _pump(selector: selectors.BaseSelector, fd: int, on_output: Callable[[bytes], None],
+          wait: float) -> bool:
+    """Read what is there (waiting up to ``wait``); False once the pipe hit EOF."""
+    if not selector.select(wait):
+        return True
+    while True:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        on_output(data)
+
+
+def _drain_after_exit(selector: selectors.BaseSelector, fd: int,
+                      on_output: Callable[[bytes], None]) -> None:
+    """Collect the last output; if something still holds the pipe, detach from it."""
+    deadline = time.monotonic() + DRAIN_MAX
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        if not selector.select(DRAIN_QUIET / 4):
+            if time.monotonic() - quiet_since >= DRAIN_QUIET:
+                break
+            continue
+        quiet_since = time.monotonic()
+        if not _pump(selector, fd, on_output, 0):
+            return
+    _hand_to_sink(fd)
+
+
+def _hand_to_sink(fd: int) -> None:
+    """Give the pipe to a detached ``cat >/dev/null``, so daemons may keep writing to it.
+
+    ``sh`` backgrounds ``cat`` and exits at once, so ``cat`` is re-parented to init
+    and this worker has nothing left to wait for; ``cat`` ends when the last writer does.
+    """
+    os.set_blocking(fd, True)
+    subprocess.run(["sh", "-c", "cat >/dev/null 2>&1 &"], stdin=fd, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, start_new_session=True, check=False)
+
+
+def _stop_group(proc: subprocess.Popen[bytes], run_id: str, grace: float,
+                selector: selectors.BaseSelector, fd: int | None,
+                on_output: Callable[[bytes], None]) -> None:
+    """SIGTERM the job's processes, keep reading for ``grace`` seconds, then SIGKILL."""
+    _signal_job(proc.pid, run_id, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if fd is not None and not _pump(selector, fd, on_output, 0.1):
+            fd = None
+        elif fd is None:
+            time.sleep(0.1)
+        proc.poll()
+        if not _job_alive(proc.pid, run_id):
+            break
+    _signal_job(proc.pid, run_id, signal.SIGKILL)
+    proc.wait()
+    if fd is not None:
+        _hand_to_sink(fd)
+
+
+def _signal_job(pgid: int, run_id: str, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in job_processes(run_id):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _job_alive(pgid: int, run_id: str) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        group_alive = any(_live_in_group(pgid))
+    except ProcessLookupError:
+        group_alive = False
+    return group_alive or bool(job_processes(run_id))
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Members of the group that are not zombies (a zombie can do no harm)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[-1].split()
+            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+                alive.append(int(entry))
+    return alive
+
+
+def job_processes(run_id: str) -> list[int]:
+    """Live (non-zombie) processes whose environment carries this run's id."""
+    marker = f"POST_DEPLOY_RUN_ID={run_id}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            if marker not in environ.split(b"\0"):
+                continue
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            found.append(int(entry))
+    return found

@@ -1,0 +1,132 @@
+"""What postdeploy remembers in Redis: seen commits, markers, runs, output tails."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import redis
+
+from postdeploy import keys
+from postdeploy.config import AppConfig
+from postdeploy.records import RunRecord
+
+DONE_TTL = 90 * 86_400  # seconds; refreshed on every check while the commit is current
+QUEUED_CLAIM_TTL = 3_600  # seconds a queued automatic run blocks re-enqueueing its commit
+
+
+class StateStore:
+    """Typed access to postdeploy's Redis keys; every key comes from :mod:`keys`."""
+
+    def __init__(self, client: redis.Redis, history_limit: int = 50) -> None:
+        self.client = client
+        self.history_limit = history_limit
+
+    # -- apps ---------------------------------------------------------------
+    def register_apps(self, apps: Iterable[AppConfig]) -> None:
+        mapping = {a.name: json.dumps(a.describe()) for a in apps}
+        if mapping:
+            self.client.hset(keys.APPS, mapping=mapping)  # type: ignore[arg-type]
+
+    def registered_apps(self) -> dict[str, dict[str, str]]:
+        raw = self.client.hgetall(keys.APPS)
+        return {_text(k): json.loads(v) for k, v in sorted(raw.items())}
+
+    # -- commits ------------------------------------------------------------
+    def last_seen(self, app: str) -> str | None:
+        value = self.client.get(keys.last_seen(app))
+        return _text(value) if value else None
+
+    def observe(self, app: str, sha: str, claim_ttl: int = QUEUED_CLAIM_TTL) -> bool:
+        """Record ``sha`` as last seen; True if it needs a run and we claimed it.
+
+        One round trip: the done marker's expiry is refreshed (so a long-lived
+        commit never forgets it ran) and the claim is taken with SET NX.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(keys.last_seen(app), sha)
+        pipe.expire(keys.done(app, sha), DONE_TTL)
+        pipe.set(keys.claim(app, sha), "queued", nx=True, ex=claim_ttl)
+        _, is_done, claimed = pipe.execute()
+        if is_done and claimed:
+            self.client.delete(keys.claim(app, sha))
+        return bool(claimed) and not is_done
+
+    def is_done(self, app: str, sha: str) -> bool:
+        return bool(self.client.exists(keys.done(app, sha)))
+
+    def mark_done(self, app: str, sha: str, run_id: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.set(keys.done(app, sha), run_id, ex=DONE_TTL)
+        pipe.delete(keys.claim(app, sha))
+        pipe.execute()
+
+    def hold_claim(self, app: str, sha: str, ttl: int) -> None:
+        """Keep the claim alive while the run works; it lapses soon after a crash."""
+        self.client.set(keys.claim(app, sha), "running", ex=ttl)
+
+    def release_claim(self, app: str, sha: str) -> None:
+        self.client.delete(keys.claim(app, sha))
+
+    # -- runs ---------------------------------------------------------------
+    def add_run(self, record: RunRecord) -> None:
+        """Store a new run and push it on the app's capped history."""
+        history = keys.history(record.app)
+        pipe = self.client.pipeline()
+        pipe.set(keys.run(record.id), record.to_json())
+        pipe.lpush(history, record.id)
+        pipe.lrange(history, self.history_limit, -1)
+        pipe.ltrim(history, 0, self.history_limit - 1)
+        dropped = pipe.execute()[2]
+        if dropped:
+            names = [_text(d) for d in dropped]
+            self.client.delete(*[keys.run(n) for n in names], *[keys.output(n) for n in names])
+
+    def save_run(self, record: RunRecord) -> None:
+        self.client.set(keys.run(record.id), record.to_json())
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        raw = self.client.get(keys.run(run_id))
+        return RunRecord.from_json(raw) if raw else None
+
+    def history(self, app: str, limit: int | None = None) -> list[RunRecord]:
+        end = (limit or self.history_limit) - 1
+        ids = [_text(i) for i in self.client.lrange(keys.history(app), 0, end)]
+        if not ids:
+            return []
+        raws = self.client.mget([keys.run(i) for i in ids])
+        return [RunRecord.from_json(r) for r in raws if r]
+
+    def latest_run(self, app: str) -> RunRecord | None:
+        runs = self.history(app, 1)
+        return runs[0] if runs else None
+
+    def set_active(self, app: str, run_id: str) -> None:
+        self.client.set(keys.active_run(app), run_id)
+
+    def take_active(self, app: str) -> str | None:
+        """The run that held the app's lock last and never finished (only a lost run)."""
+        value = self.client.getdel(keys.active_run(app))
+        return _text(value) if value else None
+
+    def clear_active(self, app: str) -> None:
+        self.client.delete(keys.active_run(app))
+
+    # -- output -------------------------------------------------------------
+    def write_output(self, run_id: str, tail: bytes, total: int) -> None:
+        self.client.hset(keys.output(run_id), mapping={"tail": tail, "total": total})
+
+    def read_output(self, run_id: str) -> tuple[bytes, int]:
+        tail, total = self.client.hmget(keys.output(run_id), ["tail", "total"])
+        return (tail or b""), int(total or 0)
+
+    # -- metrics ------------------------------------------------------------
+    def count_check_error(self, app: str) -> None:
+        self.client.incr(keys.check_errors(app))
+
+    def check_errors(self, app: str) -> int:
+        return int(self.client.get(keys.check_errors(app)) or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,89 @@
+"""Celery tasks, under the stable names Flower and scripts call."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from celery import Task
+
+from postdeploy.celery_app import app, current_settings, hard_limit
+from postdeploy.checks import check_app as reconcile_app
+from postdeploy.connection import redis_client
+from postdeploy.errors import JobFailed
+from postdeploy.jobs import LockBusy, execute_run
+from postdeploy.records import Status
+from postdeploy.state import StateStore
+
+log = logging.getLogger(__name__)
+
+LOCK_RETRY_DELAY = 3.0  # seconds before a run waiting for its app's lock tries again
+
+_store: StateStore | None = None
+
+
+def state_store() -> StateStore:
+    """This process's StateStore (created after fork, one connection pool per process)."""
+    global _store
+    if _store is None:
+        settings = current_settings()
+        _store = StateStore(redis_client(app.conf.broker_url), settings.history_limit)
+    return _store
+
+
+def enqueue_run(app_name: str, sha: str | None, trigger: str, run_id: str | None,
+                timeout: int | None) -> str:
+    """Put a run_job message on the queue; the soft time limit is the app's timeout."""
+    options: dict[str, Any] = {}
+    if timeout:
+        options = {"soft_time_limit": timeout,
+                   "time_limit": hard_limit(timeout, current_settings().kill_grace)}
+    result = run_job.apply_async(
+        kwargs={"app": app_name, "sha": sha, "trigger": trigger, "run_id": run_id}, **options)
+    return str(result.id)
+
+
+@app.task(name="postdeploy.check_commits", ignore_result=True)
+def check_commits() -> None:
+    """Fan out one check per app (beat calls this every interval)."""
+    settings = current_settings()
+    for app_config in settings.apps:
+        check_app.apply_async(args=[app_config.name], expires=settings.check_interval)
+
+
+@app.task(name="postdeploy.check_app")
+def check_app(app_name: str) -> dict[str, str | None]:
+    """Check one app's commit now; enqueue its job if that commit has not run."""
+    settings = current_settings()
+    app_config = settings.app(app_name)
+    if app_config is None:
+        raise JobFailed(f"unknown app {app_name!r}")
+    result = reconcile_app(settings, state_store(), app_config, _enqueue_auto)
+    return result.as_dict()
+
+
+def _enqueue_auto(app_name: str, sha: str, trigger: str, run_id: str, timeout: int) -> None:
+    enqueue_run(app_name, sha, trigger, run_id, timeout)
+
+
+@app.task(name="postdeploy.run_job", bind=True, throws=(JobFailed,), acks_late=True)
+def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual",
+            run_id: str | None = None) -> dict[str, Any]:
+    """Run ``app``'s POST_DEPLOY job at ``sha`` (default: its last seen commit).
+
+    Ends as FAILURE (JobFailed with the reason) unless the job succeeded or was
+    skipped; failures are never retried automatically.
+    """
+    try:
+        record = execute_run(current_settings(), state_store(), app, sha, trigger, run_id,
+                             self.request.hostname)
+    except LockBusy:
+        # Another run of this app is going on: wait our turn without holding a worker.
+        raise self.retry(countdown=LOCK_RETRY_DELAY + random.random(), max_retries=None) from None
+    summary = {"run_id": record.id, "app": record.app, "sha": record.sha,
+               "trigger": record.trigger, "status": record.status,
+               "exit_code": record.exit_code, "reason": record.reason}
+    if record.status not in (Status.SUCCEEDED.value, Status.SUPERSEDED.value):
+        raise JobFailed(f"{record.app}@{record.sha[:7]} {record.status}: {record.reason}")
+    return summary

@@ -1,0 +1,1 @@
+"""Entry point: `python -m worker` starts a postdeploy Celery worker."""
