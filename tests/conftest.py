@@ -1,0 +1,72 @@
+"""Fixtures giving every test real parts: a private, flushed redis-server and git repos.
+
+Set POSTDEPLOY_TEST_REDIS_URL to run the suite against another Redis as well;
+tests that kill or restart Redis always use a private server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support import GitRemote, RedisServer, Service, service_env
+
+EXTERNAL_REDIS = os.environ.get("POSTDEPLOY_TEST_REDIS_URL")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A flushed Redis for this test (the external one when configured)."""
+    url = EXTERNAL_REDIS or redis_server.url
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> GitRemote:
+    return GitRemote(tmp_path / "git")
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Start `python -m worker|beat` processes; all are stopped after the test."""
+    started: list[Service] = []
+
+    def start(module: str, env: dict[str, str], name: str | None = None) -> Service:
+        log = tmp_path / f"{name or module}-{len(started)}.log"
+        service = Service(["-m", module], env, log)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def env_for(redis_url: str, state_dir: Path) -> Callable[..., dict[str, str]]:
+    def make(remote: GitRemote, interval: float = 1.0, **extra: str) -> dict[str, str]:
+        return service_env(redis_url, state_dir, interval, POSTDEPLOY_REPO=remote.url,
+                           POSTDEPLOY_APP="shop", **extra)
+    return make
