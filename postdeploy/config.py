@@ -216,7 +216,7 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
         repo, app_path = item.get("repo"), item.get("path")
         if bool(repo) == bool(app_path):
             raise ConfigError(f"{label}: give exactly one of 'repo' or 'path'")
-        name = item.get("name") or default_app_name(repo or app_path)
+        name = item.get("name") or default_app_name(str(repo or app_path))
         label = f"{where}: app {name!r}"
         _check_name(name, f"{label}: name")
         if repo:

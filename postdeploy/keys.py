@@ -16,6 +16,11 @@ def last_seen(app: str) -> str:
     return f"{PREFIX}app:{app}:last_seen"
 
 
+def checked_at(app: str) -> str:
+    """String: Unix time of the latest successful commit check of ``app``."""
+    return f"{PREFIX}app:{app}:checked_at"
+
+
 def run_lock(app: str) -> str:
     """String with expiry: token of the worker running ``app``'s job now."""
     return f"{PREFIX}app:{app}:lock"

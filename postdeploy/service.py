@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from postdeploy.errors import ConfigError, PostdeployError
 from postdeploy.logconfig import configure_logging
 from postdeploy.redaction import redact_url
 from postdeploy.state import StateStore
+
+log = logging.getLogger(__name__)
 
 
 def prepare(role: str) -> Settings:
@@ -41,9 +44,10 @@ def _register_apps(settings: Settings) -> None:
 def run_worker(argv: Sequence[str] = ()) -> None:
     settings = prepare("worker")
 
-    @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         _register_apps(settings)
+
+    signals.worker_ready.connect(_ready, weak=False)
 
     app.worker_main(["worker", "--loglevel", settings.log_level, "--pool", "prefork",
                      "--concurrency", str(settings.concurrency), "--task-events",
@@ -53,14 +57,13 @@ def run_worker(argv: Sequence[str] = ()) -> None:
 def run_beat(argv: Sequence[str] = ()) -> None:
     settings = prepare("beat")
 
-    @signals.beat_init.connect(weak=False)
     def _first_check(**_: Any) -> None:
         # The first check happens at start-up, not one interval later.
         _register_apps(settings)
         app.send_task("postdeploy.check_commits", expires=settings.check_interval)
 
-    import logging
-    logging.getLogger(__name__).info(
+    signals.beat_init.connect(_first_check, weak=False)
+    log.info(
         "beat: checking %d app(s) every %g s on %s", len(settings.apps),
         settings.check_interval, redact_url(str(app.conf.broker_url)))
     app.start(["beat", "--loglevel", settings.log_level,

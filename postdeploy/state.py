@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 
 import redis
@@ -45,12 +46,17 @@ class StateStore:
         """
         pipe = self.client.pipeline(transaction=False)
         pipe.set(keys.last_seen(app), sha)
+        pipe.set(keys.checked_at(app), repr(time.time()))
         pipe.expire(keys.done(app, sha), DONE_TTL)
         pipe.set(keys.claim(app, sha), "queued", nx=True, ex=claim_ttl)
-        _, is_done, claimed = pipe.execute()
+        _, _, is_done, claimed = pipe.execute()
         if is_done and claimed:
             self.client.delete(keys.claim(app, sha))
         return bool(claimed) and not is_done
+
+    def checked_at(self, app: str) -> float | None:
+        value = self.client.get(keys.checked_at(app))
+        return float(value) if value else None
 
     def is_done(self, app: str, sha: str) -> bool:
         return bool(self.client.exists(keys.done(app, sha)))
@@ -118,7 +124,8 @@ class StateStore:
 
     def read_output(self, run_id: str) -> tuple[bytes, int]:
         tail, total = self.client.hmget(keys.output(run_id), ["tail", "total"])
-        return (tail or b""), int(total or 0)
+        data = tail.encode() if isinstance(tail, str) else (tail or b"")
+        return data, int(total or 0)
 
     # -- metrics ------------------------------------------------------------
     def count_check_error(self, app: str) -> None:

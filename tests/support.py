@@ -111,6 +111,7 @@ class GitRemote:
         self.bare = root / f"{name}.git"
         self.work = root / f"{name}-work"
         self.branch = branch
+        root.mkdir(parents=True, exist_ok=True)
         run_git(root, "init", "-q", "--bare", "-b", branch, str(self.bare))
         run_git(root, "init", "-q", "-b", branch, str(self.work))
         run_git(self.work, "remote", "add", "origin", str(self.bare))

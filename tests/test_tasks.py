@@ -1,0 +1,194 @@
+"""End to end: real redis-server, real prefork worker and beat, real git repositories."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from postdeploy import keys
+from postdeploy.records import RunRecord
+from postdeploy.runner import job_processes
+from postdeploy.state import StateStore
+from tests.support import (
+    GitRemote,
+    Service,
+    appspec_yaml,
+    finished_runs,
+    output_of,
+    process_alive,
+    runs,
+    wait_for,
+)
+
+Start = Callable[..., Service]
+EnvFor = Callable[..., dict[str, str]]
+
+
+def wait_finished(client: redis.Redis, count: int, timeout: float = 40) -> list[RunRecord]:
+    return wait_for(lambda: (r := finished_runs(client, "shop")) and len(r) >= count and r,
+                    timeout, what=f"{count} finished run(s)")
+
+
+def wait_checks(client: redis.Redis, count: int) -> None:
+    """Wait until ``count`` more commit checks of the app have completed."""
+    store = StateStore(client)
+    for _ in range(count):
+        before = store.checked_at("shop") or 0.0
+        wait_for(lambda b=before: (store.checked_at("shop") or 0.0) > b, 20,  # type: ignore[misc]
+                 what="a check")
+
+
+def start_pair(services: Start, env: dict[str, str], tag: str = "") -> tuple[Service, Service]:
+    return services("worker", env, f"worker{tag}"), services("beat", env, f"beat{tag}")
+
+
+def task_states(client: redis.Redis) -> list[dict[str, object]]:
+    metas = client.keys(f"{keys.CELERY_PREFIX}celery-task-meta-*")
+    return [json.loads(client.get(k) or b"{}") for k in metas]
+
+
+def test_runs_once_per_commit_and_survives_restarts(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor,
+        tmp_path: Path) -> None:
+    sha1 = remote.commit({
+        "appspec.yaml": appspec_yaml("bash job.sh", folder="scripts", envs={"GREETING": "hi"},
+                                     secrets={"API_TOKEN": "tok-123"}),
+        "scripts/job.sh": 'echo "sha=$COMMIT_SHA greet=$GREETING app=$POST_DEPLOY_APP '
+                          'trigger=$POST_DEPLOY_TRIGGER token=$API_TOKEN"\n'})
+    env = env_for(remote)
+    worker, beat = start_pair(services, env)
+
+    first = wait_finished(rclient, 1)[0]
+    assert (first.sha, first.status, first.trigger, first.exit_code) == (
+        sha1, "succeeded", "auto", 0)
+    out = output_of(rclient, first.id)
+    assert f"sha={sha1} greet=hi app=shop trigger=auto token=***" in out
+    assert "tok-123" not in worker.log()
+    assert f"[POST-DEPLOY] shop@{sha1[:7]} | sha={sha1}" in worker.log()
+
+    # Several intervals with no new commit, then a restart of both: nothing runs again.
+    wait_checks(rclient, 3)
+    worker.stop()
+    beat.stop()
+    worker, beat = start_pair(services, env, "-restarted")
+    wait_for(lambda: "ready." in worker.log(), 20, what="restarted worker")
+    wait_checks(rclient, 4)
+    assert len(runs(rclient, "shop")) == 1
+
+    # A new commit that changes the command: exactly one run, of the new command.
+    sha2 = remote.commit({"appspec.yaml": appspec_yaml("echo new-command-$COMMIT_SHA")})
+    second = wait_finished(rclient, 2)[1]
+    assert (second.sha, second.status) == (sha2, "succeeded")
+    assert f"new-command-{sha2}" in output_of(rclient, second.id)
+    wait_checks(rclient, 3)
+    assert len(runs(rclient, "shop")) == 2
+
+
+def test_failure_is_lenient(remote: GitRemote, rclient: redis.Redis, services: Start,
+                            env_for: EnvFor) -> None:
+    remote.commit({"appspec.yaml": appspec_yaml("echo failing; exit 3")})
+    worker, _ = start_pair(services, env_for(remote))
+    failed = wait_finished(rclient, 1)[0]
+    assert (failed.status, failed.exit_code, failed.reason) == ("failed", 3,
+                                                                "exited with code 3")
+    wait_for(lambda: "WARNING" in worker.log() and "exited with code 3" in worker.log(), 10,
+             what="a WARNING naming the reason")
+    states = wait_for(lambda: [s for s in task_states(rclient) if s.get("name") ==
+                               "postdeploy.run_job" and s.get("status") == "FAILURE"], 10,
+                      what="the run_job task stored as FAILURE")
+    assert "exited with code 3" in json.dumps(states[0]["result"])
+
+    sha2 = remote.commit({"appspec.yaml": appspec_yaml("echo fixed")})
+    second = wait_finished(rclient, 2)[1]
+    assert (second.sha, second.status) == (sha2, "succeeded")
+    assert len(runs(rclient, "shop")) == 2  # the failure was not retried
+    assert worker.alive()
+
+
+def test_timeout_stops_every_process_of_the_job(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor,
+        tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    remote.commit({"appspec.yaml": appspec_yaml(
+        f"bash -c 'sleep 1000 & echo $! > {pidfile}; wait'", timeout="2")})
+    worker, _ = start_pair(services, env_for(remote))
+    record = wait_for(lambda: (r := runs(rclient, "shop")) and r[0].started_at and r[0], 30,
+                      what="the run to start")
+    done = wait_finished(rclient, 1, timeout=2 + 2 + 10)[0]
+    assert done.status == "timed_out"
+    assert done.finished_at and done.started_at
+    assert done.finished_at - done.started_at < 2 + 2 + 3  # timeout + grace + a few
+    assert "timed out after 2 s" in (done.reason or "")
+    grandchild = int(pidfile.read_text())
+    assert not process_alive(grandchild)
+    assert job_processes(record.id) == []
+    assert worker.alive()
+
+
+def test_daemon_left_by_a_job_lives_and_does_not_block(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor,
+        tmp_path: Path) -> None:
+    pidfile = tmp_path / "daemon.pid"
+    remote.commit({"appspec.yaml": appspec_yaml(
+        f"nohup sleep 300 & echo $! > {pidfile}; echo workers started")})
+    start_pair(services, env_for(remote))
+    first = wait_finished(rclient, 1)[0]
+    assert first.status == "succeeded"
+    assert first.finished_at and first.started_at and first.finished_at - first.started_at < 5
+    daemon = int(pidfile.read_text())
+    try:
+        assert process_alive(daemon)
+        sha2 = remote.commit({"appspec.yaml": appspec_yaml("echo next")})
+        second = wait_finished(rclient, 2)[1]
+        assert (second.sha, second.status) == (sha2, "succeeded")
+    finally:
+        os.kill(daemon, signal.SIGKILL)
+
+
+def test_bad_appspec_outcomes_keep_the_service_running(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
+    worker, _ = start_pair(services, env_for(remote))
+    cases = [
+        ("envs: [unclosed", "error", "invalid YAML"),
+        (appspec_yaml("true", folder="../.."), "error", "POST_DEPLOY_FOLDER"),
+        (appspec_yaml("true", folder="/etc"), "error", "absolute"),
+        (appspec_yaml("echo ran", timeout="abc"), "succeeded", None),
+        (appspec_yaml("echo ran", timeout="0"), "succeeded", None),
+    ]
+    for index, (text, status, reason) in enumerate(cases, start=1):
+        sha = remote.commit({"appspec.yaml": text}, f"case {index}")
+        record = wait_finished(rclient, index)[index - 1]
+        assert (record.sha, record.status) == (sha, status), text
+        if reason:
+            assert reason in (record.reason or ""), record.reason
+        else:
+            assert record.timeout == 300
+    assert "invalid POST_DEPLOY_TIMEOUT: 'abc' is not a positive integer" in worker.log()
+    assert worker.alive()
+
+
+def test_fleet_runs_each_commit_at_most_once(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
+    job = "echo start; sleep 0.5; echo end"
+    remote.commit({"appspec.yaml": appspec_yaml(job)}, "c0")
+    env = env_for(remote, interval=0.5)
+    for tag in ("a", "b"):
+        start_pair(services, env, tag)
+    shas = [remote.head()]
+    for i in range(1, 6):
+        wait_for(lambda: rclient.get(keys.last_seen("shop")) == shas[-1].encode(), 20,
+                 what="the commit to be seen")
+        shas.append(remote.commit({"appspec.yaml": appspec_yaml(job), "n": str(i)}, f"c{i}"))
+    wait_for(lambda: any(r.sha == shas[-1] and r.status == "succeeded"
+                         for r in runs(rclient, "shop")), 40, what="the latest commit's run")
+    executed = [r for r in runs(rclient, "shop") if r.started_at and r.status != "superseded"]
+    per_sha = [sum(1 for r in executed if r.sha == s) for s in shas]
+    assert all(n <= 1 for n in per_sha), per_sha
+    spans = sorted((r.started_at or 0, r.finished_at or 0) for r in executed)
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert start >= end, "two runs of one app overlapped"
