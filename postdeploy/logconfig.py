@@ -20,10 +20,12 @@ def configure_logging(level: str) -> None:
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
-    # Chatty libraries stay at WARNING unless we debug.
-    for name in ("git", "urllib3", "tornado.access"):
-        logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING)
-                                         if level != "DEBUG" else logging.DEBUG)
+    # Per-task and per-tick lines would drown the job lines (one pair per app every
+    # interval); postdeploy logs what matters itself. DEBUG shows everything.
+    quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for name in ("git", "urllib3", "tornado.access", "celery.app.trace",
+                 "celery.worker.strategy", "celery.beat"):
+        logging.getLogger(name).setLevel(quiet)
     signals.setup_logging.connect(_keep_our_logging, weak=False)
 
 
