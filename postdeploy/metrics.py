@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -21,8 +22,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import redis
+from kombu.transport.redis import PRIORITY_STEPS
+from kombu.transport.redis import Channel as RedisChannel
 
-from postdeploy.celery_app import QUEUE, app, configure
+from postdeploy import keys
+from postdeploy.celery_app import QUEUE
 from postdeploy.config import Settings
 from postdeploy.connection import redis_client, resolve_redis_url
 from postdeploy.errors import ConfigError, PostdeployError
@@ -64,7 +68,7 @@ def render(store: StateStore, app_names: Iterable[str] = ()) -> str:
         histories = {name: store.history(name) for name in apps}
         last_seen = {name: store.last_seen(name) for name in apps}
         check_errors = {name: store.check_errors(name) for name in apps}
-        queued = queue_length()
+        queued = queue_length(store.client)
     except redis.RedisError as exc:
         log.warning("metrics: Redis unavailable: %s", exc)
         page.metric("postdeploy_up", "gauge", "1 if postdeploy's Redis answered this scrape.",
@@ -113,14 +117,13 @@ def render(store: StateStore, app_names: Iterable[str] = ()) -> str:
     return page.text()
 
 
-def queue_length() -> int:
-    """Messages waiting in our queue, through kombu (it knows the key prefix and priorities)."""
-    with app.pool.acquire(block=True, timeout=10) as conn:
-        try:
-            ok = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
-        except conn.channel_errors:
-            return 0  # the queue does not exist until something was sent to it
-        return int(ok.message_count)
+def queue_length(client: redis.Redis) -> int:
+    """Messages waiting in our queue: kombu keeps one Redis list per priority step."""
+    pipe = client.pipeline(transaction=False)
+    for step in PRIORITY_STEPS:
+        suffix = f"{RedisChannel.sep}{step}" if step else ""
+        pipe.llen(f"{keys.CELERY_PREFIX}{QUEUE}{suffix}")
+    return sum(int(n) for n in pipe.execute())
 
 
 class MetricsHandler(BaseHTTPRequestHandler):
@@ -177,7 +180,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"postdeploy metrics: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    configure(settings, url)
     store = StateStore(redis_client(url), settings.history_limit)
     try:
         server = MetricsServer((args.address, args.port), store,
@@ -222,7 +224,8 @@ def _quantiles(history: list[RunRecord]) -> list[tuple[float, float]]:
                        if r.duration is not None and r.finished_at is not None)
     if not durations:
         return []
-    return [(q, durations[min(len(durations) - 1, int(q * len(durations)))]) for q in QUANTILES]
+    # Nearest rank: the smallest duration that q of the runs do not exceed.
+    return [(q, durations[max(0, math.ceil(q * len(durations)) - 1)]) for q in QUANTILES]
 
 
 def _labels(labels: dict[str, str]) -> str:

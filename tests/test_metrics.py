@@ -1,0 +1,144 @@
+"""The Prometheus endpoint: a real `python -m postdeploy.metrics` scraped over HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+
+from postdeploy import keys
+from postdeploy.celery_app import QUEUE
+from postdeploy.config import AppConfig
+from postdeploy.records import RunRecord, Status
+from postdeploy.state import StateStore
+from tests.support import RedisServer, Service, free_port, service_env, wait_for
+
+SHA = "a" * 40
+OLD_SHA = "b" * 40
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return str(resp.read().decode())
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def samples(text: str) -> Samples:
+    """Every sample by (name, labels), parsed by Prometheus' own client parser."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(parsed: Samples, name: str, **labels: str) -> float | None:
+    return parsed.get((name, frozenset(labels.items())))
+
+
+def finished_run(app: str, sha: str, trigger: str, status: Status, took: float,
+                 ended: float) -> RunRecord:
+    record = RunRecord.new(app, sha, trigger)
+    record.status = status.value
+    record.started_at = ended - took
+    record.finished_at = ended
+    return record
+
+
+def start_metrics(services_dir: Path, env: dict[str, str]) -> tuple[Service, int]:
+    port = free_port()
+    service = Service(["-m", "postdeploy.metrics", "--port", str(port)], env,
+                      services_dir / f"metrics-{port}.log")
+    wait_for(lambda: scrape(port) or not service.alive(), 30, what="metrics to answer")
+    assert service.alive(), service.log()
+    return service, port
+
+
+def test_metrics_describe_runs_checks_and_queue(redis_url: str, rclient: redis.Redis,
+                                                tmp_path: Path,
+                                                services: Callable[..., Service]) -> None:
+    store = StateStore(rclient)
+    store.register_apps([AppConfig("shop", repo="/srv/shop.git"),
+                         AppConfig("blog", repo="/srv/blog.git")])
+    store.observe("shop", SHA)
+    now = time.time()
+    ok = finished_run("shop", OLD_SHA, "auto", Status.SUCCEEDED, 4.0, now - 100)
+    failed = finished_run("shop", SHA, "manual", Status.FAILED, 2.0, now - 10)
+    for record in (ok, failed):
+        store.add_run(record)
+    store.count_check_error("shop")
+    store.count_check_error("shop")
+    # Two messages waiting with no worker, sent as Celery sends them (prefix included).
+    sender = Celery(broker=redis_url, broker_transport_options={
+        "global_keyprefix": keys.CELERY_PREFIX})
+    for _ in range(2):
+        sender.send_task("postdeploy.check_commits", queue=QUEUE)
+
+    service, port = start_metrics(tmp_path, service_env(redis_url, tmp_path / "state"))
+    parsed = samples(wait_for(lambda: scrape(port), 10, what="a scrape"))
+
+    assert value(parsed, "postdeploy_up") == 1
+    assert value(parsed, "postdeploy_apps") == 2
+    assert value(parsed, "postdeploy_queue_messages") == 2
+    assert value(parsed, "postdeploy_runs", app="shop", trigger="auto", status="succeeded") == 1
+    assert value(parsed, "postdeploy_runs", app="shop", trigger="manual", status="failed") == 1
+    assert value(parsed, "postdeploy_last_run_status", app="shop", status="failed") == 1
+    assert value(parsed, "postdeploy_last_run_status", app="shop", status="succeeded") == 0
+    assert value(parsed, "postdeploy_last_run_failed", app="shop") == 1
+    assert value(parsed, "postdeploy_last_run_timestamp_seconds", app="shop") == \
+        failed.finished_at
+    assert value(parsed, "postdeploy_last_success_timestamp_seconds", app="shop") == \
+        ok.finished_at
+    assert value(parsed, "postdeploy_last_run_duration_seconds", app="shop") == \
+        failed.duration
+    assert value(parsed, "postdeploy_run_duration_seconds", app="shop", quantile="1") == \
+        ok.duration
+    assert value(parsed, "postdeploy_run_duration_seconds", app="shop", quantile="0.5") == \
+        failed.duration
+    assert value(parsed, "postdeploy_check_errors_total", app="shop") == 2
+    assert value(parsed, "postdeploy_check_errors_total", app="blog") == 0
+    assert value(parsed, "postdeploy_last_seen_commit_info", app="shop", sha=SHA) == 1
+    # An app with no run yet has no last-run samples rather than made-up ones.
+    assert value(parsed, "postdeploy_last_run_failed", app="blog") is None
+
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+        raise AssertionError("expected 404 outside /metrics")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
+    service.stop()
+    assert service.proc.returncode == 0, service.log()  # SIGTERM is a clean stop
+
+
+def test_metrics_report_redis_down_instead_of_failing(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", persistent=False).start()
+    service, port = start_metrics(tmp_path, service_env(server.url, tmp_path / "state"))
+    try:
+        assert value(samples(scrape(port) or ""), "postdeploy_up") == 1
+        server.stop()
+        down = wait_for(lambda: (text := scrape(port)) and
+                        value(samples(text), "postdeploy_up") == 0 and text,
+                        20, what="postdeploy_up 0")
+        assert "postdeploy_runs" not in down
+    finally:
+        service.stop()
+        server.stop()
+
+
+def test_bad_settings_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = service_env("redis://127.0.0.1:1/0", tmp_path / "state",
+                      POSTDEPLOY_REDIS_URL="http://not-redis")
+    proc = subprocess.run([sys.executable, "-m", "postdeploy.metrics"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("postdeploy metrics: invalid POSTDEPLOY_REDIS_URL")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
