@@ -69,18 +69,18 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
         stop_leftover(self.data_dir)
-        last_error = "did not start"
+        problem: str | None = "did not start"
         for _ in range(PORT_ATTEMPTS):
             self.port = free_port()
             self.proc = subprocess.Popen(
                 self._argv(), cwd=self.data_dir, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=self._preexec_fn)
-            last_error = self._wait_ready()
-            if not last_error:
+            problem = self._wait_ready()
+            if problem is None:
                 return self.url
             self.stop()
-        raise RedisUnavailable(f"embedded Redis {last_error}; see {self.log_path}")
+        raise RedisUnavailable(f"embedded Redis {problem}; see {self.log_path}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -1,0 +1,297 @@
+"""The `postdeploy` command line: wires flags to Settings and to the library.
+
+Every error is one line on stderr (`postdeploy: error: ...`) and a non-zero
+exit; a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import redis
+from kombu.exceptions import OperationalError
+
+from postdeploy.config import Settings
+from postdeploy.connection import address_file, connect, resolve_redis_url
+from postdeploy.errors import ConfigError, PostdeployError, RedisUnavailable
+from postdeploy.logconfig import configure_logging
+from postdeploy.redaction import redact_url
+from postdeploy.state import StateStore
+
+F = TypeVar("F", bound=Callable[..., Any])
+CHECK_TIMEOUT = 30.0  # seconds `check` waits for the workers' answers
+EXIT_USAGE = 2  # bad flags or configuration
+EXIT_FAILED = 1  # anything else that went wrong
+
+
+def common_options(func: F) -> F:
+    """--state-dir / --config / --redis-url, accepted before or after the command name."""
+    options = [
+        click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+                     help="State directory (POSTDEPLOY_STATE_DIR, default ./.postdeploy)."),
+        click.option("--config", type=click.Path(dir_okay=False), default=None,
+                     help="postdeploy.yaml with 'apps:' (POSTDEPLOY_CONFIG)."),
+        click.option("--redis-url", default=None,
+                     help="Redis URL (POSTDEPLOY_REDIS_URL); default: the running `up`."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def with_settings(func: F) -> F:
+    """Merge the command's and the group's common options into a loaded Settings."""
+
+    def wrapper(ctx: click.Context, /, state_dir: str | None, config: str | None,
+                redis_url: str | None, **kwargs: Any) -> Any:
+        group = ctx.obj or {}
+        overrides = {"state_dir": state_dir or group.get("state_dir"),
+                     "config": config or group.get("config"),
+                     "redis_url": redis_url or group.get("redis_url")}
+        return func(Settings.load(overrides=overrides), **kwargs)
+
+    # click names the command and writes its help from these.
+    wrapper.__name__, wrapper.__doc__ = func.__name__, func.__doc__
+    return common_options(click.pass_context(wrapper))  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@common_options
+@click.pass_context
+def cli(ctx: click.Context, state_dir: str | None, config: str | None,
+        redis_url: str | None) -> None:
+    """Run an app's POST_DEPLOY job once per deployed commit."""
+    ctx.obj = {"state_dir": state_dir, "config": config, "redis_url": redis_url}
+
+
+def open_store(settings: Settings) -> tuple[str, StateStore]:
+    """Redis URL and a StateStore, or RedisUnavailable saying what to start."""
+    url = resolve_redis_url(settings)
+    try:
+        client = connect(url)
+    except RedisUnavailable:
+        if settings.redis_url:
+            raise
+        raise RedisUnavailable(
+            f"the `postdeploy up` that wrote {address_file(settings.state_dir)} is not "
+            f"running (Redis at {redact_url(url)} does not answer); start `postdeploy up` "
+            "again") from None
+    return url, StateStore(client, settings.history_limit)
+
+
+@cli.command()
+@click.option("--repo", help="Watch one app: a git URL or path (POSTDEPLOY_REPO).")
+@click.option("--branch", help="Branch to follow (POSTDEPLOY_BRANCH; default: HEAD).")
+@click.option("--name", help="App name (POSTDEPLOY_APP; default: the repo's name).")
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds between commit checks (POSTDEPLOY_CHECK_INTERVAL, default 30).")
+@click.option("--flower", is_flag=True, help="Also run Flower (task monitor).")
+@click.option("--flower-address", default="127.0.0.1", show_default=True)
+@click.option("--flower-port", type=click.IntRange(1, 65535), default=5555, show_default=True)
+@common_options
+@click.pass_context
+def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | None,
+       interval: float | None, flower: bool, flower_address: str, flower_port: int,
+       state_dir: str | None, config: str | None, redis_url: str | None) -> int:
+    """All-in-one: Redis (embedded unless given), a worker, beat; Ctrl-C stops all."""
+    from postdeploy.up import UpOptions, run_up
+
+    group = ctx.obj or {}
+    settings = Settings.load(overrides={
+        "state_dir": state_dir or group.get("state_dir"),
+        "config": config or group.get("config"),
+        "redis_url": redis_url or group.get("redis_url"),
+        "repo": repo, "branch": branch, "name": name, "check_interval": interval})
+    configure_logging(settings.log_level)
+    single_repo = bool(repo or settings.environ.get("POSTDEPLOY_REPO"))
+    return run_up(settings, UpOptions(flower=flower, flower_address=flower_address,
+                                      flower_port=flower_port, single_repo=single_repo))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON (see README).")
+@with_settings
+def status(settings: Settings, as_json: bool) -> int:
+    """Per app: last seen commit, latest run, its status, when, how long."""
+    from postdeploy.manual import known_apps
+    from postdeploy.views import AppStatus, status_json, status_table
+
+    _, store = open_store(settings)
+    registered = store.registered_apps()
+    rows = [AppStatus(name, (app.source if app else registered.get(name, {}).get("source")),
+                      store.last_seen(name), store.latest_run(name))
+            for name, app in known_apps(settings, store).items()]
+    if as_json:
+        click.echo(json.dumps(status_json(rows), indent=2, sort_keys=True))
+    elif not rows:
+        click.echo("no apps registered yet; is `postdeploy up` (or a worker) running?",
+                   err=True)
+    else:
+        click.echo(status_table(rows))
+    return 0
+
+
+@cli.command()
+@click.argument("app")
+@click.option("--sha", help="Commit to run (default: the last seen commit).")
+@click.option("--wait", is_flag=True, help="Follow the output; exit 0 only on success.")
+@with_settings
+def run(settings: Settings, app: str, sha: str | None, wait: bool) -> int:
+    """Re-run APP's job by hand (trigger `manual`)."""
+    from postdeploy.follow import follow_run
+    from postdeploy.manual import known_apps, pick_commit, queue_manual_run, require_app
+
+    url, store = open_store(settings)
+    apps = known_apps(settings, store)
+    require_app(apps, app)
+    commit = pick_commit(settings, store, apps[app], app, sha)
+    record = queue_manual_run(settings, url, store, app, commit)
+    click.echo(f"queued manual run {record.id} of {app}@{commit[:7]}", err=wait)
+    if not wait:
+        return 0
+    try:
+        final = follow_run(store, record.id, sys.stdout.buffer,
+                           lambda line: click.echo(line, err=True))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; run {record.id} goes on "
+                   f"(`postdeploy logs {app} {record.id}`)", err=True)
+        return 130
+    if final.status == "succeeded":
+        click.echo(f"run {final.id} succeeded", err=True)
+        return 0
+    exit_code = f", exit code {final.exit_code}" if final.exit_code is not None else ""
+    raise PostdeployError(f"run {final.id} {final.status}{exit_code}: "
+                          f"{final.reason or 'no reason recorded'}")
+
+
+@cli.command()
+@click.argument("app")
+@click.argument("run_id", required=False)
+@with_settings
+def logs(settings: Settings, app: str, run_id: str | None) -> int:
+    """Stored output of APP's latest run (or RUN_ID)."""
+    from postdeploy.manual import known_apps, require_app
+
+    _, store = open_store(settings)
+    require_app(known_apps(settings, store), app)
+    record = store.get_run(run_id) if run_id else store.latest_run(app)
+    if record is None or record.app != app:
+        if run_id:
+            raise PostdeployError(f"no run {run_id!r} of {app!r}; "
+                                  f"see `postdeploy history {app}`")
+        raise PostdeployError(f"{app!r} has no runs yet; see `postdeploy status`")
+    tail, total = store.read_output(record.id)
+    click.echo(f"run {record.id} of {app}@{record.sha[:7]} ({record.trigger}): "
+               f"{record.status}", err=True)
+    if total > len(tail):
+        click.echo(f"... {total - len(tail)} earlier bytes not kept ...")
+    sys.stdout.buffer.write(tail)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+@cli.command()
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON (see README).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@with_settings
+def history(settings: Settings, app: str, as_json: bool, limit: int) -> int:
+    """APP's runs, newest first."""
+    from postdeploy.manual import known_apps, require_app
+    from postdeploy.views import history_json, history_table
+
+    _, store = open_store(settings)
+    require_app(known_apps(settings, store), app)
+    runs = store.history(app, limit)
+    if as_json:
+        click.echo(json.dumps(history_json(app, runs), indent=2, sort_keys=True))
+    elif not runs:
+        click.echo(f"{app} has no runs yet", err=True)
+    else:
+        click.echo(history_table(runs))
+    return 0
+
+
+@cli.command()
+@click.argument("app", required=False)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              default=CHECK_TIMEOUT, show_default=True, help="Seconds to wait for workers.")
+@with_settings
+def check(settings: Settings, app: str | None, timeout: float) -> int:
+    """Check commits now (all apps, or APP) instead of waiting for the interval."""
+    from postdeploy.manual import check_now, known_apps, require_app
+
+    url, store = open_store(settings)
+    apps = known_apps(settings, store)
+    if app:
+        require_app(apps, app)
+    names = [app] if app else list(apps)
+    if not names:
+        raise PostdeployError("no apps registered yet; start `postdeploy up` first")
+    ok = True
+    for line, good in check_now(settings, url, names, timeout):
+        click.echo(line)
+        ok = ok and good
+    return 0 if ok else EXIT_FAILED
+
+
+@cli.command()
+@click.argument("directory", required=False, default=".",
+                type=click.Path(file_okay=False, path_type=Path))
+def validate(directory: Path) -> int:
+    """Lint an app repo's appspec.yaml, folder, command and script."""
+    from postdeploy.lint import has_errors, lint_app_dir
+
+    findings = lint_app_dir(directory)
+    for finding in findings:
+        click.echo(str(finding))
+    errors = sum(1 for f in findings if f.level == "error")
+    warnings = sum(1 for f in findings if f.level == "warning")
+    click.echo(f"{directory}: {errors} error(s), {warnings} warning(s)")
+    return EXIT_FAILED if has_errors(findings) else 0
+
+
+def fail(message: str, code: int) -> int:
+    """Print the one error line; return the exit code."""
+    line = " ".join(redact_url(message).split())
+    click.echo(f"postdeploy: error: {line}", err=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the command, turn every error into one line."""
+    try:
+        result = cli.main(args=argv, prog_name="postdeploy", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except click.exceptions.Abort:
+        code = fail("interrupted", 130)
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        code = fail(exc.format_message().rstrip(".") + hint, EXIT_USAGE)
+    except click.ClickException as exc:
+        code = fail(exc.format_message(), exc.exit_code or EXIT_FAILED)
+    except ConfigError as exc:
+        code = fail(str(exc), EXIT_USAGE)
+    except PostdeployError as exc:
+        code = fail(str(exc), EXIT_FAILED)
+    except (redis.RedisError, OperationalError) as exc:
+        code = fail(f"Redis error: {exc}; is Redis (or `postdeploy up`) running?", EXIT_FAILED)
+    except KeyboardInterrupt:
+        code = fail("interrupted", 130)
+    except BrokenPipeError:
+        # Output piped into `head` and the like: the reader left, nothing to report.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_FAILED
+    except Exception as exc:  # a bug: still one line, with what to report
+        code = fail(f"unexpected {type(exc).__name__}: {exc}; please report this", EXIT_FAILED)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""`postdeploy validate`: lint an app repository's POST_DEPLOY set-up before deploying.
+
+Checks what a run would trip over: appspec.yaml syntax and shapes, the
+folder (exists, stays inside the repo, symlinks included), the command, the
+script it names, and the timeout. Values are never printed (some are secrets).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from postdeploy.appspec import APPSPEC_FILE, DEFAULT_TIMEOUT, parse_appspec, resolve_folder
+from postdeploy.errors import AppSpecError
+
+ERROR, WARNING, OK = "error", "warning", "ok"
+# Commands that take a script file as their first non-option argument.
+INTERPRETERS = {"bash", "sh", "zsh", "dash", "python", "python3", "node", "ruby", "perl",
+                "php", "deno", "bun", "tsx", "ts-node"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error", "warning" or "ok"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.message}"
+
+
+def lint_app_dir(directory: Path) -> list[Finding]:
+    """Everything wrong (and right) with ``directory``'s POST_DEPLOY set-up."""
+    if not directory.is_dir():
+        return [Finding(ERROR, f"{directory} is not a directory; give the app repository's "
+                               "root")]
+    findings: list[Finding] = []
+    appspec = directory / APPSPEC_FILE
+    if not appspec.is_file():
+        return [Finding(ERROR, f"no {APPSPEC_FILE} in {directory}; the executor reads the "
+                               "job from its 'envs' (POST_DEPLOY_COMMAND, ...)")]
+    try:
+        # Empty fallback env: what the file alone says, as a fresh executor would see it.
+        spec = parse_appspec(appspec.read_bytes(), {})
+    except AppSpecError as exc:
+        return [Finding(ERROR, f"{exc}; a run of this commit would end as 'error'")]
+    except OSError as exc:
+        return [Finding(ERROR, f"cannot read {APPSPEC_FILE}: {exc.strerror}")]
+    findings.append(Finding(OK, f"{APPSPEC_FILE} parses"))
+    findings += [Finding(WARNING, f"{w} (the job still runs)") for w in spec.warnings]
+    if not spec.warnings:
+        findings.append(Finding(OK, f"timeout {spec.timeout} s"
+                                    + (" (the default)" if spec.timeout == DEFAULT_TIMEOUT
+                                       else "")))
+
+    try:
+        workdir = resolve_folder(directory, spec.folder)
+        findings.append(Finding(OK, f"folder {spec.folder or '.'} is inside the repository"))
+    except AppSpecError as exc:
+        findings.append(Finding(ERROR, f"{exc}; nothing would be executed"))
+        workdir = None
+
+    if spec.command is None:
+        findings.append(Finding(ERROR, "POST_DEPLOY_COMMAND is not set; no job would run "
+                                       "(add it under 'envs')"))
+    else:
+        findings.append(Finding(OK, "POST_DEPLOY_COMMAND is set"))
+        if workdir is not None:
+            findings += _script_findings(spec.command, workdir, directory)
+    findings += _git_findings(directory)
+    return findings
+
+
+def _script_findings(command: str, workdir: Path, root: Path) -> list[Finding]:
+    """Check the script the command names, when it names one we can recognise."""
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        return [Finding(ERROR, f"POST_DEPLOY_COMMAND cannot be parsed by a shell ({exc})")]
+    if not words:
+        return []
+    program, rest = words[0], words[1:]
+    direct = "/" in program  # ./seed.sh or bin/seed: executed itself, needs the x bit
+    if direct:
+        script = program
+    elif os.path.basename(program) in INTERPRETERS:
+        args = [w for w in rest if not w.startswith("-")]
+        if not args or any(w in ("-c", "-e", "-m") for w in rest):
+            return []  # inline code (bash -c '...', python -m x): nothing to look for
+        script = args[0]
+    else:
+        return []  # npm, make, a tool on PATH: not something we can check here
+    path = (workdir / script).resolve()
+    shown = os.path.relpath(workdir / script, root)
+    if root.resolve() not in path.parents:
+        return [Finding(ERROR, f"script {shown} lies outside the repository; the executor "
+                               "only has the repository's files")]
+    if not path.is_file():
+        return [Finding(ERROR, f"script {shown} does not exist; the command would fail "
+                               "(paths are relative to POST_DEPLOY_FOLDER)")]
+    if not os.access(path, os.R_OK):
+        return [Finding(ERROR, f"script {shown} is not readable")]
+    if direct and not os.access(path, os.X_OK):
+        return [Finding(ERROR, f"script {shown} is run directly but is not executable; "
+                               f"chmod +x it (and commit) or run it with 'bash {script}'")]
+    return [Finding(OK, f"script {shown} exists")]
+
+
+def _git_findings(directory: Path) -> list[Finding]:
+    """The executor reads the committed appspec, not the working copy: say if they differ."""
+    try:
+        result = subprocess.run(["git", "-C", str(directory), "status", "--porcelain", "--",
+                                 "."], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if result.returncode != 0:
+        return [Finding(WARNING, f"{directory} is not a git repository; the executor reads "
+                                 "appspec.yaml and scripts from commits")]
+    if result.stdout.strip():
+        return [Finding(WARNING, "uncommitted changes; the executor runs what is committed, "
+                                 "so commit them before deploying")]
+    return []
+
+
+def has_errors(findings: list[Finding]) -> bool:
+    return any(f.level == ERROR for f in findings)

@@ -1,0 +1,155 @@
+"""Manual actions from the CLI: which apps exist, which commit to run, queueing a run,
+checking commits now.
+
+The CLI may run where no app is configured (only `up` knows them), so the apps
+are those the worker and beat registered in Redis plus any configured here.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES
+from postdeploy.celery_app import configure
+from postdeploy.config import AppConfig, Settings
+from postdeploy.errors import GitError, PostdeployError, UnknownApp
+from postdeploy.gitsource import AppSource, is_sha
+from postdeploy.records import RunRecord, Trigger
+from postdeploy.redaction import MASK
+from postdeploy.state import StateStore
+
+_HEX = re.compile(r"^[0-9a-f]{4,40}$")
+
+
+class UnknownCommit(PostdeployError):
+    """A --sha that is malformed or not a commit of the app."""
+
+
+def known_apps(settings: Settings, store: StateStore) -> dict[str, AppConfig | None]:
+    """App name -> its config when we can rebuild one (for git checks), else None."""
+    apps: dict[str, AppConfig | None] = {}
+    for name, info in store.registered_apps().items():
+        source = info.get("source") or ""
+        if info.get("kind") == "path":
+            apps[name] = AppConfig(name=name, path=source)
+        elif MASK not in source:  # a redacted URL cannot be used to reach the repo
+            apps[name] = AppConfig(name=name, repo=source, branch=info.get("branch"))
+        else:
+            apps[name] = None
+    for app in settings.apps:
+        apps[app.name] = app
+    return dict(sorted(apps.items()))
+
+
+def require_app(apps: dict[str, AppConfig | None], name: str) -> None:
+    if name not in apps:
+        listed = ", ".join(apps) or "none yet"
+        raise UnknownApp(f"unknown app {name!r} (known apps: {listed}); "
+                         "check the name with `postdeploy status`")
+
+
+def pick_commit(settings: Settings, store: StateStore, app: AppConfig | None, name: str,
+                sha: str | None) -> str:
+    """The full sha to run: ``sha`` (full, or a prefix of a known one) or the last seen."""
+    if sha is None:
+        last = store.last_seen(name)
+        if last is None:
+            raise UnknownCommit(f"no commit of {name!r} has been seen yet; wait for the first "
+                                f"check, run `postdeploy check {name}`, or pass --sha")
+        return last
+    text = sha.strip().lower()
+    if not _HEX.match(text):
+        raise UnknownCommit(f"invalid --sha {sha[:50]!r}: give a commit id "
+                            "(40 hex characters, or an unambiguous prefix of a known one)")
+    known = _known_commits(store, name)
+    if not is_sha(text):
+        matches = sorted({s for s in known if s.startswith(text)})
+        if len(matches) != 1:
+            why = "matches several commits" if matches else "matches no commit run so far"
+            raise UnknownCommit(f"--sha {text!r} {why}; give the full 40-character "
+                                f"commit id (see `postdeploy history {name}`)")
+        return matches[0]
+    if text not in known and app is not None:
+        _check_commit_exists(settings, app, text)
+    return text
+
+
+def queue_manual_run(settings: Settings, url: str, store: StateStore, name: str,
+                     sha: str) -> RunRecord:
+    """Record a queued manual run and put its message on the queue."""
+    configure(settings, url)
+    from postdeploy.tasks import enqueue_run  # imports Celery tasks: only when needed
+
+    record = RunRecord.new(name, sha, Trigger.MANUAL.value)
+    store.add_run(record)
+    enqueue_run(name, sha, Trigger.MANUAL.value, record.id, None)
+    return record
+
+
+def check_now(settings: Settings, url: str, names: list[str],
+              timeout: float) -> Iterator[tuple[str, bool]]:
+    """Ask the workers to check each app now; yield (line to print, went well)."""
+    configure(settings, url)
+    from postdeploy.tasks import check_app
+
+    pending = [(name, check_app.apply_async(args=[name], expires=timeout)) for name in names]
+    deadline = time.monotonic() + timeout
+    answered = 0
+    for name, result in pending:
+        try:
+            value = result.get(timeout=max(0.1, deadline - time.monotonic()))
+        except CeleryTimeout:
+            yield f"{name}: no answer within {timeout:g} s", False
+            continue
+        except Exception as exc:  # the task's own error, rebuilt from JSON by Celery
+            answered += 1
+            yield f"{name}: check failed: {exc}", False
+            continue
+        answered += 1
+        yield describe_check(value), value.get("action") != "error"
+    if not answered:
+        raise PostdeployError(f"no worker answered within {timeout:g} s; is `postdeploy up` "
+                              "(or a worker) running?")
+
+
+def describe_check(result: dict[str, str | None]) -> str:
+    """One line for a postdeploy.check_app result (app/sha/action/detail)."""
+    app, sha, action, detail = (result.get(k) for k in ("app", "sha", "action", "detail"))
+    at = f"{(sha or '')[:7]}"
+    if action == "enqueued":
+        return f"{app}: new commit {at}, job queued (run {detail})"
+    if action == "unchanged":
+        return f"{app}: unchanged at {at}; nothing to run"
+    if action == "no-command":
+        return f"{app}: {at} sets no POST_DEPLOY_COMMAND; nothing to run"
+    return f"{app}: check failed: {detail}"
+
+
+def _known_commits(store: StateStore, name: str) -> set[str]:
+    commits = {r.sha for r in store.history(name)}
+    last = store.last_seen(name)
+    if last:
+        commits.add(last)
+    return commits
+
+
+def _check_commit_exists(settings: Settings, app: AppConfig, sha: str) -> None:
+    """Refuse a commit the app's repository does not have, when we can tell here.
+
+    Only where this host already has the app's clone (or its working copy): the
+    CLI must not start cloning repositories as a side effect.
+    """
+    source = AppSource(app, settings.state_dir)
+    if app.repo and not (source.clone_dir / ".git").exists():
+        return
+    try:
+        source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)  # fetches a newer commit
+    except GitError as exc:
+        if "not found" in str(exc):
+            raise UnknownCommit(f"commit {sha[:12]} is not in {app.source}; "
+                                f"see `postdeploy history {app.name}` for its commits") from None
+        # Network trouble: let the run itself try and record what happens.

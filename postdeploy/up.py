@@ -1,0 +1,160 @@
+"""`postdeploy up`: the all-in-one local mode.
+
+Redis (embedded unless a URL is given), a worker, beat and optionally Flower,
+all in the foreground as children of one supervisor. Settings reach the
+children through POSTDEPLOY_* variables, so they load exactly what we checked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from postdeploy.config import Settings
+from postdeploy.connection import address_file, connect
+from postdeploy.embedded_redis import EmbeddedRedis
+from postdeploy.errors import ConfigError
+from postdeploy.redaction import redact_url
+from postdeploy.supervisor import ChildDied, Supervisor, die_with_parent
+
+LOCK_FILE = "up.lock"  # in the state dir: one `up` per state dir
+DEFAULT_FLOWER_ADDRESS = "127.0.0.1"  # Flower can re-run jobs: not on the network by default
+DEFAULT_FLOWER_PORT = 5555
+FLOWER_MODULE = "postdeploy.flower"
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """What `up` starts besides the worker and beat."""
+
+    flower: bool = False
+    single_repo: bool = False  # the app came from --repo / POSTDEPLOY_REPO, not a config file
+    flower_address: str = DEFAULT_FLOWER_ADDRESS
+    flower_port: int = DEFAULT_FLOWER_PORT
+
+
+def run_up(settings: Settings, options: UpOptions) -> int:
+    """Run everything until SIGINT/SIGTERM (exit 0) or until a child dies (exit 1)."""
+    if not settings.apps:
+        raise ConfigError("no apps to watch; pass --repo PATH_OR_URL, or --config with "
+                          "'apps:' (or set POSTDEPLOY_REPO / POSTDEPLOY_CONFIG)")
+    if options.flower and importlib.util.find_spec(FLOWER_MODULE) is None:
+        raise ConfigError(f"--flower needs the {FLOWER_MODULE} module, which this "
+                          "installation lacks; run without --flower")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(settings.state_dir):
+        embedded: EmbeddedRedis | None = None
+        if settings.redis_url:
+            url = settings.redis_url
+            connect(url).close()  # a wrong URL is one clear line now, not a retry loop later
+        else:
+            embedded = EmbeddedRedis(settings.state_dir, preexec_fn=die_with_parent)
+            url = embedded.start()
+        supervisor = Supervisor(secrets.token_hex(12))
+        try:
+            _write_address(settings.state_dir, url)
+            _banner(supervisor, settings, url, embedded, options)
+            env = child_env(settings, url, options.single_repo)
+            python = sys.executable
+            supervisor.start("worker", [python, "-m", "worker"], env)
+            supervisor.start("beat", [python, "-m", "beat"], env)
+            if options.flower:
+                supervisor.start("flower", [python, "-m", FLOWER_MODULE,
+                                            "--address", options.flower_address,
+                                            "--port", str(options.flower_port)], env)
+            supervisor.stream()
+
+            def redis_alive() -> str | None:
+                if embedded is None or embedded.alive():
+                    return None
+                return f"embedded Redis (see {embedded.log_path})"
+
+            try:
+                supervisor.watch(redis_alive)
+                supervisor.say("postdeploy up: stopping...")
+                return 0
+            except ChildDied as exc:
+                print(f"postdeploy: error: {exc}", file=sys.stderr, flush=True)
+                return 1
+        finally:
+            supervisor.stop()
+            if embedded is not None:
+                embedded.stop()
+            _remove_address(settings.state_dir, url)
+            supervisor.say("postdeploy up: stopped")
+
+
+def child_env(settings: Settings, url: str, single_repo: bool) -> dict[str, str]:
+    """The environment of worker, beat and Flower: ours plus the checked settings."""
+    env = dict(settings.environ)
+    for name in ("POSTDEPLOY_REPO", "POSTDEPLOY_BRANCH", "POSTDEPLOY_APP", "POSTDEPLOY_CONFIG"):
+        env.pop(name, None)
+    env.update({"POSTDEPLOY_REDIS_URL": url,
+                "POSTDEPLOY_STATE_DIR": str(settings.state_dir),
+                "POSTDEPLOY_CHECK_INTERVAL": repr(settings.check_interval)})
+    if settings.config_file is not None:
+        env["POSTDEPLOY_CONFIG"] = str(settings.config_file)
+    if single_repo:
+        # One app from --repo / POSTDEPLOY_REPO: it overrides any config file's apps.
+        app = settings.apps[0]
+        env.update({"POSTDEPLOY_REPO": app.repo or "", "POSTDEPLOY_APP": app.name})
+        if app.branch:
+            env["POSTDEPLOY_BRANCH"] = app.branch
+    return env
+
+
+def _banner(supervisor: Supervisor, settings: Settings, url: str,
+            embedded: EmbeddedRedis | None, options: UpOptions) -> None:
+    where = f"embedded, data in {embedded.data_dir}" if embedded else "external"
+    lines = [f"postdeploy up: watching {len(settings.apps)} app(s), "
+             f"checking every {settings.check_interval:g} s"]
+    for app in settings.apps:
+        branch = f" (branch {app.branch})" if app.branch else ""
+        lines.append(f"  app     {app.name}: {app.source}{branch}")
+    lines.append(f"  redis   {redact_url(url)} ({where})")
+    if options.flower:
+        lines.append(f"  flower  http://{options.flower_address}:{options.flower_port}/")
+    lines.append(f"  state   {settings.state_dir}")
+    lines.append("Press Ctrl-C to stop.")
+    supervisor.say("\n".join(lines))
+
+
+@contextmanager
+def _exclusive(state_dir: Path) -> Iterator[None]:
+    """Hold the state dir's lock: two `up`s on one dir would share one Redis data dir."""
+    with open(state_dir / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another `postdeploy up` is already running with state dir "
+                              f"{state_dir}; stop it first or pass another --state-dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_address(state_dir: Path, url: str) -> None:
+    """Leave the URL for the other commands; it holds the password, so owner-only."""
+    path = address_file(state_dir)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(url + "\n")
+    os.replace(tmp, path)
+
+
+def _remove_address(state_dir: Path, url: str) -> None:
+    path = address_file(state_dir)
+    try:
+        if path.read_text().strip() == url:
+            path.unlink()
+    except OSError:
+        pass

@@ -1,0 +1,119 @@
+"""How the CLI shows apps and runs: readable tables and stable JSON.
+
+The JSON shapes are a contract (scripts parse them); README.md documents them.
+Add fields, never rename or remove them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from postdeploy.records import RunRecord
+
+RUN_FIELDS = ("id", "app", "sha", "trigger", "status", "exit_code", "reason", "queued_at",
+              "started_at", "finished_at", "duration", "worker", "timeout", "command",
+              "output_bytes")
+
+
+@dataclass(frozen=True)
+class AppStatus:
+    """One row of `postdeploy status`."""
+
+    app: str
+    source: str | None
+    last_seen_sha: str | None
+    latest_run: RunRecord | None
+
+
+def run_json(record: RunRecord) -> dict[str, Any]:
+    """A run as JSON: every field of RUN_FIELDS, always present (null when unknown)."""
+    duration = record.duration
+    values: dict[str, Any] = {
+        "id": record.id, "app": record.app, "sha": record.sha, "trigger": record.trigger,
+        "status": record.status, "exit_code": record.exit_code, "reason": record.reason,
+        "queued_at": record.queued_at, "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "duration": round(duration, 3) if duration is not None else None,
+        "worker": record.worker, "timeout": record.timeout, "command": record.command,
+        "output_bytes": record.output_bytes,
+    }
+    return {name: values[name] for name in RUN_FIELDS}
+
+
+def status_json(rows: Sequence[AppStatus]) -> dict[str, Any]:
+    return {"apps": [{"app": row.app, "source": row.source,
+                      "last_seen_sha": row.last_seen_sha,
+                      "latest_run": run_json(row.latest_run) if row.latest_run else None}
+                     for row in rows]}
+
+
+def history_json(app: str, runs: Sequence[RunRecord]) -> dict[str, Any]:
+    return {"app": app, "runs": [run_json(r) for r in runs]}
+
+
+def status_table(rows: Sequence[AppStatus], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [("APP", "COMMIT", "LATEST RUN", "TRIGGER", "STATUS", "WHEN", "TOOK")]
+    for row in rows:
+        run = row.latest_run
+        lines.append((row.app, short(row.last_seen_sha),
+                      run.id if run else "-", run.trigger if run else "-",
+                      _status_text(run) if run else "no runs yet",
+                      ago(_when(run), now) if run else "-",
+                      took(run.duration) if run else "-"))
+    return table(lines)
+
+
+def history_table(runs: Sequence[RunRecord], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [("RUN", "COMMIT", "TRIGGER", "STATUS", "WHEN", "TOOK", "REASON")]
+    for run in runs:
+        lines.append((run.id, short(run.sha), run.trigger, _status_text(run),
+                      ago(_when(run), now), took(run.duration), run.reason or ""))
+    return table(lines)
+
+
+def table(lines: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart; the last column is not padded."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
+    out = []
+    for line in lines:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        out.append("  ".join([*cells, line[-1]]).rstrip())
+    return "\n".join(out)
+
+
+def short(sha: str | None) -> str:
+    return sha[:7] if sha else "-"
+
+
+def ago(timestamp: float | None, now: float) -> str:
+    if timestamp is None:
+        return "-"
+    seconds = max(0, int(now - timestamp))
+    for size, unit in ((86_400, "d"), (3_600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def took(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def _when(run: RunRecord) -> float | None:
+    return run.finished_at or run.started_at or run.queued_at
+
+
+def _status_text(run: RunRecord) -> str:
+    if run.exit_code not in (None, 0):
+        return f"{run.status} (exit {run.exit_code})"
+    return run.status
