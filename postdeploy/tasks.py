@@ -19,6 +19,9 @@ from postdeploy.state import StateStore
 log = logging.getLogger(__name__)
 
 LOCK_RETRY_DELAY = 3.0  # seconds before a run waiting for its app's lock tries again
+# Apps per check task: amortises Celery's per-task cost (about as much CPU as the
+# ls-remote itself) while still spreading a large fleet over every worker.
+CHECK_BATCH = 25
 
 _store: StateStore | None = None
 
@@ -46,10 +49,27 @@ def enqueue_run(app_name: str, sha: str | None, trigger: str, run_id: str | None
 
 @app.task(name="postdeploy.check_commits", ignore_result=True)
 def check_commits() -> None:
-    """Fan out one check per app (beat calls this every interval)."""
+    """Fan the apps out in batches (beat calls this every interval)."""
     settings = current_settings()
-    for app_config in settings.apps:
-        check_app.apply_async(args=[app_config.name], expires=settings.check_interval)
+    names = [a.name for a in settings.apps]
+    for start in range(0, len(names), CHECK_BATCH):
+        check_apps.apply_async(args=[names[start:start + CHECK_BATCH]],
+                               expires=settings.check_interval)
+
+
+@app.task(name="postdeploy.check_apps", ignore_result=True)
+def check_apps(app_names: list[str]) -> None:
+    """Check a batch of apps; one app's failure never stops the others."""
+    settings = current_settings()
+    for name in app_names:
+        app_config = settings.app(name)
+        if app_config is None:
+            log.warning("check: unknown app %r (configurations differ between hosts?)", name)
+            continue
+        try:
+            reconcile_app(settings, state_store(), app_config, _enqueue_auto)
+        except Exception:
+            log.exception("check of %s failed unexpectedly", name)
 
 
 @app.task(name="postdeploy.check_app")

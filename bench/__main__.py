@@ -1,0 +1,42 @@
+"""`python -m bench [--quick]`: measure postdeploy against its floors; print one table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import idle_checks
+from bench.harness import redis_server
+from bench.report import Row, render
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes, under two minutes (the full run takes longer)")
+    parser.add_argument("--only", choices=["checks", "latency", "overhead", "output",
+                                           "footprint"], action="append",
+                        help="run only these measures (repeatable)")
+    args = parser.parse_args()
+    only = set(args.only or ["checks", "latency", "overhead", "output", "footprint"])
+    rows: list[Row] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="postdeploy-bench-") as tmp:
+        root = Path(tmp)
+        with redis_server(root) as server:
+            if "checks" in only:
+                sizes = [1, 100] if args.quick else [1, 100, 1000]
+                for count in sizes:
+                    print(f"... idle checks, {count} apps", file=sys.stderr, flush=True)
+                    rows += idle_checks.measure(root / f"checks-{count}", server.url, count,
+                                                repeats=3 if args.quick else 5)
+    print(render(rows))
+    print(f"\n({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Real parts for benchmarks: the same private redis-server, git repos and processes as tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import redis
+
+from postdeploy.celery_app import configure
+from postdeploy.config import Settings
+from tests.support import GitRemote, RedisServer, Service, run_git, service_env, wait_for
+
+__all__ = ["GitRemote", "RedisServer", "Service", "run_git", "service_env", "wait_for",
+           "bare_repos", "celery_client", "tree_cpu", "tree_memory", "redis_server",
+           "worker_processes"]
+
+
+@contextmanager
+def redis_server(root: Path) -> Iterator[RedisServer]:
+    server = RedisServer(root / "redis", persistent=False).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def bare_repos(root: Path, count: int) -> tuple[list[Path], str]:
+    """``count`` identical bare repositories with one commit; returns them and the sha."""
+    template = GitRemote(root / "template", "app")
+    sha = template.commit({"appspec.yaml": "envs: []\n", "README": "bench\n"})
+    repos = []
+    for index in range(count):
+        target = root / "repos" / f"app-{index}.git"
+        shutil.copytree(template.bare, target)
+        repos.append(target)
+    return repos, sha
+
+
+def celery_client(redis_url: str, state_dir: Path, **env: str) -> Settings:
+    """Configure this process's Celery app to send tasks to the benchmark's Redis."""
+    settings = Settings.load({"POSTDEPLOY_REDIS_URL": redis_url,
+                              "POSTDEPLOY_STATE_DIR": str(state_dir), **env})
+    configure(settings, redis_url)
+    return settings
+
+
+def worker_processes(service: Service) -> list[psutil.Process]:
+    root = psutil.Process(service.proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_cpu(processes: list[psutil.Process]) -> float:
+    """CPU seconds used by these processes and their reaped children."""
+    total = 0.0
+    for proc in processes:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def tree_memory(processes: list[psutil.Process]) -> float:
+    """Proportional set size (shared pages split fairly) in bytes."""
+    total = 0.0
+    for proc in processes:
+        try:
+            total += proc.memory_full_info().pss
+        except psutil.Error:
+            continue
+    return total
+
+
+def wait_ready(service: Service, client: redis.Redis, timeout: float = 60) -> None:
+    """A worker registers its apps in Redis once it is ready (whatever the log level)."""
+    from postdeploy import keys
+    wait_for(lambda: client.exists(keys.APPS) or not service.alive(), timeout,
+             what="worker ready")
+    if not service.alive():
+        raise RuntimeError(f"worker exited:\n{service.log()[-2000:]}")
+
+
+def self_children_cpu() -> float:
+    usage = os.times()
+    return usage.children_user + usage.children_system
+
+
+def run_quiet(args: list[str], cwd: Path | None = None) -> None:
+    subprocess.run(args, cwd=cwd, check=True, capture_output=True)
+
+
+def flush(client: redis.Redis) -> None:
+    client.flushdb()
+
+
+def now() -> float:
+    return time.perf_counter()
