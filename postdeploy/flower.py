@@ -28,8 +28,8 @@ DB_FILE = "flower.db"  # in the state dir: Flower's task list survives restarts
 STATE_SAVE_INTERVAL_MS = 60_000  # also save while running, not only on a clean stop
 PURGE_OFFLINE_WORKERS = 3_600  # seconds; every restarted worker has a new name
 # The tasks page shows each run_job's app and commit (kwargs; result or error for
-# a manual run whose sha defaulted to the last seen commit).
-TASK_COLUMNS = "name,uuid,state,kwargs,result,received,started,runtime,worker"
+# a manual run whose sha defaulted to the last seen commit), and why a failed one failed.
+TASK_COLUMNS = "name,state,kwargs,result,exception,received,runtime,worker,uuid"
 AUTH_VARIABLES = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH")  # Flower's own settings
 
 
