@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import idle_checks
+from bench import idle_checks, jobs
 from bench.harness import redis_server
 from bench.report import Row, render
 
@@ -33,6 +33,14 @@ def main() -> int:
                     print(f"... idle checks, {count} apps", file=sys.stderr, flush=True)
                     rows += idle_checks.measure(root / f"checks-{count}", server.url, count,
                                                 repeats=3 if args.quick else 5)
+            if "latency" in only:
+                print("... trigger latency", file=sys.stderr, flush=True)
+                rows += jobs.measure_latency(root / "latency", server.url,
+                                             20 if args.quick else 60)
+            if "overhead" in only:
+                print("... per-job overhead", file=sys.stderr, flush=True)
+                rows += jobs.measure_overhead(root / "overhead", server.url,
+                                              50 if args.quick else 200)
     print(render(rows))
     print(f"\n({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s)")
     return 0

@@ -61,7 +61,7 @@ def run_command(command: str, cwd: Path, env: Mapping[str, str], timeout: float,
                 if pipe_open:
                     pipe_open = _pump(selector, fd, on_output, TICK)
                 else:
-                    time.sleep(TICK)
+                    _wait_exit(proc, TICK)
                 on_tick()
                 if proc.poll() is not None:
                     break
@@ -82,6 +82,13 @@ def run_command(command: str, cwd: Path, env: Mapping[str, str], timeout: float,
     if code < 0:
         return JobOutcome(Status.FAILED, code, f"killed by signal {signal.Signals(-code).name}")
     return JobOutcome(Status.FAILED, code, f"exited with code {code}")
+
+
+def _wait_exit(proc: subprocess.Popen[bytes], wait: float) -> None:
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _pump(selector: selectors.BaseSelector, fd: int, on_output: Callable[[bytes], None],

@@ -1,0 +1,119 @@
+"""2. Trigger latency and 3. per-job overhead, through a real worker.
+
+Latency: from sending postdeploy.check_app after a commit (what `postdeploy check
+APP` does) to the job's process starting (the job prints $EPOCHREALTIME), against
+Celery's own round trip for an empty task in the same worker.
+Overhead: manual runs of `true` through the full path (lock, checkout, appspec,
+run, record), against `bash -c true` run directly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from bench.harness import GitRemote, Service, celery_client, service_env, wait_ready
+from bench.report import Row, median, percentile
+from postdeploy.state import StateStore
+from tests.support import appspec_yaml
+
+
+def _start(root: Path, redis_url: str, remote: GitRemote) -> Service:
+    env = service_env(redis_url, root / "state", 3600, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="bench", POSTDEPLOY_LOG_LEVEL="WARNING")
+    worker = Service(["-m", "worker"], env, root / "worker.log")
+    wait_ready(worker, redis.Redis.from_url(redis_url))
+    celery_client(redis_url, root / "state", POSTDEPLOY_REPO=remote.url,
+                  POSTDEPLOY_APP="bench")
+    return worker
+
+
+def _empty_task_round_trips(count: int) -> list[float]:
+    from postdeploy.celery_app import app
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        app.send_task("celery.accumulate", args=[1]).get(timeout=30)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def measure_latency(root: Path, redis_url: str, commits: int) -> list[Row]:
+    root.mkdir(parents=True, exist_ok=True)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = StateStore(client)
+    remote = GitRemote(root / "git", "bench")
+    spec = {"appspec.yaml": appspec_yaml('echo "START $EPOCHREALTIME"')}
+    remote.commit(spec)
+    worker = _start(root, redis_url, remote)
+    from postdeploy.tasks import check_app
+    try:
+        check_app.apply_async(args=["bench"]).get(timeout=60)  # warm: first clone
+        _wait_runs(store, 1)
+        latencies = []
+        for index in range(commits):
+            remote.commit({**spec, "n": str(index)})
+            t0 = time.time()
+            check_app.apply_async(args=["bench"])
+            record = _wait_runs(store, index + 2)
+            tail, _ = store.read_output(record.id)
+            started = float(tail.decode().split("START ", 1)[1].split()[0])
+            latencies.append((started - t0) * 1000)
+        baseline = _empty_task_round_trips(commits)
+    finally:
+        worker.stop()
+    p50, base50 = median(latencies), median(baseline)
+    return [
+        Row("trigger latency p50", p50, base50, "ms", "empty Celery task",
+            "<= baseline + 50 ms", p50 <= base50 + 50),
+        Row("trigger latency p95", percentile(latencies, 95), percentile(baseline, 95), "ms",
+            "empty Celery task"),
+    ]
+
+
+def measure_overhead(root: Path, redis_url: str, jobs: int) -> list[Row]:
+    root.mkdir(parents=True, exist_ok=True)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = StateStore(client)
+    remote = GitRemote(root / "git", "bench")
+    sha = remote.commit({"appspec.yaml": appspec_yaml("true")})
+    worker = _start(root, redis_url, remote)
+    from postdeploy.tasks import run_job
+    try:
+        run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=60)  # warm
+        ours = []
+        for _ in range(jobs):
+            t0 = time.perf_counter()
+            result = run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=60)
+            ours.append((time.perf_counter() - t0) * 1000)
+            assert result["status"] == "succeeded", result
+    finally:
+        worker.stop()
+    direct = []
+    for _ in range(jobs):
+        t0 = time.perf_counter()
+        subprocess.run(["bash", "-c", "true"], check=True)
+        direct.append((time.perf_counter() - t0) * 1000)
+    assert len(store.history("bench", jobs + 1)) >= min(jobs, store.history_limit)
+    added = median(ours) - median(direct)
+    return [
+        Row(f"per-job time, {jobs} jobs of `true` (median)", median(ours), median(direct), "ms",
+            "bash -c true"),
+        Row("per-job overhead added (median)", added, None, "ms", "", "<= 15 ms", added <= 15),
+    ]
+
+
+def _wait_runs(store: StateStore, count: int, timeout: float = 60):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        history = store.history("bench", count + 5)
+        done = [r for r in history if r.status not in ("queued", "running")]
+        if len(done) >= count:
+            return done[0]
+        time.sleep(0.005)
+    raise RuntimeError(f"run {count} did not finish")
