@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,17 +85,26 @@ class AppSource:
                 data: bytes = blob.data_stream.read()
                 return data
 
-    def checkout(self, sha: str) -> Path:
-        """A working tree at exactly ``sha`` (a ``path`` app's tree is used as it is)."""
+    def prepare(self, sha: str, appspec: str, limit: int) -> tuple[Path, bytes | None]:
+        """A working tree at exactly ``sha`` and the content of ``appspec`` there.
+
+        A ``path`` app's tree is used as it is, its appspec read at ``sha``. For a
+        ``repo`` app the common case costs two git processes (checkout, clean): the
+        fetch happens only when the commit is missing, and the appspec is read from
+        the fresh checkout rather than through another git process.
+        """
         if self.app.path:
-            return self.workdir
+            return self.workdir, self.read_file(sha, appspec, limit)
         with self._host_lock():
-            self._ensure_commit(sha)
-            self._git(self.clone_dir, ["checkout", "--quiet", "--force", "--detach", sha],
-                      timeout=FETCH_TIMEOUT)
-            # Keep ignored files (installed dependencies); drop stray tracked leftovers.
+            checkout = ["checkout", "--quiet", "--force", "--detach", sha]
+            try:
+                self._git(self.clone_dir, checkout, timeout=FETCH_TIMEOUT)
+            except GitError:
+                self._ensure_commit(sha)
+                self._git(self.clone_dir, checkout, timeout=FETCH_TIMEOUT)
+            # Keep ignored files (installed dependencies); drop stray untracked leftovers.
             self._git(self.clone_dir, ["clean", "-ffdq"], timeout=FETCH_TIMEOUT)
-        return self.clone_dir
+        return self.clone_dir, _read_regular_file(self.clone_dir / appspec, limit)
 
     def has_commit(self, sha: str) -> bool:
         try:
@@ -156,6 +166,20 @@ class AppSource:
         except OSError as exc:
             raise GitError(f"cannot run git: {exc}") from None
         return str(out)
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes | None:
+    """The file's bytes (None if absent); a symlink could point anywhere, so refuse it."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise GitError(f"{path.name} must be a regular file in the repository, "
+                       "not a symlink or directory")
+    if info.st_size > limit:
+        return b" " * (limit + 1)  # enough for the caller to report the size honestly
+    return path.read_bytes()
 
 
 def _describe_failure(args: list[str], exc: git.GitCommandError, source: str) -> str:

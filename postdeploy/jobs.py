@@ -104,9 +104,8 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, record
     label = f"{app}@{record.sha[:7]}"
     secrets: frozenset[str] = frozenset()
     try:
-        workdir = source.checkout(record.sha)
-        spec = parse_appspec(source.read_file(record.sha, APPSPEC_FILE, MAX_APPSPEC_BYTES),
-                             settings.environ)
+        workdir, appspec_text = source.prepare(record.sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)
+        spec = parse_appspec(appspec_text, settings.environ)
         secrets = spec.secrets
         for warning in spec.warnings:
             log.warning("%s: %s", label, warning)
