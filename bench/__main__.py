@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import idle_checks, jobs
+from bench import footprint, idle_checks, jobs, output_capture
 from bench.harness import redis_server
 from bench.report import Row, render
 
@@ -41,6 +41,13 @@ def main() -> int:
                 print("... per-job overhead", file=sys.stderr, flush=True)
                 rows += jobs.measure_overhead(root / "overhead", server.url,
                                               50 if args.quick else 200)
+            if "output" in only:
+                size = (256 if args.quick else 1024) * 1024 * 1024
+                print(f"... output, {size >> 20} MiB", file=sys.stderr, flush=True)
+                rows += output_capture.measure(root / "output", server.url, size)
+        if "footprint" in only:
+            print("... footprint of `postdeploy up`", file=sys.stderr, flush=True)
+            rows += footprint.measure(root / "footprint", 15 if args.quick else 60)
     print(render(rows))
     print(f"\n({'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f} s)")
     return 0

@@ -1,0 +1,79 @@
+"""5. Footprint: `postdeploy up` idle (embedded Redis, worker, beat) for a while.
+
+Memory is the proportional set size (shared pages split fairly between forked
+processes) of every process `up` started; CPU is their CPU seconds over the idle
+window. Baseline: a bare Celery worker (no app, same concurrency) plus a bare
+redis-server, measured the same way for the same window.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import redis
+
+from bench.harness import GitRemote, RedisServer, Service, service_env, tree_cpu, tree_memory
+from bench.report import Row
+from postdeploy.state import StateStore
+from tests.support import appspec_yaml, wait_for
+
+MIB = 1024 * 1024
+
+
+def _tree(service: Service) -> list[psutil.Process]:
+    root = psutil.Process(service.proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _idle(processes_of: Service, seconds: float) -> tuple[float, float]:
+    procs = _tree(processes_of)
+    cpu0, t0 = tree_cpu(procs), time.monotonic()
+    time.sleep(seconds)  # the measurement window itself
+    procs = _tree(processes_of)
+    cpu = (tree_cpu(procs) - cpu0) / (time.monotonic() - t0) * 100
+    return tree_memory(procs) / MIB, cpu
+
+
+def measure(root: Path, seconds: float) -> list[Row]:
+    root.mkdir(parents=True, exist_ok=True)
+    remote = GitRemote(root / "git", "bench")
+    remote.commit({"appspec.yaml": appspec_yaml("echo deployed")})
+    state = root / "state"
+    env = service_env("", state, 30)
+    del env["POSTDEPLOY_REDIS_URL"]
+    up = Service(["-m", "postdeploy.cli", "up", "--repo", remote.url, "--name", "bench",
+                  "--state-dir", str(state)], env, root / "up.log")
+    try:
+        url_file = state / "redis.url"
+        wait_for(url_file.exists, 60, what="up's embedded Redis")
+        store = StateStore(redis.Redis.from_url(url_file.read_text().strip()))
+        wait_for(lambda: (r := store.latest_run("bench")) and r.status == "succeeded", 90,
+                 what="the first job")
+        memory, cpu = _idle(up, seconds)
+    finally:
+        up.stop(timeout=20)
+
+    server = RedisServer(root / "baseline-redis", persistent=False).start()
+    bare_env = service_env(server.url, state, 30)
+    bare = Service(["-m", "celery", "--broker", server.url, "worker", "--concurrency", "2",
+                    "--loglevel", "WARNING"], bare_env, root / "bare.log")
+    try:
+        wait_for(lambda: len(_tree(bare)) >= 3, 60, what="bare Celery worker")
+        time.sleep(3)  # let it finish starting before the window opens
+        base_memory, base_cpu = _idle(bare, seconds)
+        redis_memory = psutil.Process(server.proc.pid).memory_full_info().pss / MIB \
+            if server.proc else 0.0
+    finally:
+        bare.stop()
+        server.stop()
+    print(f"    (idle window {seconds:.0f} s)", file=sys.stderr)
+    return [
+        Row(f"`up` idle {seconds:.0f} s: memory (PSS, all processes)", memory,
+            base_memory + redis_memory, "MiB", "bare Celery worker + redis-server",
+            "<= 250 MiB", memory <= 250),
+        Row(f"`up` idle {seconds:.0f} s: CPU", cpu, base_cpu, "% of a core",
+            "bare Celery worker", "<= 2%", cpu <= 2),
+    ]

@@ -1,0 +1,114 @@
+"""4. Output: a job writing 1 GiB through a real worker, against `cat` of the same bytes.
+
+Throughput is bytes over the run's own start-to-finish time; memory is the peak
+growth of the worker's processes (RSS sampled every 20 ms) over their size before
+the run. Baseline: the job's same bytes piped to `cat > /dev/null` instead of to
+postdeploy (a pipe is the floor of any capture). For scale, `cat FILE > /dev/null`
+is shown too: it copies nothing through a pipe, so no capture can approach it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import redis
+
+from bench.harness import (
+    GitRemote,
+    Service,
+    celery_client,
+    service_env,
+    wait_ready,
+    worker_processes,
+)
+from bench.report import Row, median
+from postdeploy.state import StateStore
+from tests.support import appspec_yaml
+
+MIB = 1024 * 1024
+
+
+def _write_file(path: Path, size: int) -> None:
+    line = b"x" * 99 + b"\n"
+    block = line * (MIB // len(line))
+    with open(path, "wb") as handle:
+        written = 0
+        while written < size:
+            handle.write(block)
+            written += len(block)
+
+
+def _rss(processes: list[psutil.Process]) -> int:
+    total = 0
+    for proc in processes:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(root: Path, redis_url: str, size: int) -> list[Row]:
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "output.txt"
+    _write_file(data, size)
+    size = data.stat().st_size
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = StateStore(client)
+    remote = GitRemote(root / "git", "bench")
+    sha = remote.commit({"appspec.yaml": appspec_yaml(f"cat {data}", timeout="3600")})
+    env = service_env(redis_url, root / "state", 3600, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="bench", POSTDEPLOY_LOG_LEVEL="WARNING")
+    worker = Service(["-m", "worker"], env, root / "worker.log")
+    try:
+        wait_ready(worker, client)
+        celery_client(redis_url, root / "state", POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="bench")
+        from postdeploy.tasks import run_job
+        processes = worker_processes(worker)
+        before = _rss(processes)
+        peak = before
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _rss(processes))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        result = run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=3600)
+        done.set()
+        sampler.join()
+        record = store.get_run(result["run_id"])
+        assert record and record.started_at and record.finished_at
+        elapsed = record.finished_at - record.started_at
+        tail, total = store.read_output(record.id)
+        assert total == size and len(tail) <= 1024 * 1024, (total, len(tail))
+    finally:
+        worker.stop()
+    to_null = median([_timed(f"cat {data} > /dev/null") for _ in range(3)])
+    through_pipe = median([_timed(f"cat {data} | cat > /dev/null") for _ in range(3)])
+    ours = size / MIB / elapsed
+    growth = (peak - before) / MIB
+    pipe_rate = size / MIB / through_pipe
+    return [
+        Row(f"output {size // MIB} MiB: capture throughput", ours, pipe_rate, "MiB/s",
+            "job | cat > /dev/null", ">= 0.5x baseline", ours >= 0.5 * pipe_rate),
+        Row(f"output {size // MIB} MiB: vs reading the file, no pipe", ours,
+            size / MIB / to_null, "MiB/s", "cat FILE > /dev/null"),
+        Row(f"output {size // MIB} MiB: worker memory growth", growth, None, "MiB",
+            "", "<= 50 MiB", growth <= 50),
+    ]
+
+
+def _timed(command: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["bash", "-c", command], check=True)
+    return time.perf_counter() - t0
