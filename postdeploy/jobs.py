@@ -26,7 +26,7 @@ from postdeploy.output import OutputCapture
 from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.redaction import mask_secrets
 from postdeploy.runlock import RunLock
-from postdeploy.runner import JobOutcome, run_command
+from postdeploy.runner import JobOutcome, kill_run_processes, run_command
 from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,11 @@ def _mark_lost(store: StateStore, run_id: str) -> None:
         store.save_run(record)
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)
+    # Belt and braces for the runner's job guard: if the lost attempt's processes
+    # still run on this host, stop them before the commit runs again (never two
+    # copies of a job at once).
+    if killed := kill_run_processes(run_id):
+        log.warning("stopped %d leftover process(es) of lost run %s", killed, run_id)
 
 
 def _current_sha(source: AppSource) -> str:

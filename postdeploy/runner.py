@@ -49,6 +49,16 @@ def run_command(command: str, cwd: Path, env: Mapping[str, str], timeout: float,
     proc = subprocess.Popen(
         ["bash", "-c", command], cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, bufsize=0)
+    guard = _JobGuard(proc.pid)
+    try:
+        return _supervise(proc, timeout, grace, run_id, on_output, on_tick, started)
+    finally:
+        guard.dismiss()
+
+
+def _supervise(proc: subprocess.Popen[bytes], timeout: float, grace: float, run_id: str,
+               on_output: Callable[[bytes], None], on_tick: Callable[[], None],
+               started: float) -> JobOutcome:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     os.set_blocking(fd, False)
@@ -89,6 +99,48 @@ def _wait_exit(proc: subprocess.Popen[bytes], wait: float) -> None:
         proc.wait(wait)
     except subprocess.TimeoutExpired:
         pass
+
+
+class _JobGuard:
+    """Kills the job's process group if this worker process dies while the job runs.
+
+    The job sits in its own session, so a pool process killed by the OOM killer or
+    Celery's hard time limit would leave it running on: the commit is then run
+    again, and two copies would overlap. The guard is a tiny ``sh`` in its own session
+    reading a pipe that only this process holds open; if we die, the read ends and
+    it SIGKILLs the group. When the job ends normally the guard is killed first, so
+    daemons the job left behind (the guide's ``pm2 start``) are not touched.
+    """
+
+    def __init__(self, pgid: int) -> None:
+        read_end, self._write_end = os.pipe()
+        try:
+            self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                ["sh", "-c", 'read _; kill -9 -"$1" 2>/dev/null', "job-guard", str(pgid)],
+                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+        except OSError as exc:  # no guard is no reason not to run the job
+            log.warning("cannot start the job guard: %s", exc)
+            self._proc = None
+        finally:
+            os.close(read_end)
+
+    def dismiss(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+        os.close(self._write_end)
+
+
+def kill_run_processes(run_id: str) -> int:
+    """SIGKILL what is left on this host of a run whose worker died; how many there were."""
+    pids = job_processes(run_id)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return len(pids)
 
 
 def _pump(selector: selectors.BaseSelector, fd: int, on_output: Callable[[bytes], None],

@@ -1,0 +1,245 @@
+"""Real faults for the fault suite: a git HTTP server that can refuse or vanish,
+memory sampling of a worker, a full scan of Redis, and the audit of a run history.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from postdeploy.records import RunRecord
+from postdeploy.runner import job_processes
+from tests.support import GitRemote, Service, free_port, run_git, runs, wait_for
+
+# A run that executed the job to its end (a `lost` attempt did not; `error` ran nothing).
+EXECUTED = ("succeeded", "failed", "timed_out")
+COMPLETED = (*EXECUTED, "error")
+
+
+# -- the run history ----------------------------------------------------------
+@dataclass
+class Audit:
+    """What a history shows: commits never completed, and extra completed runs."""
+
+    lost: int
+    duplicated: int
+    detail: str
+
+
+def audit(client: redis.Redis, app: str, expected: Iterable[str]) -> Audit:
+    """``expected`` commits must each have exactly one completed automatic run."""
+    history = runs(client, app)
+    lost = [s for s in expected if not any(r.sha == s and r.status in COMPLETED
+                                           for r in history)]
+    per_sha: dict[str, int] = {}
+    for record in history:
+        if record.trigger == "auto" and record.status in COMPLETED:
+            per_sha[record.sha] = per_sha.get(record.sha, 0) + 1
+    duplicated = sum(n - 1 for n in per_sha.values() if n > 1)
+    detail = ", ".join(f"{r.sha[:7]}:{r.status}" for r in history)
+    return Audit(len(lost), duplicated, detail)
+
+
+def overlapping(records: Iterable[RunRecord]) -> list[tuple[str, str]]:
+    """Pairs of runs whose [started, finished] spans overlap (both executed something)."""
+    spans = sorted((r.started_at, r.finished_at or time.time(), r.id) for r in records
+                   if r.started_at is not None and r.status != "superseded")
+    return [(a[2], b[2]) for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1]]
+
+
+def journal_job(journal: Path, work: str) -> str:
+    """A job command that logs ``start``/``end ID`` lines around ``work`` to ``journal``.
+
+    The job holds an flock on ``journal.lock`` while any of its processes lives, so a
+    second copy that starts before the first is wholly dead writes ``overlap ID``.
+    """
+    return (f'exec 9>>{journal}.lock; flock -n 9 || echo "overlap $POST_DEPLOY_RUN_ID" '
+            f'>> {journal}; echo "start $POST_DEPLOY_RUN_ID" >> {journal}; {work}; '
+            f'echo "end $POST_DEPLOY_RUN_ID" >> {journal}')
+
+
+def journal_lines(journal: Path, kind: str) -> list[str]:
+    """Run ids of the journal's ``kind`` lines (start, end or overlap)."""
+    if not journal.exists():
+        return []
+    return [line.split(" ", 1)[1] for line in journal.read_text().splitlines()
+            if line.startswith(kind + " ")]
+
+
+# -- processes ------------------------------------------------------------------
+def crash_host(worker: Service, run_ids: Iterable[str]) -> None:
+    """What a host crash does: SIGKILL the worker's whole group and every job process."""
+    try:
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for run_id in run_ids:
+        for pid in job_processes(run_id):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    worker.proc.wait(10)
+    wait_for(lambda: not any(job_processes(r) for r in run_ids), 10,
+             what="the job's processes to die")
+
+
+def worker_ready(worker: Service) -> bool:
+    return " ready." in worker.log()
+
+
+class RssSampler:
+    """Samples the resident memory of a worker and its pool processes (not the jobs)."""
+
+    def __init__(self, worker_pid: int, every: float = 0.05) -> None:
+        self.main = psutil.Process(worker_pid)
+        self.every = every
+        self.peak: dict[int, int] = {}
+        self.baseline: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def processes(self) -> list[psutil.Process]:
+        # Pool processes are the main process's direct children; jobs sit below them.
+        return [self.main, *self.main.children(recursive=False)]
+
+    def sample(self) -> dict[int, int]:
+        found = {}
+        for proc in self.processes():
+            try:
+                found[proc.pid] = proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return found
+
+    def __enter__(self) -> RssSampler:
+        self.baseline = self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for pid, rss in self.sample().items():
+                self.peak[pid] = max(self.peak.get(pid, 0), rss)
+            self._stop.wait(self.every)
+
+    @property
+    def peak_mib(self) -> float:
+        return max(self.peak.values(), default=0) / 2**20
+
+    @property
+    def growth_mib(self) -> float:
+        """Largest growth of one process above its baseline (new processes: their peak)."""
+        growth = [rss - self.baseline.get(pid, rss) for pid, rss in self.peak.items()]
+        return max(growth, default=0) / 2**20
+
+
+# -- Redis ------------------------------------------------------------------------
+def dump_redis(client: redis.Redis) -> Iterator[tuple[bytes, bytes]]:
+    """Every key with every value it holds, whatever its type (SCAN, no KEYS)."""
+    for key in client.scan_iter(count=500):
+        kind = client.type(key)
+        values: list[bytes] = []
+        if kind == b"string":
+            values = [client.get(key) or b""]
+        elif kind == b"hash":
+            for k, v in client.hgetall(key).items():
+                values += [k, v]
+        elif kind == b"list":
+            values = list(client.lrange(key, 0, -1))
+        elif kind == b"set":
+            values = list(client.smembers(key))
+        elif kind == b"zset":
+            values = [m for m, _ in client.zrange(key, 0, -1, withscores=True)]
+        elif kind == b"stream":
+            for _, entry in client.xrange(key):
+                for k, v in entry.items():
+                    values += [k, v]
+        yield key, b"\n".join(values)
+
+
+def leaks(texts: Mapping[str, bytes | str], secrets: Iterable[str]) -> list[str]:
+    """Places (by name) where any secret appears, also base64-encoded (Celery bodies)."""
+    found = []
+    for secret in secrets:
+        forms = {secret.encode(), base64.b64encode(secret.encode())}
+        for name, text in texts.items():
+            data = text.encode() if isinstance(text, str) else text
+            if any(form in data for form in forms):
+                found.append(f"{secret[:4]}... in {name}")
+    return found
+
+
+# -- git over HTTP ---------------------------------------------------------------
+class GitHttpServer:
+    """Serves bare repositories over git's "dumb" HTTP protocol, with basic auth.
+
+    ``accept`` holds the credentials that are let in; anything else gets 401.
+    The server can be started late (a host that was unreachable comes back).
+    """
+
+    def __init__(self, root: Path, port: int | None = None,
+                 accept: tuple[str, str] | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.accept = accept
+        self.requests = 0
+        self._server: ThreadingHTTPServer | None = None
+
+    def url(self, repo: str, user: str | None = None, token: str | None = None) -> str:
+        auth = f"{user}:{token}@" if user else ""
+        return f"http://{auth}127.0.0.1:{self.port}/{repo}"
+
+    def start(self) -> GitHttpServer:
+        owner = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                owner.requests += 1
+                if owner.accept is not None:
+                    token = base64.b64encode(":".join(owner.accept).encode()).decode()
+                    if self.headers.get("Authorization") != f"Basic {token}":
+                        self.send_response(401)
+                        self.send_header("WWW-Authenticate", 'Basic realm="git"')
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                super().do_GET()
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        handler = partial(Handler, directory=str(self.root))
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def serve_dumb(remote: GitRemote) -> None:
+    """Let dumb HTTP clients read ``remote``'s bare repo (now and after every push)."""
+    hook = remote.bare / "hooks" / "post-update"
+    hook.write_text("#!/bin/sh\nexec git update-server-info\n")
+    hook.chmod(0o755)
+    run_git(remote.bare, "update-server-info")
