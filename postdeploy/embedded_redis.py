@@ -138,7 +138,8 @@ def stop_leftover(data_dir: Path) -> None:
     try:
         pid = int(pid_file.read_text().strip())
         proc = psutil.Process(pid)
-        is_ours = any(str(data_dir) in part for part in proc.cmdline())
+        # Redis rewrites its command line, but it runs in its --dir.
+        is_ours = "redis" in proc.name() and Path(proc.cwd()) == data_dir.resolve()
     except (OSError, ValueError, psutil.Error):
         return
     if not is_ours or pid == os.getpid():

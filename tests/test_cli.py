@@ -1,0 +1,258 @@
+"""The real CLI (subprocesses) against a real `postdeploy up` on its embedded Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.clirun import (
+    JOB_SCRIPT,
+    all_dead,
+    cli,
+    family,
+    interrupt,
+    latest_run,
+    marker_of,
+    start_up,
+    wait_succeeded,
+)
+from tests.support import REPO_ROOT, GitRemote, Service, appspec_yaml, run_git, wait_for
+
+
+@dataclass
+class Running:
+    root: Path
+    remote: GitRemote
+    state_dir: Path
+    sha: str
+    up: Service
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """One `postdeploy up` shared by the read-mostly tests of this module."""
+    root = tmp_path_factory.mktemp("cli")
+    remote = GitRemote(root / "git")
+    sha = remote.commit({"appspec.yaml": appspec_yaml(command="bash job.sh", folder="scripts"),
+                         "scripts/job.sh": JOB_SCRIPT})
+    state_dir = root / "state"
+    up = start_up(root, remote, state_dir)
+    try:
+        wait_succeeded(state_dir)
+        yield Running(root, remote, state_dir, sha, up)
+    finally:
+        interrupt(up)
+
+
+def one_error_line(result: object) -> str:
+    """The single `postdeploy: error:` line of a failed command (no traceback)."""
+    assert result.returncode != 0, result  # type: ignore[attr-defined]
+    stderr: str = result.stderr  # type: ignore[attr-defined]
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("postdeploy: error: "), lines[0]
+    return lines[0]
+
+
+def test_first_job_runs_and_status_json_shows_it_succeeded(running: Running) -> None:
+    data = json.loads(cli(running.state_dir, "status", "--json").stdout)
+    (row,) = data["apps"]
+    assert row["app"] == "shop"
+    assert row["last_seen_sha"] == running.sha
+    run = row["latest_run"]
+    assert run["status"] == "succeeded" and run["trigger"] == "auto"
+    assert run["sha"] == running.sha and run["exit_code"] == 0
+    assert isinstance(run["duration"], float)
+    # The job's lines reach the operator's terminal.
+    wait_for(lambda: "[POST-DEPLOY] hello from auto run" in running.up.log(), 10,
+             what="job output in up's output")
+    assert "postdeploy up: watching 1 app(s)" in running.up.log()
+    assert "redis://***@127.0.0.1:" in running.up.log()
+
+
+def test_status_table_is_readable(running: Running) -> None:
+    result = cli(running.state_dir, "status")
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.strip().splitlines()[:2]
+    assert header.split()[:3] == ["APP", "COMMIT", "LATEST"]
+    assert row.split()[:2] == ["shop", running.sha[:7]]
+    assert "succeeded" in row
+
+
+def test_run_wait_follows_a_manual_run_and_exits_zero(running: Running) -> None:
+    result = cli(running.state_dir, "run", "shop", "--wait")
+    assert result.returncode == 0, result.stderr
+    assert "[POST-DEPLOY] hello from manual run" in result.stdout
+    assert "succeeded" in result.stderr
+
+
+def test_logs_and_history_show_auto_and_manual_runs(running: Running) -> None:
+    if latest_run(running.state_dir)["trigger"] != "manual":  # type: ignore[index]
+        assert cli(running.state_dir, "run", "shop", "--wait").returncode == 0
+    history = json.loads(cli(running.state_dir, "history", "shop", "--json").stdout)
+    assert history["app"] == "shop"
+    triggers = [r["trigger"] for r in history["runs"]]
+    assert triggers[0] == "manual" and "auto" in triggers
+    auto = next(r for r in history["runs"] if r["trigger"] == "auto")
+
+    latest = cli(running.state_dir, "logs", "shop")
+    assert latest.returncode == 0, latest.stderr
+    assert "hello from manual run" in latest.stdout
+    first = cli(running.state_dir, "logs", "shop", auto["id"])
+    assert "hello from auto run" in first.stdout
+    limited = json.loads(cli(running.state_dir, "history", "shop", "--json", "--limit", "1")
+                         .stdout)
+    assert len(limited["runs"]) == 1
+    table = cli(running.state_dir, "history", "shop").stdout
+    assert "manual" in table and "auto" in table
+
+
+def test_run_with_an_explicit_sha_and_a_prefix(running: Running) -> None:
+    result = cli(running.state_dir, "run", "shop", "--sha", running.sha[:10])
+    assert result.returncode == 0, result.stderr
+    assert f"shop@{running.sha[:7]}" in result.stdout
+
+
+def test_check_reports_an_unchanged_commit(running: Running) -> None:
+    result = cli(running.state_dir, "check", "shop")
+    assert result.returncode == 0, result.stderr
+    assert f"shop: unchanged at {running.sha[:7]}" in result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "nope"], "unknown app 'nope'"),
+    (["logs", "nope"], "unknown app 'nope'"),
+    (["run", "shop", "--sha", "not-a-sha"], "invalid --sha"),
+    (["run", "shop", "--sha", "0" * 40], "is not in"),
+    (["logs", "shop", "0123456789abcdef"], "no run '0123456789abcdef'"),
+    (["history", "shop", "--limit", "0"], "--limit"),
+    (["frobnicate"], "No such command"),
+    (["--redis-url", "redis://127.0.0.1:1/0", "status"], "cannot reach Redis"),
+    (["--redis-url", "http://nope", "status"], "invalid POSTDEPLOY_REDIS_URL"),
+])
+def test_errors_are_one_clear_line(running: Running, args: list[str], expected: str) -> None:
+    line = one_error_line(cli(running.state_dir, *args))
+    assert expected in line
+
+
+def test_no_running_up_is_one_clear_line(tmp_path: Path) -> None:
+    line = one_error_line(cli(tmp_path / "state", "status"))
+    assert "no running `postdeploy up` found" in line
+
+
+def test_up_needs_apps_and_a_free_state_dir(running: Running, tmp_path: Path) -> None:
+    line = one_error_line(cli(tmp_path / "state", "up", cwd=tmp_path))
+    assert "no apps to watch" in line
+    line = one_error_line(cli(tmp_path / "state", "up", "--repo", running.remote.url,
+                              "--interval", "-1", cwd=tmp_path))
+    assert "--interval" in line
+    line = one_error_line(cli(running.state_dir, "up", "--repo", running.remote.url))
+    assert "already running" in line
+
+
+def test_a_failing_manual_run_exits_nonzero_with_its_reason(running: Running) -> None:
+    # Last in the module: the new commit makes every later run fail.
+    sha = running.remote.commit({"scripts/job.sh": 'echo "[POST-DEPLOY] oops"; exit 3\n'})
+    wait_for(lambda: (latest_run(running.state_dir) or {}).get("sha") == sha, 30,
+             what="the new commit's automatic run")
+    result = cli(running.state_dir, "run", "shop", "--sha", sha, "--wait")
+    assert result.returncode != 0
+    assert "[POST-DEPLOY] oops" in result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("postdeploy: error: run ") and "failed, exit code 3" in last
+
+
+# -- validate (no Redis needed) -----------------------------------------------
+
+def app_repo(root: Path, folder: str = "scripts/post-deploy",
+             command: str = "bash seed.sh") -> Path:
+    repo = root / "app"
+    (repo / "scripts" / "post-deploy").mkdir(parents=True)
+    (repo / "scripts" / "post-deploy" / "seed.sh").write_text("echo hi\n")
+    (repo / "appspec.yaml").write_text(appspec_yaml(command=command, folder=folder))
+    run_git(repo, "init", "-q")
+    return repo
+
+
+def test_validate_accepts_the_demo_app(tmp_path: Path) -> None:
+    repo = tmp_path / "demo"
+    shutil.copytree(REPO_ROOT / "examples" / "demo-app", repo)
+    result = cli(tmp_path, "validate", str(repo))
+    assert result.returncode == 0, result.stdout
+    assert "0 error(s)" in result.stdout
+
+
+def test_validate_rejects_a_folder_that_escapes_the_repo(tmp_path: Path) -> None:
+    repo = app_repo(tmp_path, folder="outside")
+    os.symlink(tmp_path, repo / "outside")
+    result = cli(tmp_path, "validate", str(repo))
+    assert result.returncode == 1
+    assert "error: POST_DEPLOY_FOLDER 'outside' leads out of the repository" in result.stdout
+
+    (repo / "appspec.yaml").write_text(appspec_yaml(command="bash seed.sh", folder="../x"))
+    result = cli(tmp_path, "validate", str(repo))
+    assert result.returncode == 1 and "leaves the repository" in result.stdout
+
+
+def test_validate_names_a_missing_script_and_a_bad_timeout(tmp_path: Path) -> None:
+    repo = app_repo(tmp_path, command="bash missing.sh")
+    (repo / "appspec.yaml").write_text(appspec_yaml(command="bash missing.sh",
+                                                    folder="scripts/post-deploy",
+                                                    timeout="5m"))
+    result = cli(tmp_path, "validate", str(repo))
+    assert result.returncode == 1
+    assert "error: script scripts/post-deploy/missing.sh does not exist" in result.stdout
+    assert "warning: invalid POST_DEPLOY_TIMEOUT: '5m'" in result.stdout
+
+
+def test_validate_without_a_command(tmp_path: Path) -> None:
+    repo = app_repo(tmp_path)
+    (repo / "appspec.yaml").write_text("envs: []\n")
+    result = cli(tmp_path, "validate", str(repo))
+    assert result.returncode == 1 and "POST_DEPLOY_COMMAND is not set" in result.stdout
+
+
+# -- stopping and restarting `up` ------------------------------------------------
+
+def test_sigint_stops_everything_and_a_restart_runs_nothing(tmp_path: Path) -> None:
+    remote = GitRemote(tmp_path / "git")
+    daemon_pid = tmp_path / "daemon.pid"
+    # Like the guide's `pm2 start`: the job leaves a daemon behind and exits 0.
+    remote.commit({"appspec.yaml": appspec_yaml(command="bash job.sh"),
+                   "job.sh": JOB_SCRIPT + 'nohup sleep 300 >/dev/null 2>&1 &\n'
+                                          'echo $! > "$DAEMON_PID_FILE"\n'})
+    state_dir = tmp_path / "state"
+    up = start_up(tmp_path, remote, state_dir, DAEMON_PID_FILE=str(daemon_pid))
+    first = wait_succeeded(state_dir)
+    pids = family(up.proc.pid) + [int(daemon_pid.read_text())]
+    marker = marker_of(pids)
+    assert marker and len(pids) >= 5  # up, redis, worker (+ pool), beat, the daemon
+
+    assert interrupt(up) == 0
+    assert wait_for(lambda: all_dead(pids), 10, what="every process of `up` to end")
+    assert not (state_dir / "redis.url").exists()
+    assert "postdeploy up: stopped" in up.log()
+
+    again = start_up(tmp_path, remote, state_dir, name="up-again",
+                     DAEMON_PID_FILE=str(daemon_pid))
+    try:
+        check = wait_for(lambda: cli(state_dir, "check", "shop", "--timeout", "5").stdout,
+                         60, 0.5, what="an answer to `check shop` after the restart")
+        assert "unchanged" in check
+        # A positive control: beat's checks do notice a new commit. Every enqueued run is
+        # recorded at once, so two runs in all means the restart queued nothing.
+        new_sha = remote.commit({"README": "v2\n"})
+        latest = wait_succeeded(state_dir, count=2)
+        assert latest["sha"] == new_sha
+        history = json.loads(cli(state_dir, "history", "shop", "--json").stdout)
+        assert [(r["trigger"], r["sha"]) for r in history["runs"]] == [
+            ("auto", new_sha), ("auto", first["sha"])]
+    finally:
+        interrupt(again)
