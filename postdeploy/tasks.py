@@ -49,9 +49,12 @@ def enqueue_run(app_name: str, sha: str | None, trigger: str, run_id: str | None
 
 @app.task(name="postdeploy.check_commits", ignore_result=True)
 def check_commits() -> None:
-    """Fan the apps out in batches (beat calls this every interval)."""
+    """Check every app (beat calls this every interval); large fleets fan out in batches."""
     settings = current_settings()
     names = [a.name for a in settings.apps]
+    if len(names) <= CHECK_BATCH:
+        _check_batch(names)  # one task per cycle for a small fleet
+        return
     for start in range(0, len(names), CHECK_BATCH):
         check_apps.apply_async(args=[names[start:start + CHECK_BATCH]],
                                expires=settings.check_interval)
@@ -60,6 +63,10 @@ def check_commits() -> None:
 @app.task(name="postdeploy.check_apps", ignore_result=True)
 def check_apps(app_names: list[str]) -> None:
     """Check a batch of apps; one app's failure never stops the others."""
+    _check_batch(app_names)
+
+
+def _check_batch(app_names: list[str]) -> None:
     settings = current_settings()
     for name in app_names:
         app_config = settings.app(name)
