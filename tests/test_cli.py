@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from tests.clirun import (
     JOB_SCRIPT,
     all_dead,
     cli,
+    cli_env,
     family,
     interrupt,
     latest_run,
@@ -22,7 +26,15 @@ from tests.clirun import (
     start_up,
     wait_succeeded,
 )
-from tests.support import REPO_ROOT, GitRemote, Service, appspec_yaml, run_git, wait_for
+from tests.support import (
+    REPO_ROOT,
+    GitRemote,
+    Service,
+    appspec_yaml,
+    free_port,
+    run_git,
+    wait_for,
+)
 
 
 @dataclass
@@ -256,3 +268,31 @@ def test_sigint_stops_everything_and_a_restart_runs_nothing(tmp_path: Path) -> N
             ("auto", new_sha), ("auto", first["sha"])]
     finally:
         interrupt(again)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("postdeploy.flower") is None,
+                    reason="postdeploy.flower is not there yet")
+def test_up_with_flower_serves_it_and_stops_it(tmp_path: Path) -> None:
+    remote = GitRemote(tmp_path / "git")
+    remote.commit({"appspec.yaml": appspec_yaml(command="true")})
+    port = free_port()
+    state_dir = tmp_path / "state"
+    up = Service(["-m", "postdeploy.cli", "up", "--repo", remote.url, "--interval", "1",
+                  "--state-dir", str(state_dir), "--flower", "--flower-port", str(port)],
+                 cli_env(FLOWER_BASIC_AUTH="ops:secret"), tmp_path / "up.log", cwd=tmp_path)
+    try:
+        def answers() -> int | None:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status
+            except urllib.error.HTTPError as exc:
+                return exc.code  # 401: Flower is there and asks for the password
+            except OSError:
+                return None
+        assert wait_for(answers, 60, 0.5, what="Flower to answer") == 401
+        assert f"flower  http://127.0.0.1:{port}/" in up.log()
+        pids = family(up.proc.pid)
+        assert interrupt(up) == 0
+        assert wait_for(lambda: all_dead(pids), 10, what="Flower and the rest to stop")
+        assert "secret" not in up.log()
+    finally:
+        up.stop()
