@@ -59,7 +59,10 @@ def test_runs_once_per_commit_and_survives_restarts(
         "appspec.yaml": appspec_yaml("bash job.sh", folder="scripts", envs={"GREETING": "hi"},
                                      secrets={"API_TOKEN": "tok-123"}),
         "scripts/job.sh": 'echo "sha=$COMMIT_SHA greet=$GREETING app=$POST_DEPLOY_APP '
-                          'trigger=$POST_DEPLOY_TRIGGER token=$API_TOKEN"\n'})
+                          'trigger=$POST_DEPLOY_TRIGGER token=$API_TOKEN"\n'
+                          # The guide's notification example asks git about the deploy.
+                          'echo "head=$(git rev-parse HEAD) msg=$(git log -1 --pretty=%B)"\n'},
+        "first deploy")
     env = env_for(remote)
     worker, beat = start_pair(services, env)
 
@@ -68,6 +71,7 @@ def test_runs_once_per_commit_and_survives_restarts(
         sha1, "succeeded", "auto", 0)
     out = output_of(rclient, first.id)
     assert f"sha={sha1} greet=hi app=shop trigger=auto token=***" in out
+    assert f"head={sha1} msg=first deploy" in out
     assert "tok-123" not in worker.log()
     assert f"[POST-DEPLOY] shop@{sha1[:7]} | sha={sha1}" in worker.log()
 
