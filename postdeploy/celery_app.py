@@ -6,7 +6,11 @@ tasks reach the same Settings through :func:`current_settings`.
 
 from __future__ import annotations
 
+from typing import Any
+
+import redis
 from celery import Celery
+from kombu.transport.redis import Channel as RedisChannel
 
 from postdeploy import keys
 from postdeploy.appspec import MAX_TIMEOUT
@@ -25,6 +29,7 @@ def configure(settings: Settings, redis_url: str) -> Celery:
     """Point the app at ``redis_url`` and apply postdeploy's Celery settings."""
     global _settings
     _settings = settings
+    _guard_closed_broker_channels()
     app.conf.update(
         broker_url=redis_url,
         result_backend=redis_url,
@@ -73,3 +78,29 @@ def current_settings() -> Settings:
 def hard_limit(timeout: int, kill_grace: float) -> int:
     """Celery's hard time limit: above the soft limit plus the SIGTERM grace."""
     return int(timeout + kill_grace + HARD_LIMIT_MARGIN)
+
+
+def _guard_closed_broker_channels() -> None:
+    """Work around a worker crash when Redis goes away while a job runs (Celery 5.7).
+
+    After a lost connection Celery's consumer first drops the transport
+    (``Connection.collect``) and then closes the old channel, which puts the
+    unacknowledged messages back, or later acks the job that finished meanwhile,
+    through a transport without connection details: an AttributeError kombu does
+    not expect, and the worker stops ("Unrecoverable error"). Raising a connection
+    error instead lets kombu carry on as for any broker failure. Those messages
+    stay in Redis' unacked set; postdeploy never needs them back (the commit check
+    re-enqueues a lost run, and a repeated message of a finished run is ignored).
+    Found by tests/faults/test_redis_faults.py.
+    """
+    original: Any = RedisChannel._connparams
+    if getattr(original, "postdeploy_guard", False):
+        return
+
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise redis.ConnectionError("broker connection already closed")
+        return original(self, asynchronous)
+
+    _connparams.postdeploy_guard = True  # type: ignore[attr-defined]
+    setattr(RedisChannel, "_connparams", _connparams)  # noqa: B010 (mypy: method-assign)

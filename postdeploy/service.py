@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +22,8 @@ from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
 
+OUTAGE_REPORT_EVERY = 60.0  # seconds between beat's reports that it cannot reach Redis
+
 
 def prepare(role: str) -> Settings:
     """Load and check settings; on a bad one print one line and exit 2 (no traceback)."""
@@ -33,8 +37,44 @@ def prepare(role: str) -> Settings:
         print(f"postdeploy {role}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    # Celery warns about worker_cancel_long_running_tasks_on_connection_loss on every
+    # lost connection although we set it on purpose (False: a job outlives a Redis blip).
+    warnings.filterwarnings(
+        "ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss")
     configure(settings, url)
     return settings
+
+
+class BrokerOutageFilter(logging.Filter):
+    """Keeps beat's log readable while Redis is down.
+
+    Celery beat logs a full traceback and stack every tick it cannot publish (every
+    second with a short interval). Keep one line when the outage starts and then one
+    per ``every`` seconds with the count of failed ticks; found by the fault suite
+    (tests/faults/test_redis_faults.py).
+    """
+
+    def __init__(self, every: float = OUTAGE_REPORT_EVERY) -> None:
+        super().__init__()
+        self.every = every
+        self.last: float | None = None
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Message Error"):
+            return True
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.every:
+            self.suppressed += 1
+            return False
+        self.last = now
+        reason = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = ("cannot queue the commit check (Redis unavailable?): %s; "
+                      "retrying every tick, %d failed since the last report")
+        record.args = (reason, self.suppressed)
+        record.exc_info = record.exc_text = None
+        self.suppressed = 0
+        return True
 
 
 def _register_apps(settings: Settings) -> None:
@@ -49,8 +89,12 @@ def run_worker(argv: Sequence[str] = ()) -> None:
 
     signals.worker_ready.connect(_ready, weak=False)
 
+    # No gossip or mingle: postdeploy coordinates through its own Redis keys, and
+    # Celery 5.7's Gossip step fails to restart after a lost Redis connection
+    # (AttributeError with a traceback on every reconnect).
     app.worker_main(["worker", "--loglevel", settings.log_level, "--pool", "prefork",
                      "--concurrency", str(settings.concurrency), "--task-events",
+                     "--without-gossip", "--without-mingle",
                      "--hostname", f"postdeploy-{os.getpid()}@%h", *argv])
 
 
@@ -63,6 +107,7 @@ def run_beat(argv: Sequence[str] = ()) -> None:
         app.send_task("postdeploy.check_commits", expires=settings.check_interval)
 
     signals.beat_init.connect(_first_check, weak=False)
+    logging.getLogger("celery.beat").addFilter(BrokerOutageFilter())
     log.info(
         "beat: checking %d app(s) every %g s on %s", len(settings.apps),
         settings.check_interval, redact_url(str(app.conf.broker_url)))
