@@ -266,8 +266,11 @@ def fail(message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the command, turn every error into one line."""
+    args = sys.argv[1:] if argv is None else argv
     try:
-        result = cli.main(args=argv, prog_name="postdeploy", standalone_mode=False)
+        # A bare `postdeploy` shows the help, not a one-line usage error.
+        result = cli.main(args=args or ["--help"], prog_name="postdeploy",
+                          standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except click.exceptions.Abort:
         code = fail("interrupted", 130)
