@@ -20,6 +20,9 @@ def main() -> int:
     parser.add_argument("--only", choices=["checks", "latency", "overhead", "output",
                                            "footprint"], action="append",
                         help="run only these measures (repeatable)")
+    parser.add_argument("--apps", type=int, action="append",
+                        help="fleet sizes for the idle check measure (repeatable)")
+    parser.add_argument("--jobs", type=int, help="jobs for the per-job overhead measure")
     args = parser.parse_args()
     only = set(args.only or ["checks", "latency", "overhead", "output", "footprint"])
     rows: list[Row] = []
@@ -28,7 +31,7 @@ def main() -> int:
         root = Path(tmp)
         with redis_server(root) as server:
             if "checks" in only:
-                sizes = [1, 100] if args.quick else [1, 100, 1000]
+                sizes = args.apps or ([1, 100] if args.quick else [1, 100, 1000])
                 for count in sizes:
                     print(f"... idle checks, {count} apps", file=sys.stderr, flush=True)
                     rows += idle_checks.measure(root / f"checks-{count}", server.url, count,
@@ -40,7 +43,7 @@ def main() -> int:
             if "overhead" in only:
                 print("... per-job overhead", file=sys.stderr, flush=True)
                 rows += jobs.measure_overhead(root / "overhead", server.url,
-                                              50 if args.quick else 200)
+                                              args.jobs or (50 if args.quick else 200))
             if "output" in only:
                 size = (256 if args.quick else 1024) * 1024 * 1024
                 print(f"... output, {size >> 20} MiB", file=sys.stderr, flush=True)

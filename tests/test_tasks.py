@@ -8,6 +8,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import redis
 
 from postdeploy import keys
@@ -22,6 +23,7 @@ from tests.support import (
     output_of,
     process_alive,
     runs,
+    service_env,
     wait_for,
 )
 
@@ -196,3 +198,34 @@ def test_fleet_runs_each_commit_at_most_once(
     spans = sorted((r.started_at or 0, r.finished_at or 0) for r in executed)
     for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert start >= end, "two runs of one app overlapped"
+
+
+def test_path_app_runs_in_place_and_many_apps_from_config(
+        remote: GitRemote, rclient: redis.Redis, services: Start, redis_url: str,
+        state_dir: Path, tmp_path: Path) -> None:
+    """A `path` app runs in its own working copy; apps come from postdeploy.yaml."""
+    remote.commit({"appspec.yaml": appspec_yaml("echo shop-ran")})
+    blog = GitRemote(tmp_path / "blog-git", "blog")
+    blog_sha = blog.commit({"appspec.yaml": appspec_yaml("pwd; echo blog-ran")})
+    config = tmp_path / "postdeploy.yaml"
+    config.write_text(f"apps:\n  - name: shop\n    repo: {remote.url}\n"
+                      f"  - name: blog\n    path: {blog.work}\n")
+    env = service_env(redis_url, state_dir, 1.0, POSTDEPLOY_CONFIG=str(config))
+    start_pair(services, env)
+    wait_finished(rclient, 1)
+    record = wait_for(lambda: finished_runs(rclient, "blog"), 40, what="the blog run")[0]
+    assert (record.sha, record.status) == (blog_sha, "succeeded")
+    assert output_of(rclient, record.id).splitlines() == [str(blog.work.resolve()), "blog-ran"]
+
+
+def test_long_lived_worker_leaks_no_git_processes(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
+    remote.commit({"appspec.yaml": appspec_yaml("echo one")})
+    worker, _ = start_pair(services, env_for(remote))
+    wait_finished(rclient, 1)
+    remote.commit({"appspec.yaml": appspec_yaml("echo two")})
+    wait_finished(rclient, 2)
+    wait_checks(rclient, 2)
+    tree = psutil.Process(worker.proc.pid).children(recursive=True)
+    git_children = [p.cmdline() for p in tree if p.name() == "git"]
+    assert git_children == []
