@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import redis
 
 from bench.harness import (
@@ -22,6 +21,7 @@ from bench.harness import (
     Service,
     celery_client,
     service_env,
+    tree_memory,
     wait_ready,
     worker_processes,
 )
@@ -40,16 +40,6 @@ def _write_file(path: Path, size: int) -> None:
         while written < size:
             handle.write(block)
             written += len(block)
-
-
-def _rss(processes: list[psutil.Process]) -> int:
-    total = 0
-    for proc in processes:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def measure(root: Path, redis_url: str, size: int) -> list[Row]:
@@ -71,14 +61,14 @@ def measure(root: Path, redis_url: str, size: int) -> list[Row]:
                       POSTDEPLOY_APP="bench")
         from postdeploy.tasks import run_job
         processes = worker_processes(worker)
-        before = _rss(processes)
+        before = tree_memory(processes, fast=True)
         peak = before
         done = threading.Event()
 
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, _rss(processes))
+                peak = max(peak, tree_memory(processes, fast=True))
                 time.sleep(0.02)
 
         sampler = threading.Thread(target=sample, daemon=True)
