@@ -1,0 +1,131 @@
+"""Security under real traffic: a pickle message on the queue is refused, and secrets
+(SECRET values, the Redis password, repo URL tokens) appear nowhere they could leak.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from celery import Celery
+
+from postdeploy import celery_app, keys, tasks
+from postdeploy.celery_app import QUEUE
+from postdeploy.config import AppConfig, Settings
+from tests.faults.conftest import FaultScope
+from tests.faults.harness import GitHttpServer, dump_redis, leaks, serve_dumb, worker_ready
+from tests.support import (
+    GitRemote,
+    RedisServer,
+    Service,
+    appspec_yaml,
+    runs,
+    service_env,
+    wait_for,
+)
+
+REDIS_PASSWORD = "redis-pw-8c1d5e27"
+REPO_TOKEN = "repo-token-3fa9b1"
+DB_SECRET = "db-secret-77e2c4"
+
+
+class Exploit:
+    """Unpickling this runs ``touch`` on the marker: what a pickle message could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def succeeded(client: object, sha: str) -> Callable[[], bool]:
+    return lambda: any(r.sha == sha and r.status == "succeeded"
+                       for r in runs(client, "shop"))  # type: ignore[arg-type]
+
+
+def test_pickle_message_is_refused(tmp_path: Path, remote: GitRemote,
+                                   private_redis: Callable[..., RedisServer],
+                                   services: Callable[..., Service],
+                                   fault: FaultScope) -> None:
+    server = private_redis()
+    client = server.client()
+    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="shop")
+    worker = services("worker", env, "worker")
+    services("beat", env, "beat")
+    wait_for(lambda: worker_ready(worker), 30, what="worker ready")
+    marker = tmp_path / "pwned"
+
+    with fault("pickle message on the job queue"):
+        attacker = Celery("attacker", broker=server.url)
+        attacker.conf.broker_transport_options = {"global_keyprefix": keys.CELERY_PREFIX}
+        attacker.send_task("postdeploy.run_job", args=[Exploit(marker)], queue=QUEUE,
+                           serializer="pickle")
+        wait_for(lambda: "pickle" in worker.log() and "untrusted" in worker.log(), 30,
+                 what="the worker to refuse the pickle message")
+        assert not marker.exists()
+        assert worker.alive()
+        sha = remote.commit({"appspec.yaml": appspec_yaml("echo after-pickle")})
+        wait_for(succeeded(client, sha), 40, what="a normal job after the pickle message")
+
+
+def test_secrets_never_leak(tmp_path: Path, private_redis: Callable[..., RedisServer],
+                            services: Callable[..., Service], fault: FaultScope) -> None:
+    server = private_redis(password=REDIS_PASSWORD)
+    client = server.client()
+    remote = GitRemote(tmp_path / "git")
+    serve_dumb(remote)
+    http = GitHttpServer(tmp_path / "git", accept=("deploy", REPO_TOKEN)).start()
+    envdump = tmp_path / "job-env"
+    job = appspec_yaml(f'echo "db is $DATABASE_URL"; env > {envdump}',
+                       envs={"GREETING": "hello"},
+                       secrets={"DATABASE_URL": f"postgres://app:{DB_SECRET}@db/app"})
+    sha = remote.commit({"appspec.yaml": job})
+    repo_url = http.url("shop.git", "deploy", REPO_TOKEN)
+    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=repo_url,
+                      POSTDEPLOY_BRANCH="main", POSTDEPLOY_APP="shop")
+    worker = services("worker", env, "worker")
+    beat = services("beat", env, "beat")
+    try:
+        with fault("secrets in logs, status, history, Redis, task args and results"):
+            wait_for(succeeded(client, sha), 60, what="the automatic run")
+            # A manual run too, so Celery stores task arguments and a result.
+            celery_app.configure(Settings(apps=(AppConfig("shop", repo=repo_url),)),
+                                 server.url)
+            result = tasks.run_job.apply_async(kwargs={"app": "shop", "trigger": "manual"})
+            assert result.get(timeout=60)["status"] == "succeeded"
+            # A failing check as well: git errors carry the URL.
+            http.accept = ("deploy", "rotated")
+            wait_for(lambda: "commit check of shop failed" in worker.log(), 30,
+                     what="a failed check")
+
+            job_env = dict(line.split("=", 1) for line in envdump.read_text().splitlines()
+                           if "=" in line)
+            assert job_env["DATABASE_URL"] == f"postgres://app:{DB_SECRET}@db/app"
+            assert job_env["GREETING"] == "hello"
+            assert not any(k.startswith("POSTDEPLOY_") for k in job_env)
+            texts: dict[str, bytes | str] = {
+                f"redis {key.decode(errors='replace')}": value
+                for key, value in dump_redis(client)}
+            texts.update({f"redis key {key.decode(errors='replace')}": key
+                          for key in client.scan_iter()})
+            texts["worker log"] = worker.log()
+            texts["beat log"] = beat.log()
+            texts["job environment"] = "\n".join(
+                f"{k}={v}" for k, v in job_env.items() if k != "DATABASE_URL")
+            cli_env = {**env, "POSTDEPLOY_REPO": ""}
+            for command in (["status", "--json"], ["history", "shop", "--json"],
+                            ["logs", "shop"]):
+                done = subprocess.run([sys.executable, "-m", "postdeploy.cli", *command],
+                                      env=cli_env, capture_output=True, text=True, timeout=60)
+                assert done.returncode == 0, (command, done.stderr)
+                texts[f"postdeploy {' '.join(command)}"] = done.stdout + done.stderr
+            assert "db is ***" in texts["postdeploy logs shop"]
+            assert len(texts) > 10
+            assert leaks(texts, [REDIS_PASSWORD, REPO_TOKEN, DB_SECRET]) == []
+    finally:
+        http.stop()
