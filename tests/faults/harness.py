@@ -5,8 +5,11 @@ memory sampling of a worker, a full scan of Redis, and the audit of a run histor
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -148,6 +151,32 @@ class RssSampler:
         """Largest growth of one process above its baseline (new processes: their peak)."""
         growth = [rss - self.baseline.get(pid, rss) for pid, rss in self.peak.items()]
         return max(growth, default=0) / 2**20
+
+
+# -- Celery -----------------------------------------------------------------------
+_SEND_RUN_JOB = """
+import json, sys
+from postdeploy import celery_app, tasks
+from postdeploy.config import AppConfig, Settings
+url, repo, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+celery_app.configure(Settings(apps=(AppConfig("shop", repo=repo),)), url)
+result = tasks.run_job.apply_async(kwargs=kwargs)
+result.get(timeout=60, propagate=False)
+print(json.dumps({"state": result.state, "result": str(result.result)}))
+"""
+
+
+def send_run_job(redis_url: str, repo: str, **kwargs: str) -> dict[str, str]:
+    """Send postdeploy.run_job through Celery, as Flower or a script would; its outcome.
+
+    A fresh process each time: Celery caches its broker and backend connections, and
+    each test has its own Redis.
+    """
+    done = subprocess.run([sys.executable, "-c", _SEND_RUN_JOB, redis_url, repo,
+                           json.dumps(kwargs)], capture_output=True, text=True, timeout=120,
+                          check=True)
+    outcome: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return outcome
 
 
 # -- Redis ------------------------------------------------------------------------

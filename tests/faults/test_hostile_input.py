@@ -16,12 +16,11 @@ import pytest
 import redis
 import yaml
 
-from postdeploy import celery_app, tasks
-from postdeploy.config import AppConfig, Settings
+from postdeploy.config import AppConfig
 from postdeploy.errors import GitError
 from postdeploy.gitsource import AppSource
 from tests.faults.conftest import FaultScope
-from tests.faults.harness import worker_ready
+from tests.faults.harness import send_run_job, worker_ready
 from tests.support import (
     GitRemote,
     RedisServer,
@@ -150,7 +149,6 @@ def test_hostile_input(tmp_path: Path, remote: GitRemote,
     assert list(outside.iterdir()) == []
 
     # Manual re-runs through Celery, as Flower or a script would send them.
-    celery_app.configure(Settings(apps=(AppConfig("shop", repo=remote.url),)), server.url)
     marker = tmp_path / "marker-sha"
     manual = [
         ("sha with shell metacharacters", {"app": "shop", "sha": f"; touch {marker}"},
@@ -162,10 +160,9 @@ def test_hostile_input(tmp_path: Path, remote: GitRemote,
     ]
     for name, kwargs, expect in manual:
         with fault(f"hostile manual run: {name}"):
-            result = tasks.run_job.apply_async(kwargs={**kwargs, "trigger": "manual"})
-            result.get(timeout=60, propagate=False)
-            assert result.state == "FAILURE"
-            assert expect in str(result.result), (name, result.result)
+            outcome = send_run_job(server.url, remote.url, trigger="manual", **kwargs)
+            assert outcome["state"] == "FAILURE", (name, outcome)
+            assert expect in outcome["result"], (name, outcome)
             assert not marker.exists()
             assert worker.alive()
 

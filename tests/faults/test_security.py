@@ -12,11 +12,17 @@ from pathlib import Path
 
 from celery import Celery
 
-from postdeploy import celery_app, keys, tasks
+from postdeploy import keys
 from postdeploy.celery_app import QUEUE
-from postdeploy.config import AppConfig, Settings
 from tests.faults.conftest import FaultScope
-from tests.faults.harness import GitHttpServer, dump_redis, leaks, serve_dumb, worker_ready
+from tests.faults.harness import (
+    GitHttpServer,
+    dump_redis,
+    leaks,
+    send_run_job,
+    serve_dumb,
+    worker_ready,
+)
 from tests.support import (
     GitRemote,
     RedisServer,
@@ -94,10 +100,8 @@ def test_secrets_never_leak(tmp_path: Path, private_redis: Callable[..., RedisSe
         with fault("secrets in logs, status, history, Redis, task args and results"):
             wait_for(succeeded(client, sha), 60, what="the automatic run")
             # A manual run too, so Celery stores task arguments and a result.
-            celery_app.configure(Settings(apps=(AppConfig("shop", repo=repo_url),)),
-                                 server.url)
-            result = tasks.run_job.apply_async(kwargs={"app": "shop", "trigger": "manual"})
-            assert result.get(timeout=60)["status"] == "succeeded"
+            outcome = send_run_job(server.url, repo_url, app="shop", trigger="manual")
+            assert outcome["state"] == "SUCCESS", outcome
             # A failing check as well: git errors carry the URL.
             http.accept = ("deploy", "rotated")
             wait_for(lambda: "commit check of shop failed" in worker.log(), 30,
