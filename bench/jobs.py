@@ -17,6 +17,7 @@ import redis
 
 from bench.harness import GitRemote, Service, celery_client, service_env, wait_ready
 from bench.report import Row, median, percentile
+from postdeploy.records import RunRecord
 from postdeploy.state import StateStore
 from tests.support import appspec_yaml
 
@@ -53,13 +54,13 @@ def measure_latency(root: Path, redis_url: str, commits: int) -> list[Row]:
     from postdeploy.tasks import check_app
     try:
         check_app.apply_async(args=["bench"]).get(timeout=60)  # warm: first clone
-        _wait_runs(store, 1)
+        _wait_run_of(store, remote.head())
         latencies = []
         for index in range(commits):
-            remote.commit({**spec, "n": str(index)})
+            sha = remote.commit({**spec, "n": str(index)})
             t0 = time.time()
             check_app.apply_async(args=["bench"])
-            record = _wait_runs(store, index + 2)
+            record = _wait_run_of(store, sha)
             tail, _ = store.read_output(record.id)
             started = float(tail.decode().split("START ", 1)[1].split()[0])
             latencies.append((started - t0) * 1000)
@@ -108,12 +109,12 @@ def measure_overhead(root: Path, redis_url: str, jobs: int) -> list[Row]:
     ]
 
 
-def _wait_runs(store: StateStore, count: int, timeout: float = 60):  # type: ignore[no-untyped-def]
+def _wait_run_of(store: StateStore, sha: str, timeout: float = 60) -> RunRecord:
+    """The finished run of ``sha`` (history is capped, so look it up by commit)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        history = store.history("bench", count + 5)
-        done = [r for r in history if r.status not in ("queued", "running")]
-        if len(done) >= count:
-            return done[0]
+        latest = store.latest_run("bench")
+        if latest and latest.sha == sha and latest.status not in ("queued", "running"):
+            return latest
         time.sleep(0.005)
-    raise RuntimeError(f"run {count} did not finish")
+    raise RuntimeError(f"the run of {sha[:7]} did not finish")
