@@ -47,7 +47,9 @@ def enqueue_run(app_name: str, sha: str | None, trigger: str, run_id: str | None
     return str(result.id)
 
 
-@app.task(name="postdeploy.check_commits", ignore_result=True)
+# The periodic checks send no task events: four events per check and interval
+# would cost more CPU than the check itself and bury the job runs in Flower.
+@app.task(name="postdeploy.check_commits", ignore_result=True, send_events=False)
 def check_commits() -> None:
     """Check every app (beat calls this every interval); large fleets fan out in batches."""
     settings = current_settings()
@@ -60,7 +62,7 @@ def check_commits() -> None:
                                expires=settings.check_interval)
 
 
-@app.task(name="postdeploy.check_apps", ignore_result=True)
+@app.task(name="postdeploy.check_apps", ignore_result=True, send_events=False)
 def check_apps(app_names: list[str]) -> None:
     """Check a batch of apps; one app's failure never stops the others."""
     _check_batch(app_names)
