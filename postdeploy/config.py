@@ -206,6 +206,8 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
         label = f"{where}: apps[{index}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{label} must be a mapping with 'repo' or 'path'")
+        if isinstance(item.get("name"), str):  # name the app as soon as we can
+            label = f"{where}: app {item['name']!r}"
         unknown = sorted(str(k) for k in item if k not in {"name", "repo", "path", "branch"})
         if unknown:
             raise ConfigError(f"{label}: unknown field {unknown[0]!r}; "
