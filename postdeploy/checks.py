@@ -9,8 +9,10 @@ commit runs nothing, and a run lost with its worker is enqueued again.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from postdeploy.appspec import APPSPEC_FILE, DEFAULT_TIMEOUT, MAX_APPSPEC_BYTES, parse_appspec
 from postdeploy.config import AppConfig, Settings
@@ -21,8 +23,17 @@ from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
 
+FAILURE_LOG_EVERY = 600.0  # seconds between WARNINGs while an app's check keeps failing
+
 # (app, sha, trigger, run_id, timeout) -> None; puts a run_job message on the queue.
 Enqueue = Callable[[str, str, str, str, int], None]
+
+
+def _streak_text(streak: dict[str, Any]) -> str:
+    if streak["count"] == 1:
+        return "no run until it works; reported again every 10 min while it fails"
+    minutes = (time.time() - streak["since"]) / 60
+    return f"still failing: {streak['count']} checks over {minutes:.0f} min"
 
 
 @dataclass(frozen=True)
@@ -42,9 +53,14 @@ def check_app(settings: Settings, store: StateStore, app: AppConfig,
     try:
         sha = source.current_sha()
     except GitError as exc:
-        store.count_check_error(app.name)
-        log.warning("commit check of %s failed: %s", app.name, exc)
+        streak = store.check_failed(app.name, str(exc), FAILURE_LOG_EVERY)
+        if streak is not None:
+            log.warning("commit check of %s failed: %s (%s)", app.name, exc,
+                        _streak_text(streak))
         return CheckResult(app.name, None, "error", str(exc))
+    if (ended := store.check_recovered(app.name)) is not None:
+        log.info("commit check of %s works again after %d failed check(s)", app.name,
+                 ended["count"])
 
     if not store.observe(app.name, sha):
         log.debug("%s@%s: unchanged", app.name, sha[:7])

@@ -125,7 +125,8 @@ def status(settings: Settings, as_json: bool) -> int:
     _, store = open_store(settings)
     registered = store.registered_apps()
     rows = [AppStatus(name, (app.source if app else registered.get(name, {}).get("source")),
-                      store.last_seen(name), store.latest_run(name))
+                      store.last_seen(name), store.latest_run(name),
+                      (store.check_failure(name) or {}).get("error"))
             for name, app in known_apps(settings, store).items()]
     if as_json:
         click.echo(json.dumps(status_json(rows), indent=2, sort_keys=True))

@@ -56,6 +56,11 @@ def output(run_id: str) -> str:
     return f"{PREFIX}run:{run_id}:output"
 
 
+def check_failure(app: str) -> str:
+    """String (JSON): the current streak of failed checks: error, since, count, logged_at."""
+    return f"{PREFIX}app:{app}:check_failure"
+
+
 def check_errors(app: str) -> str:
     """Counter: failed commit checks of ``app`` (for metrics)."""
     return f"{PREFIX}app:{app}:check_errors"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import redis
 
@@ -126,6 +127,37 @@ class StateStore:
         tail, total = self.client.hmget(keys.output(run_id), ["tail", "total"])
         data = tail.encode() if isinstance(tail, str) else (tail or b"")
         return data, int(total or 0)
+
+    # -- failing checks -----------------------------------------------------
+    def check_failed(self, app: str, error: str, log_every: float) -> dict[str, Any] | None:
+        """Count a failed check; return the streak when it is worth a log line.
+
+        That is: the first failure, a different error, or ``log_every`` seconds
+        since the last line, so a broken remote is reported without flooding.
+        """
+        now = time.time()
+        raw = self.client.get(keys.check_failure(app))
+        streak: dict[str, Any] = (json.loads(raw) if raw else
+                                  {"error": None, "since": now, "count": 0, "logged_at": 0.0})
+        streak["count"] += 1
+        due = streak["error"] != error or now - streak["logged_at"] >= log_every
+        streak["error"] = error
+        if due:
+            streak["logged_at"] = now
+        pipe = self.client.pipeline()
+        pipe.set(keys.check_failure(app), json.dumps(streak))
+        pipe.incr(keys.check_errors(app))
+        pipe.execute()
+        return streak if due else None
+
+    def check_recovered(self, app: str) -> dict[str, Any] | None:
+        """End a streak of failed checks; return it (None if checks were fine)."""
+        raw = self.client.getdel(keys.check_failure(app))
+        return json.loads(raw) if raw else None
+
+    def check_failure(self, app: str) -> dict[str, Any] | None:
+        raw = self.client.get(keys.check_failure(app))
+        return json.loads(raw) if raw else None
 
     # -- metrics ------------------------------------------------------------
     def count_check_error(self, app: str) -> None:

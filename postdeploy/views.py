@@ -26,6 +26,7 @@ class AppStatus:
     source: str | None
     last_seen_sha: str | None
     latest_run: RunRecord | None
+    check_error: str | None = None  # why the latest commit checks fail, while they do
 
 
 def run_json(record: RunRecord) -> dict[str, Any]:
@@ -46,7 +47,8 @@ def run_json(record: RunRecord) -> dict[str, Any]:
 def status_json(rows: Sequence[AppStatus]) -> dict[str, Any]:
     return {"apps": [{"app": row.app, "source": row.source,
                       "last_seen_sha": row.last_seen_sha,
-                      "latest_run": run_json(row.latest_run) if row.latest_run else None}
+                      "latest_run": run_json(row.latest_run) if row.latest_run else None,
+                      "check_error": row.check_error}
                      for row in rows]}
 
 
@@ -64,7 +66,9 @@ def status_table(rows: Sequence[AppStatus], now: float | None = None) -> str:
                       _status_text(run) if run else "no runs yet",
                       ago(_when(run), now) if run else "-",
                       took(run.duration) if run else "-"))
-    return table(lines)
+    failing = [f"{row.app}: commit check failing: {row.check_error}"
+               for row in rows if row.check_error]
+    return "\n".join([table(lines), *failing])
 
 
 def history_table(runs: Sequence[RunRecord], now: float | None = None) -> str:
