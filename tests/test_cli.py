@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
+from postdeploy.config import AppConfig
+from postdeploy.state import StateStore
 from tests.clirun import (
     JOB_SCRIPT,
     all_dead,
@@ -296,3 +299,17 @@ def test_up_with_flower_serves_it_and_stops_it(tmp_path: Path) -> None:
         assert "secret" not in up.log()
     finally:
         up.stop()
+
+
+def test_status_shows_a_failing_commit_check(tmp_path: Path, redis_url: str) -> None:
+    """Against a worker's Redis (no `up`): the error is in the table and in --json."""
+    store = StateStore(redis.Redis.from_url(redis_url))
+    store.register_apps([AppConfig(name="shop", repo="https://git.example.com/shop.git")])
+    store.check_failed("shop", "git ls-remote failed for https://***@git.example.com/shop.git: "
+                       "fatal: Authentication failed", 600)
+    env = cli_env(POSTDEPLOY_REDIS_URL=redis_url)
+    table = cli(tmp_path / "state", "status", env=env)
+    assert table.returncode == 0, table.stderr
+    assert "shop: commit check failing: git ls-remote failed" in table.stdout
+    data = json.loads(cli(tmp_path / "state", "status", "--json", env=env).stdout)
+    assert "Authentication failed" in data["apps"][0]["check_error"]
