@@ -84,9 +84,13 @@ def queue_manual_run(settings: Settings, url: str, store: StateStore, name: str,
     configure(settings, url)
     from postdeploy.tasks import enqueue_run  # imports Celery tasks: only when needed
 
+    # The soft time limit is the commit's POST_DEPLOY_TIMEOUT when an earlier run read
+    # it; otherwise the worker's runner enforces the timeout it reads from appspec.yaml.
+    timeout = next((r.timeout for r in store.history(name) if r.sha == sha and r.timeout),
+                   None)
     record = RunRecord.new(name, sha, Trigger.MANUAL.value)
     store.add_run(record)
-    enqueue_run(name, sha, Trigger.MANUAL.value, record.id, None)
+    enqueue_run(name, sha, Trigger.MANUAL.value, record.id, timeout)
     return record
 
 
