@@ -20,7 +20,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from postdeploy import keys
 from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, parse_appspec, resolve_folder
 from postdeploy.config import Settings
-from postdeploy.errors import AppSpecError, GitError, JobFailed, UnknownApp
+from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
 from postdeploy.output import OutputCapture
 from postdeploy.records import RunRecord, Status, Trigger
@@ -50,7 +50,7 @@ def execute_run(settings: Settings, store: StateStore, app_name: str, sha: str |
     """
     app = settings.app(app_name)
     if app is None:
-        raise JobFailed(str(UnknownApp(f"unknown app {app_name!r}")))
+        raise JobFailed(f"unknown app {app_name!r}; it is not in this worker's configuration")
     if trigger not in (Trigger.AUTO.value, Trigger.MANUAL.value):
         raise JobFailed(f"invalid trigger {trigger!r}; use 'auto' or 'manual'")
     source = AppSource(app, settings.state_dir)
