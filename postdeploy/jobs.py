@@ -31,6 +31,7 @@ from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
 
+RENEW_EVERY = 2.0  # seconds between renewals of a running job's lock and claim
 REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
 HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's own settings, not the app's
 
@@ -141,13 +142,16 @@ def _run_job_process(settings: Settings, store: StateStore, record: RunRecord, l
         _quietly(lambda: store.write_output(record.id, tail, total))
 
     capture = OutputCapture(label, settings.output_limit, secrets, store_output)
-    next_renew = time.monotonic() + settings.lock_ttl / 3
+    # Renew often (one cheap Lua call): after a Redis restart that lost our keys, the
+    # lock and claim are back within seconds, before a check could enqueue this commit.
+    renew_every = min(settings.lock_ttl / 3, RENEW_EVERY)
+    next_renew = time.monotonic() + renew_every
 
     def tick() -> None:
         nonlocal next_renew
         capture.flush_if_due()
         if time.monotonic() >= next_renew:
-            next_renew = time.monotonic() + settings.lock_ttl / 3
+            next_renew = time.monotonic() + renew_every
             if _quietly(lock.renew) is False:
                 log.warning("%s: lost the run lock (Redis restarted?); finishing anyway", label)
                 _quietly(lock.acquire)

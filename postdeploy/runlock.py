@@ -12,7 +12,6 @@ import secrets
 import redis
 
 LOCK_TTL_MS = 60_000  # a dead holder blocks the app at most this long
-RENEW_EVERY = 15.0  # seconds; well inside the TTL
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
