@@ -31,7 +31,7 @@ from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
 
-RENEW_EVERY = 2.0  # seconds between renewals of a running job's lock and claim
+RENEW_EVERY = 0.25  # seconds between renewals of a running job's lock and claim
 REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
 HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's own settings, not the app's
 
@@ -143,7 +143,7 @@ def _run_job_process(settings: Settings, store: StateStore, record: RunRecord, l
 
     capture = OutputCapture(label, settings.output_limit, secrets, store_output)
     # Renew often (one cheap Lua call): after a Redis restart that lost our keys, the
-    # lock and claim are back within seconds, before a check could enqueue this commit.
+    # lock and claim are back at once, before a check could enqueue this commit again.
     renew_every = min(settings.lock_ttl / 3, RENEW_EVERY)
     next_renew = time.monotonic() + renew_every
 

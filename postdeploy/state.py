@@ -90,7 +90,9 @@ class StateStore:
             self.client.delete(*[keys.run(n) for n in names], *[keys.output(n) for n in names])
 
     def save_run(self, record: RunRecord) -> None:
-        self.client.set(keys.run(record.id), record.to_json())
+        """Update a stored run; one lost with Redis' data (no persistence) is stored anew."""
+        if not self.client.set(keys.run(record.id), record.to_json(), xx=True):
+            self.add_run(record)
 
     def get_run(self, run_id: str) -> RunRecord | None:
         raw = self.client.get(keys.run(run_id))

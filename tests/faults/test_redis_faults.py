@@ -142,3 +142,21 @@ def test_redis_restart_without_persistence(
         assert len(starts) == 2, starts
         assert worker.alive() and beat.alive()
         f.audit = audit(client, "shop", [sha])
+
+    with fault("redis restart losing all state mid-job (no persistence)") as f:
+        slow = remote.commit({"appspec.yaml": appspec_yaml(
+            journal_job(journal, "sleep 6; echo slow"))}, "slow")
+        run_id = running(client, slow, journal)
+        server.stop()
+        server.start()
+        # The running job renews its lock, claim and record, so the checks after the
+        # wipe see a commit in progress: it finishes once, recorded, never overlapped.
+        succeeded(client, slow)
+        checks_resume(client, 3)
+        slow_starts = [r for r in journal_lines(journal, "start") if r not in starts]
+        assert slow_starts == [run_id], slow_starts  # not even the allowed extra run
+        assert journal_lines(journal, "overlap") == []
+        record = next(r for r in runs(client, "shop") if r.sha == slow)
+        assert (record.id, record.status) == (run_id, "succeeded")
+        assert worker.alive() and beat.alive()
+        f.audit = audit(client, "shop", [slow])
