@@ -17,6 +17,7 @@ import click
 import redis
 from kombu.exceptions import OperationalError
 
+from postdeploy import __version__
 from postdeploy.config import Settings
 from postdeploy.connection import address_file, connect, resolve_redis_url
 from postdeploy.errors import ConfigError, PostdeployError, RedisUnavailable
@@ -62,6 +63,7 @@ def with_settings(func: F) -> F:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="postdeploy")
 @common_options
 @click.pass_context
 def cli(ctx: click.Context, state_dir: str | None, config: str | None,

@@ -313,3 +313,8 @@ def test_status_shows_a_failing_commit_check(tmp_path: Path, redis_url: str) -> 
     assert "shop: commit check failing: git ls-remote failed" in table.stdout
     data = json.loads(cli(tmp_path / "state", "status", "--json", env=env).stdout)
     assert "Authentication failed" in data["apps"][0]["check_error"]
+
+
+def test_version(tmp_path: Path) -> None:
+    result = cli(tmp_path, "--version")
+    assert result.returncode == 0 and result.stdout.startswith("postdeploy, version ")
