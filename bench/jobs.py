@@ -42,12 +42,16 @@ def _empty_task_round_trips(count: int) -> list[float]:
     return times
 
 
-def measure_latency(root: Path, redis_url: str, commits: int) -> list[Row]:
+def _fresh(root: Path, redis_url: str) -> tuple[StateStore, GitRemote]:
+    """An empty Redis and a new app repository for one measure."""
     root.mkdir(parents=True, exist_ok=True)
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
-    store = StateStore(client)
-    remote = GitRemote(root / "git", "bench")
+    return StateStore(client), GitRemote(root / "git", "bench")
+
+
+def measure_latency(root: Path, redis_url: str, commits: int) -> list[Row]:
+    store, remote = _fresh(root, redis_url)
     spec = {"appspec.yaml": appspec_yaml('echo "START $EPOCHREALTIME"')}
     remote.commit(spec)
     worker = _start(root, redis_url, remote)
@@ -77,11 +81,7 @@ def measure_latency(root: Path, redis_url: str, commits: int) -> list[Row]:
 
 
 def measure_overhead(root: Path, redis_url: str, jobs: int) -> list[Row]:
-    root.mkdir(parents=True, exist_ok=True)
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    store = StateStore(client)
-    remote = GitRemote(root / "git", "bench")
+    store, remote = _fresh(root, redis_url)
     sha = remote.commit({"appspec.yaml": appspec_yaml("true")})
     worker = _start(root, redis_url, remote)
     from postdeploy.tasks import run_job
