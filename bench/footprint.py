@@ -15,7 +15,15 @@ from pathlib import Path
 import psutil
 import redis
 
-from bench.harness import GitRemote, RedisServer, Service, service_env, tree_cpu, tree_memory
+from bench.harness import (
+    GitRemote,
+    RedisServer,
+    Service,
+    process_tree,
+    service_env,
+    tree_cpu,
+    tree_memory,
+)
 from bench.report import Row
 from postdeploy.state import StateStore
 from tests.support import appspec_yaml, wait_for
@@ -23,16 +31,11 @@ from tests.support import appspec_yaml, wait_for
 MIB = 1024 * 1024
 
 
-def _tree(service: Service) -> list[psutil.Process]:
-    root = psutil.Process(service.proc.pid)
-    return [root, *root.children(recursive=True)]
-
-
 def _idle(processes_of: Service, seconds: float) -> tuple[float, float]:
-    procs = _tree(processes_of)
+    procs = process_tree(processes_of)
     cpu0, t0 = tree_cpu(procs), time.monotonic()
     time.sleep(seconds)  # the measurement window itself
-    procs = _tree(processes_of)
+    procs = process_tree(processes_of)
     cpu = (tree_cpu(procs) - cpu0) / (time.monotonic() - t0) * 100
     return tree_memory(procs) / MIB, cpu
 
@@ -61,7 +64,7 @@ def measure(root: Path, seconds: float) -> list[Row]:
     bare = Service(["-m", "celery", "--broker", server.url, "worker", "--concurrency", "2",
                     "--loglevel", "WARNING"], bare_env, root / "bare.log")
     try:
-        wait_for(lambda: len(_tree(bare)) >= 3, 60, what="bare Celery worker")
+        wait_for(lambda: len(process_tree(bare)) >= 3, 60, what="bare Celery worker")
         time.sleep(3)  # let it finish starting before the window opens
         base_memory, base_cpu = _idle(bare, seconds)
         redis_memory = psutil.Process(server.proc.pid).memory_full_info().pss / MIB \

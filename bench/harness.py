@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +17,7 @@ from tests.support import GitRemote, RedisServer, Service, run_git, service_env,
 
 __all__ = ["GitRemote", "RedisServer", "Service", "run_git", "service_env", "wait_for",
            "bare_repos", "celery_client", "tree_cpu", "tree_memory", "redis_server",
-           "worker_processes"]
+           "process_tree"]
 
 
 @contextmanager
@@ -51,7 +49,8 @@ def celery_client(redis_url: str, state_dir: Path, **env: str) -> Settings:
     return settings
 
 
-def worker_processes(service: Service) -> list[psutil.Process]:
+def process_tree(service: Service) -> list[psutil.Process]:
+    """The service's process and all its descendants now."""
     root = psutil.Process(service.proc.pid)
     return [root, *root.children(recursive=True)]
 
@@ -68,13 +67,12 @@ def tree_cpu(processes: list[psutil.Process]) -> float:
     return total
 
 
-def tree_memory(processes: list[psutil.Process], fast: bool = False) -> float:
-    """Bytes of memory: proportional set size (shared pages split fairly), or with
-    ``fast`` the resident set size, cheap enough to sample every few milliseconds."""
+def tree_memory(processes: list[psutil.Process]) -> float:
+    """Proportional set size (shared pages split fairly) in bytes."""
     total = 0.0
     for proc in processes:
         try:
-            total += proc.memory_info().rss if fast else proc.memory_full_info().pss
+            total += proc.memory_full_info().pss
         except psutil.Error:
             continue
     return total
@@ -92,15 +90,3 @@ def wait_ready(service: Service, client: redis.Redis, timeout: float = 60) -> No
 def self_children_cpu() -> float:
     usage = os.times()
     return usage.children_user + usage.children_system
-
-
-def run_quiet(args: list[str], cwd: Path | None = None) -> None:
-    subprocess.run(args, cwd=cwd, check=True, capture_output=True)
-
-
-def flush(client: redis.Redis) -> None:
-    client.flushdb()
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -20,11 +20,11 @@ from bench.harness import (
     Service,
     bare_repos,
     celery_client,
+    process_tree,
     self_children_cpu,
     service_env,
     tree_cpu,
     wait_ready,
-    worker_processes,
 )
 from bench.report import Row, median
 from postdeploy import keys
@@ -57,7 +57,7 @@ def measure(root: Path, redis_url: str, count: int, repeats: int) -> list[Row]:
         walls, cpus = [], []
         cycles = max(repeats, -(-200 // count))  # enough app checks for 10 ms CPU ticks
         for _ in range(cycles):
-            procs = worker_processes(worker)
+            procs = process_tree(worker)
             cpu0, t0, mark = tree_cpu(procs), time.perf_counter(), time.time()
             check_commits.apply_async()
             _wait_all_checked(client, names, mark)

@@ -1,16 +1,16 @@
 """4. Output: a job writing 1 GiB through a real worker, against `cat` of the same bytes.
 
-Throughput is bytes over the run's own start-to-finish time; memory is the peak
-growth of the worker's processes (RSS sampled every 20 ms) over their size before
-the run. Baseline: the job's same bytes piped to `cat > /dev/null` instead of to
-postdeploy (a pipe is the floor of any capture). For scale, `cat FILE > /dev/null`
+Throughput is bytes over the run's own start-to-finish time; memory is the
+growth of the worker's main and pool processes together (RSS sampled every 20
+ms, each at its peak) over their size before the run. Baseline: the job's same
+bytes piped to `cat > /dev/null` instead of to postdeploy (a pipe is the floor
+of any capture). For scale, `cat FILE > /dev/null`
 is shown too: it copies nothing through a pipe, so no capture can approach it.
 """
 
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -21,13 +21,11 @@ from bench.harness import (
     Service,
     celery_client,
     service_env,
-    tree_memory,
     wait_ready,
-    worker_processes,
 )
 from bench.report import Row, median
 from postdeploy.state import StateStore
-from tests.support import appspec_yaml
+from tests.support import RssSampler, appspec_yaml
 
 MIB = 1024 * 1024
 
@@ -60,22 +58,8 @@ def measure(root: Path, redis_url: str, size: int) -> list[Row]:
         celery_client(redis_url, root / "state", POSTDEPLOY_REPO=remote.url,
                       POSTDEPLOY_APP="bench")
         from postdeploy.tasks import run_job
-        processes = worker_processes(worker)
-        before = tree_memory(processes, fast=True)
-        peak = before
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, tree_memory(processes, fast=True))
-                time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        result = run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=3600)
-        done.set()
-        sampler.join()
+        with RssSampler(worker.proc.pid, every=0.02) as rss:
+            result = run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=3600)
         record = store.get_run(result["run_id"])
         assert record and record.started_at and record.finished_at
         elapsed = record.finished_at - record.started_at
@@ -86,7 +70,7 @@ def measure(root: Path, redis_url: str, size: int) -> list[Row]:
     to_null = median([_timed(f"cat {data} > /dev/null") for _ in range(3)])
     through_pipe = median([_timed(f"cat {data} | cat > /dev/null") for _ in range(3)])
     ours = size / MIB / elapsed
-    growth = (peak - before) / MIB
+    growth = rss.total_growth_mib
     pipe_rate = size / MIB / through_pipe
     return [
         Row(f"output {size // MIB} MiB: capture throughput", ours, pipe_rate, "MiB/s",

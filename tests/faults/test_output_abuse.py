@@ -11,10 +11,11 @@ from pathlib import Path
 
 from postdeploy.state import StateStore
 from tests.faults.conftest import FaultScope
-from tests.faults.harness import RssSampler, audit, worker_ready
+from tests.faults.harness import audit, worker_ready
 from tests.support import (
     GitRemote,
     RedisServer,
+    RssSampler,
     Service,
     appspec_yaml,
     runs,
