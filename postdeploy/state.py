@@ -162,9 +162,6 @@ class StateStore:
         return json.loads(raw) if raw else None
 
     # -- metrics ------------------------------------------------------------
-    def count_check_error(self, app: str) -> None:
-        self.client.incr(keys.check_errors(app))
-
     def check_errors(self, app: str) -> int:
         return int(self.client.get(keys.check_errors(app)) or 0)
 

@@ -75,8 +75,8 @@ def test_metrics_describe_runs_checks_and_queue(redis_url: str, rclient: redis.R
     failed = finished_run("shop", SHA, "manual", Status.FAILED, 2.0, now - 10)
     for record in (ok, failed):
         store.add_run(record)
-    store.count_check_error("shop")
-    store.count_check_error("shop")
+    for _ in range(2):
+        store.check_failed("shop", "git ls-remote failed", 600)
     # Two messages waiting with no worker, sent as Celery sends them (prefix included).
     sender = Celery(broker=redis_url, broker_transport_options={
         "global_keyprefix": keys.CELERY_PREFIX})
