@@ -21,6 +21,7 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from postdeploy.processes import live_in_group, processes_with_env
 from postdeploy.records import Status
 
 log = logging.getLogger(__name__)
@@ -220,41 +221,12 @@ def _signal_job(pgid: int, run_id: str, sig: signal.Signals) -> None:
 def _job_alive(pgid: int, run_id: str) -> bool:
     try:
         os.killpg(pgid, 0)
-        group_alive = any(_live_in_group(pgid))
+        group_alive = any(live_in_group(pgid))
     except ProcessLookupError:
         group_alive = False
     return group_alive or bool(job_processes(run_id))
 
 
-def _live_in_group(pgid: int) -> list[int]:
-    """Members of the group that are not zombies (a zombie can do no harm)."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[-1].split()
-            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-                alive.append(int(entry))
-    return alive
-
-
 def job_processes(run_id: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries this run's id."""
-    marker = f"POST_DEPLOY_RUN_ID={run_id}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-            if marker not in environ.split(b"\0"):
-                continue
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            found.append(int(entry))
-    return found
+    """Live processes whose environment carries this run's id."""
+    return processes_with_env("POST_DEPLOY_RUN_ID", run_id)

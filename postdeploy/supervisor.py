@@ -25,6 +25,8 @@ from typing import BinaryIO
 
 import psutil
 
+from postdeploy.processes import processes_with_env
+
 MARKER_VAR = "POST_DEPLOY_UP_ID"  # inherited by jobs: the worker hides POSTDEPLOY_* from them
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL at shutdown
 POLL = 0.2  # seconds between looks at the children
@@ -196,20 +198,10 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def marked_processes(marker: str) -> list[psutil.Process]:
     """Live (non-zombie) processes whose environment carries ``MARKER_VAR=marker``."""
-    needle = f"{MARKER_VAR}={marker}".encode()
     found: list[psutil.Process] = []
-    me = os.getpid()
-    for pid in psutil.pids():
-        if pid == me:
-            continue
+    for pid in processes_with_env(MARKER_VAR, marker):
         try:
-            # /proc is faster than psutil.environ() over every process on the host.
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                if needle not in handle.read().split(b"\0"):
-                    continue
-            proc = psutil.Process(pid)
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (OSError, psutil.Error):
+            found.append(psutil.Process(pid))
+        except psutil.Error:
             continue
     return found
