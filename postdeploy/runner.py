@@ -136,11 +136,7 @@ class _JobGuard:
 def kill_run_processes(run_id: str) -> int:
     """SIGKILL what is left on this host of a run whose worker died; how many there were."""
     pids = job_processes(run_id)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    _signal_pids(pids, signal.SIGKILL)
     return len(pids)
 
 
@@ -211,11 +207,15 @@ def _signal_job(pgid: int, run_id: str, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-    for pid in job_processes(run_id):
+    _signal_pids(job_processes(run_id), sig)
+
+
+def _signal_pids(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
         try:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
-            pass
+            pass  # already gone
 
 
 def _job_alive(pgid: int, run_id: str) -> bool:
