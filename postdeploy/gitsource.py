@@ -10,7 +10,6 @@ grow with the repository.
 from __future__ import annotations
 
 import fcntl
-import os
 import re
 import stat
 from collections.abc import Iterator
@@ -31,9 +30,10 @@ SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 GIT_ENV = {
     "GIT_TERMINAL_PROMPT": "0",
     "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh",
-    "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND",
-                                      "ssh -o BatchMode=yes -o ConnectTimeout=15"),
 }
+# ssh must never wait for a password or a host-key answer either. As git config it
+# is only a default: an operator's GIT_SSH_COMMAND (say, with a deploy key) wins.
+SSH_DEFAULT = "core.sshCommand=ssh -o BatchMode=yes -o ConnectTimeout=15"
 
 
 def is_sha(value: str) -> bool:
@@ -159,7 +159,7 @@ class AppSource:
     def _git(self, cwd: Path | None, args: list[str], timeout: float) -> str:
         command = git.cmd.Git(str(cwd) if cwd else None)
         try:
-            out = command.execute(["git", *args], kill_after_timeout=timeout,
+            out = command.execute(["git", "-c", SSH_DEFAULT, *args], kill_after_timeout=timeout,
                                   env=GIT_ENV, stdout_as_string=True)
         except git.GitCommandError as exc:
             raise GitError(_describe_failure(args, exc, self.app.source)) from None
