@@ -9,6 +9,9 @@ PREFIX = "postdeploy:"
 CELERY_PREFIX = PREFIX + "celery:"
 
 APPS = PREFIX + "apps"  # hash: app name -> JSON description (no credentials)
+# Counters for metrics, kept in Redis so they survive restarts of the metrics process.
+RUNS_TOTAL = PREFIX + "runs_total"  # hash: "app\ttrigger\tstatus" -> finished runs
+NOTIFICATIONS_TOTAL = PREFIX + "notifications_total"  # hash: "sent"/"failed" -> count
 
 
 def last_seen(app: str) -> str:

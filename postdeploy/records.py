@@ -19,10 +19,12 @@ class Status(StrEnum):
     ERROR = "error"  # nothing was executed: bad appspec, git failure, ...
     SUPERSEDED = "superseded"  # an automatic run of a commit that is no longer the latest
     LOST = "lost"  # its worker died mid-run; the commit is run again
+    WAITING = "waiting"  # the readiness gate is polling the app before the job starts
+    CANCELLED = "cancelled"  # stopped or kept from starting by an operator
 
     @property
     def finished(self) -> bool:
-        return self not in (Status.QUEUED, Status.RUNNING)
+        return self not in (Status.QUEUED, Status.WAITING, Status.RUNNING)
 
 
 class Trigger(StrEnum):
