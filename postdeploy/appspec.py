@@ -11,12 +11,19 @@ from typing import Any
 import yaml
 
 from postdeploy.errors import AppSpecError
+from postdeploy.readiness import DEFAULT_WAIT_TIMEOUT, Gate, check_template, parse_wait_for_commit
 
 APPSPEC_FILE = "appspec.yaml"
 DEFAULT_TIMEOUT = 300  # seconds, the guide's example value
 MAX_TIMEOUT = 86_400  # one day; also bounds how long the broker waits before redelivery
 MAX_APPSPEC_BYTES = 1024 * 1024  # a real appspec is a few KB; refuse anything huge
 JOB_KEYS = ("POST_DEPLOY_COMMAND", "POST_DEPLOY_FOLDER", "POST_DEPLOY_TIMEOUT")
+# Where and when the job runs (DESIGN.md "Where and when a job runs").
+PLACEMENT_KEYS = ("POST_DEPLOY_SCOPE", "POST_DEPLOY_WAIT_URL", "POST_DEPLOY_WAIT_FOR_COMMIT",
+                  "POST_DEPLOY_WAIT_TIMEOUT")
+SCOPE_APP = "app"  # once per commit across the fleet
+SCOPE_INSTANCE = "instance"  # once per commit on every host that serves the app
+SCOPES = (SCOPE_APP, SCOPE_INSTANCE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -30,6 +37,8 @@ class JobSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     secrets: frozenset[str] = frozenset()
     warnings: tuple[str, ...] = ()
+    scope: str = SCOPE_APP
+    gate: Gate | None = None  # the readiness gate, when POST_DEPLOY_WAIT_URL is set
 
 
 def parse_appspec(text: bytes | None, fallback_env: Mapping[str, str]) -> JobSpec:
@@ -39,8 +48,8 @@ def parse_appspec(text: bytes | None, fallback_env: Mapping[str, str]) -> JobSpe
     (the executor's environment). Raises AppSpecError for a malformed file.
     """
     entries, secrets = _read_entries(text) if text is not None else ({}, set())
-    job_values = {k: entries.pop(k) for k in JOB_KEYS if k in entries}
-    for key in JOB_KEYS:
+    job_values = {k: entries.pop(k) for k in (*JOB_KEYS, *PLACEMENT_KEYS) if k in entries}
+    for key in (*JOB_KEYS, *PLACEMENT_KEYS):
         if key not in job_values and fallback_env.get(key):
             job_values[key] = fallback_env[key]
 
@@ -48,8 +57,30 @@ def parse_appspec(text: bytes | None, fallback_env: Mapping[str, str]) -> JobSpe
     command = (job_values.get("POST_DEPLOY_COMMAND") or "").strip() or None
     folder = check_folder_value(job_values.get("POST_DEPLOY_FOLDER", ""))
     timeout = _timeout(job_values.get("POST_DEPLOY_TIMEOUT"), warnings)
+    scope, gate = _placement(job_values, warnings)
     return JobSpec(command=command, folder=folder, timeout=timeout, env=entries,
-                   secrets=frozenset(secrets), warnings=tuple(warnings))
+                   secrets=frozenset(secrets), warnings=tuple(warnings), scope=scope,
+                   gate=gate)
+
+
+def _placement(values: Mapping[str, str], warnings: list[str]) -> tuple[str, Gate | None]:
+    """POST_DEPLOY_SCOPE and the readiness gate; a value that cannot be meant is an error."""
+    scope = (values.get("POST_DEPLOY_SCOPE") or SCOPE_APP).strip().lower()
+    if scope not in SCOPES:
+        raise AppSpecError(f"invalid POST_DEPLOY_SCOPE: {values['POST_DEPLOY_SCOPE'][:40]!r}; "
+                           f"use {SCOPE_APP!r} (once per commit) or {SCOPE_INSTANCE!r} "
+                           "(once per commit on every host)")
+    url = (values.get("POST_DEPLOY_WAIT_URL") or "").strip()
+    for_commit = parse_wait_for_commit(values.get("POST_DEPLOY_WAIT_FOR_COMMIT"))
+    wait_timeout = _timeout(values.get("POST_DEPLOY_WAIT_TIMEOUT"), warnings,
+                            "POST_DEPLOY_WAIT_TIMEOUT", DEFAULT_WAIT_TIMEOUT)
+    if not url:
+        if for_commit:
+            warnings.append("POST_DEPLOY_WAIT_FOR_COMMIT has no effect without "
+                            "POST_DEPLOY_WAIT_URL")
+        return scope, None
+    check_template(url)
+    return scope, Gate(url, for_commit, wait_timeout)
 
 
 def check_folder_value(value: str) -> str:
@@ -142,19 +173,19 @@ def _shown(key: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _timeout(raw: str | None, warnings: list[str]) -> int:
+def _timeout(raw: str | None, warnings: list[str], name: str = "POST_DEPLOY_TIMEOUT",
+             default: int = DEFAULT_TIMEOUT) -> int:
     if raw is None or raw.strip() == "":
         if raw is not None:
-            warnings.append(f"POST_DEPLOY_TIMEOUT is empty; using the default "
-                            f"{DEFAULT_TIMEOUT} s")
-        return DEFAULT_TIMEOUT
+            warnings.append(f"{name} is empty; using the default {default} s")
+        return default
     text = raw.strip()
     if not re.fullmatch(r"[0-9]+", text) or int(text) <= 0:
-        warnings.append(f"invalid POST_DEPLOY_TIMEOUT: {text[:40]!r} is not a positive "
-                        f"integer; using the default {DEFAULT_TIMEOUT} s")
-        return DEFAULT_TIMEOUT
+        warnings.append(f"invalid {name}: {text[:40]!r} is not a positive "
+                        f"integer; using the default {default} s")
+        return default
     if int(text) > MAX_TIMEOUT:
-        warnings.append(f"POST_DEPLOY_TIMEOUT {text[:40]} is above the maximum "
+        warnings.append(f"{name} {text[:40]} is above the maximum "
                         f"{MAX_TIMEOUT} s; using {MAX_TIMEOUT} s")
         return MAX_TIMEOUT
     return int(text)

@@ -17,6 +17,7 @@ from postdeploy.appspec import MAX_TIMEOUT
 from postdeploy.config import Settings
 
 QUEUE = "postdeploy"
+HOST_QUEUE_PREFIX = "postdeploy.host."  # each worker also consumes its host's own queue
 HARD_LIMIT_MARGIN = 30  # seconds above soft limit + kill grace before Celery kills the task
 # Redelivery of an unacknowledged job must never start while it may still be running.
 VISIBILITY_TIMEOUT = MAX_TIMEOUT + 3_600
@@ -67,6 +68,11 @@ def configure(settings: Settings, redis_url: str) -> Celery:
         timezone="UTC",
     )
     return app
+
+
+def host_queue(host: str) -> str:
+    """The queue only ``host``'s workers consume: runs that must happen on that host."""
+    return HOST_QUEUE_PREFIX + host
 
 
 def current_settings() -> Settings:

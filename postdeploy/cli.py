@@ -121,14 +121,17 @@ def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | Non
 @with_settings
 def status(settings: Settings, as_json: bool) -> int:
     """Per app: last seen commit, latest run, its status, when, how long."""
+    from postdeploy.instances import InstanceRegistry
     from postdeploy.manual import known_apps
     from postdeploy.views import AppStatus, status_json, status_table
 
     _, store = open_store(settings)
     registered = store.registered_apps()
+    registry = InstanceRegistry(store.client)
     rows = [AppStatus(name, (app.source if app else registered.get(name, {}).get("source")),
                       store.last_seen(name), store.latest_run(name),
-                      (store.check_failure(name) or {}).get("error"))
+                      (store.check_failure(name) or {}).get("error"),
+                      tuple(registry.live(name)))
             for name, app in known_apps(settings, store).items()]
     if as_json:
         click.echo(json.dumps(status_json(rows), indent=2, sort_keys=True))

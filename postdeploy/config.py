@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,8 @@ DEFAULT_HISTORY_LIMIT = 50  # runs kept per app
 DEFAULT_CONCURRENCY = 2  # prefork processes per worker
 CONFIG_FILE = "postdeploy.yaml"
 
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")  # changes at every boot (Linux)
+_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")  # also a queue name
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _TRANSPORT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")  # git's "<transport>::<address>"
 _ALLOWED_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
@@ -63,6 +66,9 @@ class Settings:
     concurrency: int = DEFAULT_CONCURRENCY
     log_level: str = "INFO"
     config_file: Path | None = None
+    # This worker's host identity (its own queue, its instances) and the boot it runs in.
+    host: str = "localhost"
+    boot_id: str = ""
     # The executor's own environment: the base of every job's environment and the
     # fallback for POST_DEPLOY_* keys an appspec leaves out.
     environ: Mapping[str, str] = field(default_factory=dict)
@@ -118,6 +124,8 @@ class Settings:
                 "POSTDEPLOY_CONCURRENCY", DEFAULT_CONCURRENCY, integer=True)),
             log_level=_log_level(pick("log_level", "POSTDEPLOY_LOG_LEVEL") or "INFO"),
             config_file=config_path,
+            host=_host(env.get("POSTDEPLOY_HOST")),
+            boot_id=env.get("POSTDEPLOY_BOOT_ID") or _boot_id(),
             environ=env,
         )
         repo = flags.get("repo") or env.get("POSTDEPLOY_REPO")
@@ -262,6 +270,22 @@ def _redis_url(value: Any) -> str:
         raise ConfigError(f"invalid POSTDEPLOY_REDIS_URL: {redact_url(text)!r}; "
                           "expected redis://[:password@]host:port/db or unix:///path")
     return text
+
+
+def _host(value: str | None) -> str:
+    name = (value or "").strip() or socket.gethostname()
+    if not _HOST_NAME.match(name):
+        raise ConfigError(f"invalid POSTDEPLOY_HOST: {name[:60]!r}; use letters, digits, "
+                          "'.', '_' and '-' (it names the host's queue)")
+    return name
+
+
+def _boot_id() -> str:
+    """The kernel's boot id: daemons a job started do not outlive a change of it."""
+    try:
+        return BOOT_ID_FILE.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _log_level(value: Any) -> str:

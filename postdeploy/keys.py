@@ -67,3 +67,29 @@ def check_failure(app: str) -> str:
 def check_errors(app: str) -> str:
     """Counter: failed commit checks of ``app`` (for metrics)."""
     return f"{PREFIX}app:{app}:check_errors"
+
+
+# -- hosts and instances (an instance is one app on one host) ---------------------
+def instances(app: str) -> str:
+    """Hash: host -> JSON report of ``app`` on that host (sha, ready, boot, seen_at)."""
+    return f"{PREFIX}app:{app}:instances"
+
+
+def first_seen(app: str) -> str:
+    """Sorted set: commit -> Unix time any host first reported it (newest wins)."""
+    return f"{PREFIX}app:{app}:first_seen"
+
+
+def instance_done(app: str, host: str, boot_id: str, sha: str) -> str:
+    """String: id of the run that finished ``sha`` on ``host`` in this boot (scope instance)."""
+    return f"{PREFIX}app:{app}:host:{host}:boot:{boot_id}:done:{sha}"
+
+
+def instance_claim(app: str, host: str, sha: str) -> str:
+    """String with expiry: a run of ``sha`` on ``host`` is queued, waiting or running."""
+    return f"{PREFIX}app:{app}:host:{host}:claim:{sha}"
+
+
+def instance_lock(app: str, host: str) -> str:
+    """String with expiry: the run holding ``app``'s instance on ``host`` now."""
+    return f"{PREFIX}app:{app}:host:{host}:lock"

@@ -13,8 +13,16 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from postdeploy.appspec import APPSPEC_FILE, DEFAULT_TIMEOUT, parse_appspec, resolve_folder
+from postdeploy.appspec import (
+    APPSPEC_FILE,
+    DEFAULT_TIMEOUT,
+    SCOPE_INSTANCE,
+    JobSpec,
+    parse_appspec,
+    resolve_folder,
+)
 from postdeploy.errors import AppSpecError
+from postdeploy.readiness import gate_url
 
 ERROR, WARNING, OK = "error", "warning", "ok"
 # Commands that take a script file as their first non-option argument.
@@ -69,7 +77,28 @@ def lint_app_dir(directory: Path) -> list[Finding]:
         findings.append(Finding(OK, "POST_DEPLOY_COMMAND is set"))
         if workdir is not None:
             findings += _script_findings(spec.command, workdir, directory)
+    findings += placement_findings(spec)
     findings += _git_findings(directory)
+    return findings
+
+
+def placement_findings(spec: JobSpec) -> list[Finding]:
+    """Scope and readiness gate (their malformed values already failed the parse)."""
+    findings = [Finding(OK, "scope instance: once per commit on every host that serves "
+                            "the app" if spec.scope == SCOPE_INSTANCE else
+                            "scope app (the default): once per commit across the fleet")]
+    if spec.gate is None:
+        return findings
+    what = "answers 2xx with the commit in its body" if spec.gate.wait_for_commit \
+        else "answers 2xx"
+    findings.append(Finding(OK, f"waits up to {spec.gate.timeout} s until "
+                                f"POST_DEPLOY_WAIT_URL {what}"))
+    try:
+        gate_url(spec.gate, {**spec.env, "COMMIT_SHA": "0" * 40, "POST_DEPLOY_APP": "app"})
+    except AppSpecError as exc:
+        # Variables may come from the executor's environment on the host: only a warning.
+        findings.append(Finding(WARNING, f"{exc} (unless the executor's environment sets "
+                                         "it on every host)"))
     return findings
 
 

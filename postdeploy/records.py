@@ -50,6 +50,7 @@ class RunRecord:
     timeout: int | None = None
     command: str | None = None
     output_bytes: int = 0
+    host: str | None = None  # POSTDEPLOY_HOST of the worker that ran it (or must run it)
 
     @classmethod
     def new(cls, app: str, sha: str, trigger: str) -> RunRecord:

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import signals
 
-from postdeploy.celery_app import app, configure
+from postdeploy.celery_app import QUEUE, app, configure, host_queue
 from postdeploy.config import Settings
 from postdeploy.connection import redis_client, resolve_redis_url
 from postdeploy.errors import ConfigError, PostdeployError
@@ -86,6 +86,7 @@ def run_worker(argv: Sequence[str] = ()) -> None:
 
     def _ready(**_: Any) -> None:
         _register_apps(settings)
+        _start_reports(settings)
 
     signals.worker_ready.connect(_ready, weak=False)
 
@@ -95,7 +96,19 @@ def run_worker(argv: Sequence[str] = ()) -> None:
     app.worker_main(["worker", "--loglevel", settings.log_level, "--pool", "prefork",
                      "--concurrency", str(settings.concurrency), "--task-events",
                      "--without-gossip", "--without-mingle",
-                     "--hostname", f"postdeploy-{os.getpid()}@%h", *argv])
+                     "--hostname", f"postdeploy-{os.getpid()}@{settings.host}",
+                     # The shared queue, and this host's own: runs that must happen here.
+                     "--queues", f"{QUEUE},{host_queue(settings.host)}", *argv])
+
+
+def _start_reports(settings: Settings) -> None:
+    """This host's instance reports: now, then every check interval, until shutdown."""
+    from postdeploy.instances import InstanceReporter, ReportLoop
+
+    store = StateStore(redis_client(app.conf.broker_url))
+    loop = ReportLoop(InstanceReporter(settings, store.client, store.last_seen),
+                      settings.check_interval).start()
+    signals.worker_shutdown.connect(lambda **_: loop.stop(), weak=False)
 
 
 def run_beat(argv: Sequence[str] = ()) -> None:

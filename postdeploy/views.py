@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from postdeploy.instances import Instance
 from postdeploy.records import RunRecord
 
 RUN_FIELDS = ("id", "app", "sha", "trigger", "status", "exit_code", "reason", "queued_at",
               "started_at", "finished_at", "duration", "worker", "timeout", "command",
-              "output_bytes")
+              "output_bytes", "host")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class AppStatus:
     last_seen_sha: str | None
     latest_run: RunRecord | None
     check_error: str | None = None  # why the latest commit checks fail, while they do
+    instances: tuple[Instance, ...] = ()  # the app on each host that reports it
 
 
 def run_json(record: RunRecord) -> dict[str, Any]:
@@ -39,7 +41,7 @@ def run_json(record: RunRecord) -> dict[str, Any]:
         "finished_at": record.finished_at,
         "duration": round(duration, 3) if duration is not None else None,
         "worker": record.worker, "timeout": record.timeout, "command": record.command,
-        "output_bytes": record.output_bytes,
+        "output_bytes": record.output_bytes, "host": record.host,
     }
     return {name: values[name] for name in RUN_FIELDS}
 
@@ -48,7 +50,8 @@ def status_json(rows: Sequence[AppStatus]) -> dict[str, Any]:
     return {"apps": [{"app": row.app, "source": row.source,
                       "last_seen_sha": row.last_seen_sha,
                       "latest_run": run_json(row.latest_run) if row.latest_run else None,
-                      "check_error": row.check_error}
+                      "check_error": row.check_error,
+                      "instances": [i.public() for i in row.instances]}
                      for row in rows]}
 
 
@@ -68,7 +71,18 @@ def status_table(rows: Sequence[AppStatus], now: float | None = None) -> str:
                       took(run.duration) if run else "-"))
     failing = [f"{row.app}: commit check failing: {row.check_error}"
                for row in rows if row.check_error]
-    return "\n".join([table(lines), *failing])
+    return "\n".join([table(lines), *failing, *instance_lines(rows, now)])
+
+
+def instance_lines(rows: Sequence[AppStatus], now: float) -> list[str]:
+    """Under the table: each app's instances (host, commit, ready, last report)."""
+    lines = [("INSTANCE", "COMMIT", "READY", "REPORTED")]
+    for row in rows:
+        for i in row.instances:
+            ready = "-" if i.ready is None else ("yes" if i.ready else
+                                                 f"no ({i.answer})" if i.answer else "no")
+            lines.append((f"{row.app}@{i.host}", short(i.sha), ready, ago(i.seen_at, now)))
+    return ["", table(lines)] if len(lines) > 1 else []
 
 
 def history_table(runs: Sequence[RunRecord], now: float | None = None) -> str:

@@ -1,0 +1,225 @@
+"""Instances: one app on one host, as its worker reports it to the others.
+
+Every worker reports, for each app it serves, the commit on its host (a
+``path`` app: the HEAD of its working copy there; a ``repo`` app: the last
+seen commit), whether the app is ready (the readiness gate's probe, when the
+app sets POST_DEPLOY_WAIT_URL), the host's boot id and when it reported: at
+start-up and every check interval. An instance not reported for three of its
+intervals is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import redis
+
+from postdeploy import keys
+from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, parse_appspec
+from postdeploy.config import AppConfig, Settings
+from postdeploy.errors import AppSpecError, GitError
+from postdeploy.gitsource import AppSource
+from postdeploy.readiness import Gate, Probe, gate_url, probe
+
+log = logging.getLogger(__name__)
+
+GONE_AFTER = 3  # missed reports (intervals) after which an instance is gone
+PROBE_THREADS = 8  # health probes at once: a few hanging endpoints must not stall a round
+FIRST_SEEN_TTL = 90 * 86_400  # seconds a commit's first report is remembered
+HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's settings, not the app's
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One app on one host, as last reported."""
+
+    host: str
+    sha: str | None
+    ready: bool | None  # None: the app sets no readiness gate (or it cannot be read)
+    seen_at: float
+    boot_id: str = ""
+    every: float = 30.0  # the reporter's interval: gone after GONE_AFTER of them
+    answer: str | None = None  # what the health endpoint last answered
+
+    def gone(self, now: float) -> bool:
+        return now - self.seen_at > GONE_AFTER * self.every
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Instance:
+        data: dict[str, Any] = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def public(self) -> dict[str, Any]:
+        """The stable JSON shape of `status --json`: host, sha, ready, seen_at."""
+        return {"host": self.host, "sha": self.sha, "ready": self.ready,
+                "seen_at": self.seen_at}
+
+
+class InstanceRegistry:
+    """Reports in Redis: one hash per app, host -> its latest report."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def report(self, reports: Iterable[tuple[str, Instance]]) -> None:
+        """Store many reports in one round trip; remember when each commit was first seen."""
+        pipe = self.client.pipeline(transaction=False)
+        for app, instance in reports:
+            pipe.hset(keys.instances(app), instance.host, instance.to_json())
+            if instance.sha:
+                pipe.zadd(keys.first_seen(app), {instance.sha: instance.seen_at}, nx=True)
+                pipe.expire(keys.first_seen(app), FIRST_SEEN_TTL)
+        pipe.execute()
+
+    def live(self, app: str, now: float | None = None) -> list[Instance]:
+        """The app's instances reported within their last three intervals, by host."""
+        now = time.time() if now is None else now
+        found: list[tuple[bytes | str, Instance]] = []
+        gone: list[tuple[bytes | str, Instance]] = []
+        for host, raw in self.client.hgetall(keys.instances(app)).items():
+            instance = Instance.from_json(raw)
+            (gone if instance.gone(now) else found).append((host, instance))
+        if gone:  # forget them, so the hash does not grow with every host ever seen
+            self.client.hdel(keys.instances(app), *[host for host, _ in gone])
+        return sorted((i for _, i in found), key=lambda i: i.host)
+
+    def newest_commit(self, app: str, instances: Sequence[Instance]) -> str | None:
+        """Of the commits live instances have, the one first reported last.
+
+        A host behind the others reports a commit that was first seen earlier,
+        so it never makes the app's commit flip back; a rollback on every host
+        leaves only the old commit, which then wins.
+        """
+        shas = sorted({i.sha for i in instances if i.sha})
+        if not shas:
+            return None
+        scores = self.client.zmscore(keys.first_seen(app), shas)
+        ranked = [(score if score is not None else 0.0, sha)
+                  for sha, score in zip(shas, scores, strict=True)]
+        return max(ranked)[1]
+
+
+class InstanceReporter:
+    """This host's reports: what each app's commit is here and whether it is ready."""
+
+    def __init__(self, settings: Settings, client: redis.Redis,
+                 last_seen: Callable[[str], str | None]) -> None:
+        self.settings = settings
+        self.registry = InstanceRegistry(client)
+        self.last_seen = last_seen
+        # app -> (sha, gate, job environment): the appspec is read once per commit.
+        self._gates: dict[str, tuple[str, Gate | None, dict[str, str]]] = {}
+
+    def report_once(self) -> list[tuple[str, Instance]]:
+        apps = list(self.settings.apps)
+        shas = {app.name: self._sha(app) for app in apps}
+        gated = {app.name: self._gate(app, sha) for app in apps
+                 if (sha := shas[app.name]) is not None}
+        probes: dict[str, Probe] = {}
+        todo = {name: g for name, g in gated.items() if g is not None}
+        if todo:
+            with ThreadPoolExecutor(min(PROBE_THREADS, len(todo))) as pool:
+                futures = {name: pool.submit(_probe_gate, gate, env, shas[name])
+                           for name, (gate, env) in todo.items()}
+                probes = {name: future.result() for name, future in futures.items()}
+        now = time.time()
+        reports = []
+        for app in apps:
+            result = probes.get(app.name)
+            reports.append((app.name, Instance(
+                host=self.settings.host, sha=shas[app.name],
+                ready=result.ready if result else None, seen_at=now,
+                boot_id=self.settings.boot_id, every=self.settings.check_interval,
+                answer=result.answer if result else None)))
+        self.registry.report(reports)
+        return reports
+
+    def _sha(self, app: AppConfig) -> str | None:
+        if app.repo:
+            return self.last_seen(app.name)
+        try:
+            return AppSource(app, self.settings.state_dir).current_sha()
+        except GitError as exc:
+            log.debug("instance report: no commit for %s here: %s", app.name, exc)
+            return None
+
+    def _gate(self, app: AppConfig, sha: str) -> tuple[Gate, dict[str, str]] | None:
+        cached = self._gates.get(app.name)
+        if cached is None or cached[0] != sha:
+            gate, env = _read_gate(self.settings, app, sha)
+            cached = (sha, gate, env)
+            self._gates[app.name] = cached
+        return (cached[1], cached[2]) if cached[1] is not None else None
+
+
+def job_environment(environ: Mapping[str, str], app_env: Mapping[str, str], app: str,
+                    sha: str) -> dict[str, str]:
+    """What a job's ``$VAR`` sees (the run adds its own id and trigger on top)."""
+    env = {k: v for k, v in environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
+    env.update(app_env)
+    env.update({"COMMIT_SHA": sha, "POST_DEPLOY_APP": app})
+    return env
+
+
+def _read_gate(settings: Settings, app: AppConfig, sha: str
+               ) -> tuple[Gate | None, dict[str, str]]:
+    """The app's gate at ``sha`` on this host, without fetching anything."""
+    source = AppSource(app, settings.state_dir)
+    try:
+        if app.repo and not ((source.clone_dir / ".git").exists() and source.has_commit(sha)):
+            return None, {}
+        spec = parse_appspec(source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES),
+                             settings.environ)
+    except (AppSpecError, GitError) as exc:
+        log.debug("instance report: no readiness gate for %s@%s: %s", app.name, sha[:7], exc)
+        return None, {}
+    return spec.gate, job_environment(settings.environ, spec.env, app.name, sha)
+
+
+def _probe_gate(gate: Gate, env: Mapping[str, str], sha: str | None) -> Probe:
+    try:
+        url = gate_url(gate, env)
+    except AppSpecError as exc:
+        return Probe(False, str(exc))
+    return probe(url, sha if gate.wait_for_commit else None)
+
+
+class ReportLoop:
+    """A thread in the worker's main process: report now, then every check interval."""
+
+    def __init__(self, reporter: InstanceReporter, interval: float) -> None:
+        self.reporter = reporter
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="instance-reports",
+                                        daemon=True)
+
+    def start(self) -> ReportLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.reporter.report_once()
+            except redis.RedisError as exc:
+                log.debug("instance report skipped (Redis unavailable): %s", exc)
+            except Exception:  # a bug must not end the reports of every app
+                log.exception("instance report failed")
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
