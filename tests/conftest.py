@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.hosts import Fleet, namespaces_work
 from tests.support import GitRemote, RedisServer, Service, service_env
 
 EXTERNAL_REDIS = os.environ.get("POSTDEPLOY_TEST_REDIS_URL")
@@ -70,3 +71,14 @@ def env_for(redis_url: str, state_dir: Path) -> Callable[..., dict[str, str]]:
         return service_env(redis_url, state_dir, interval, POSTDEPLOY_REPO=remote.url,
                            POSTDEPLOY_APP="shop", **extra)
     return make
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, remote: GitRemote, redis_url: str) -> Iterator[Fleet]:
+    """Simulated hosts (tests/hosts.py) sharing this test's Redis and origin repo."""
+    reason = namespaces_work()
+    if reason:
+        pytest.skip(reason)
+    hosts = Fleet(tmp_path / "hosts", remote, redis_url)
+    yield hosts
+    hosts.close()
