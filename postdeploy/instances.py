@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from postdeploy import keys
-from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, parse_appspec
+from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, JobSpec, parse_appspec
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.gitsource import AppSource
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 GONE_AFTER = 3  # missed reports (intervals) after which an instance is gone
 PROBE_THREADS = 8  # health probes at once: a few hanging endpoints must not stall a round
 FIRST_SEEN_TTL = 90 * 86_400  # seconds a commit's first report is remembered
+DONE_TTL = 90 * 86_400  # seconds an instance remembers a commit ran there
 HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's settings, not the app's
 
 
@@ -109,17 +110,28 @@ class InstanceRegistry:
                   for sha, score in zip(shas, scores, strict=True)]
         return max(ranked)[1]
 
+    # -- scope instance: once per commit on each host, in each boot ----------------
+    def instance_done(self, app: str, host: str, boot_id: str, sha: str) -> bool:
+        return bool(self.client.exists(keys.instance_done(app, host, boot_id, sha)))
+
+    def mark_instance_done(self, app: str, host: str, boot_id: str, sha: str,
+                           run_id: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.set(keys.instance_done(app, host, boot_id, sha), run_id, ex=DONE_TTL)
+        pipe.delete(keys.instance_claim(app, host, sha))
+        pipe.execute()
+
 
 class InstanceReporter:
     """This host's reports: what each app's commit is here and whether it is ready."""
 
     def __init__(self, settings: Settings, client: redis.Redis,
-                 last_seen: Callable[[str], str | None]) -> None:
+                 last_seen: Callable[[str], str | None],
+                 specs: LocalSpecs | None = None) -> None:
         self.settings = settings
         self.registry = InstanceRegistry(client)
         self.last_seen = last_seen
-        # app -> (sha, gate, job environment): the appspec is read once per commit.
-        self._gates: dict[str, tuple[str, Gate | None, dict[str, str]]] = {}
+        self.specs = specs or LocalSpecs(settings)
 
     def report_once(self) -> list[tuple[str, Instance]]:
         apps = list(self.settings.apps)
@@ -155,12 +167,46 @@ class InstanceReporter:
             return None
 
     def _gate(self, app: AppConfig, sha: str) -> tuple[Gate, dict[str, str]] | None:
-        cached = self._gates.get(app.name)
-        if cached is None or cached[0] != sha:
-            gate, env = _read_gate(self.settings, app, sha)
-            cached = (sha, gate, env)
-            self._gates[app.name] = cached
-        return (cached[1], cached[2]) if cached[1] is not None else None
+        spec = self.specs.get(app, sha).spec
+        if spec is None or spec.gate is None:
+            return None
+        return spec.gate, job_environment(self.settings.environ, spec.env, app.name, sha)
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """The appspec at one commit as this host reads it: a JobSpec or why there is none."""
+
+    sha: str
+    spec: JobSpec | None
+    problem: str | None = None  # malformed, or the commit is not on this host
+
+
+class LocalSpecs:
+    """Each app's appspec at its current commit here, read once per commit, never fetched."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._cache: dict[str, LocalSpec] = {}
+
+    def get(self, app: AppConfig, sha: str) -> LocalSpec:
+        cached = self._cache.get(app.name)
+        if cached is None or cached.sha != sha:
+            cached = self._read(app, sha)
+            self._cache[app.name] = cached
+        return cached
+
+    def _read(self, app: AppConfig, sha: str) -> LocalSpec:
+        source = AppSource(app, self.settings.state_dir)
+        try:
+            if app.repo and not ((source.clone_dir / ".git").exists()
+                                 and source.has_commit(sha)):
+                return LocalSpec(sha, None, f"commit {sha[:7]} is not on this host yet")
+            text = source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)
+            return LocalSpec(sha, parse_appspec(text, self.settings.environ))
+        except (AppSpecError, GitError) as exc:
+            log.debug("%s@%s: appspec not usable here: %s", app.name, sha[:7], exc)
+            return LocalSpec(sha, None, str(exc))
 
 
 def job_environment(environ: Mapping[str, str], app_env: Mapping[str, str], app: str,
@@ -172,21 +218,6 @@ def job_environment(environ: Mapping[str, str], app_env: Mapping[str, str], app:
     return env
 
 
-def _read_gate(settings: Settings, app: AppConfig, sha: str
-               ) -> tuple[Gate | None, dict[str, str]]:
-    """The app's gate at ``sha`` on this host, without fetching anything."""
-    source = AppSource(app, settings.state_dir)
-    try:
-        if app.repo and not ((source.clone_dir / ".git").exists() and source.has_commit(sha)):
-            return None, {}
-        spec = parse_appspec(source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES),
-                             settings.environ)
-    except (AppSpecError, GitError) as exc:
-        log.debug("instance report: no readiness gate for %s@%s: %s", app.name, sha[:7], exc)
-        return None, {}
-    return spec.gate, job_environment(settings.environ, spec.env, app.name, sha)
-
-
 def _probe_gate(gate: Gate, env: Mapping[str, str], sha: str | None) -> Probe:
     try:
         url = gate_url(gate, env)
@@ -195,17 +226,23 @@ def _probe_gate(gate: Gate, env: Mapping[str, str], sha: str | None) -> Probe:
     return probe(url, sha if gate.wait_for_commit else None)
 
 
-class ReportLoop:
-    """A thread in the worker's main process: report now, then every check interval."""
+class HostLoop:
+    """A thread in the worker's main process: report now, then every check interval.
 
-    def __init__(self, reporter: InstanceReporter, interval: float) -> None:
+    In a thread of the main process, not a task: reports must go on while every
+    pool process runs a long job, or the host would look gone.
+    """
+
+    def __init__(self, reporter: InstanceReporter, interval: float,
+                 then: Callable[[list[tuple[str, Instance]]], object] | None = None) -> None:
         self.reporter = reporter
         self.interval = interval
+        self.then = then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="instance-reports",
                                         daemon=True)
 
-    def start(self) -> ReportLoop:
+    def start(self) -> HostLoop:
         self._thread.start()
         return self
 
@@ -217,7 +254,9 @@ class ReportLoop:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                self.reporter.report_once()
+                reports = self.reporter.report_once()
+                if self.then is not None:
+                    self.then(reports)
             except redis.RedisError as exc:
                 log.debug("instance report skipped (Redis unavailable): %s", exc)
             except Exception:  # a bug must not end the reports of every app

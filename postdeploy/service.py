@@ -103,11 +103,11 @@ def run_worker(argv: Sequence[str] = ()) -> None:
 
 def _start_reports(settings: Settings) -> None:
     """This host's instance reports: now, then every check interval, until shutdown."""
-    from postdeploy.instances import InstanceReporter, ReportLoop
+    from postdeploy.instances import HostLoop, InstanceReporter
 
     store = StateStore(redis_client(app.conf.broker_url))
-    loop = ReportLoop(InstanceReporter(settings, store.client, store.last_seen),
-                      settings.check_interval).start()
+    loop = HostLoop(InstanceReporter(settings, store.client, store.last_seen),
+                    settings.check_interval).start()
     signals.worker_shutdown.connect(lambda **_: loop.stop(), weak=False)
 
 

@@ -1,0 +1,214 @@
+"""Placement: on which host a commit's job runs, decided by every host each interval.
+
+Each worker's host loop calls :meth:`HostPlacement.reconcile` with the reports
+it just made (see :mod:`postdeploy.instances`):
+
+- A ``path`` app's commit is per host. The app's commit (last seen) is the
+  newest commit any live instance has, newest by when it was first reported,
+  so a host behind the others never makes it flip back. Only a host whose
+  working copy is at that commit claims its run, and sends it to its own
+  queue: a job never runs in a working copy at another commit, and a host
+  that has not pulled the commit yet neither runs it nor marks it done.
+- POST_DEPLOY_SCOPE ``instance``: every host runs each commit once when it
+  reaches it, in its own working copy (or checkout), again after the host
+  reboots (a new boot id), not after a restart of the executor.
+
+A claim made here names the host and lives a few intervals; the host's loop
+renews it while its run is unfinished. So when a host disappears (powered
+off, its worker killed), its claims lapse and another host that has the
+commit takes the run over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import redis
+
+from postdeploy import keys
+from postdeploy.appspec import DEFAULT_TIMEOUT, SCOPE_APP, SCOPE_INSTANCE
+from postdeploy.config import AppConfig, Settings
+from postdeploy.instances import GONE_AFTER, Instance, InstanceRegistry, LocalSpecs
+from postdeploy.records import RunRecord, Status, Trigger
+from postdeploy.state import DONE_TTL, StateStore
+
+log = logging.getLogger(__name__)
+
+# Done-marker value of a commit whose job runs per instance (the app-wide marker then
+# only says "decided"; each host keeps its own marker).
+INSTANCE_SCOPE_MARK = "scope:instance"
+MIN_CLAIM_TTL = 10  # seconds: even with a 1 s interval a claim outlives a busy moment
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """An automatic run to put on ``host``'s queue."""
+
+    app: str
+    sha: str
+    run_id: str
+    timeout: int | None
+    host: str
+    scope: str
+
+
+Enqueue = Callable[[RunRequest], None]
+
+
+def claim_ttl(interval: float) -> int:
+    """Seconds a host's claim lives without renewal: the time an instance takes to go."""
+    return max(MIN_CLAIM_TTL, int(GONE_AFTER * interval + 1))
+
+
+def claim_key(app: str, sha: str, host: str, scope: str) -> str:
+    return keys.instance_claim(app, host, sha) if scope == SCOPE_INSTANCE else keys.claim(app,
+                                                                                        sha)
+
+
+class HostPlacement:
+    """This host's part in placing runs; one per worker, called from its host loop."""
+
+    def __init__(self, settings: Settings, store: StateStore, registry: InstanceRegistry,
+                 specs: LocalSpecs, enqueue: Enqueue) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = store.client
+        self.registry = registry
+        self.specs = specs
+        self.enqueue = enqueue
+        self.ttl = claim_ttl(settings.check_interval)
+        self._mine: dict[str, str] = {}  # claim key -> id of our unfinished run
+
+    def reconcile(self, reports: Iterable[tuple[str, Instance]]) -> list[RunRequest]:
+        """Claim and queue what this host should run now; return what was queued."""
+        self._renew_claims()
+        queued: list[RunRequest] = []
+        for name, instance in reports:
+            app = self.settings.app(name)
+            if app is None or instance.sha is None:
+                continue
+            try:
+                if app.path and (request := self._path_app(app, instance)):
+                    queued.append(request)
+                if request := self._instance(app, instance):
+                    queued.append(request)
+            except redis.RedisError:
+                raise
+            except Exception:  # one app's trouble never stops the others
+                log.exception("placement of %s failed", name)
+        return queued
+
+    # -- scope app, path apps ---------------------------------------------------
+    def _path_app(self, app: AppConfig, instance: Instance) -> RunRequest | None:
+        live = self.registry.live(app.name)
+        newest = self.registry.newest_commit(app.name, live) or instance.sha
+        assert newest is not None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(keys.last_seen(app.name), newest)
+        pipe.set(keys.checked_at(app.name), repr(time.time()))
+        pipe.execute()
+        if instance.sha != newest:
+            log.debug("%s: this host is at %s, behind %s; a host that has it runs it",
+                      app.name, instance.sha[:7] if instance.sha else "-", newest[:7])
+            return None
+        local = self.specs.get(app, newest)
+        if local.spec is not None and local.spec.scope == SCOPE_INSTANCE:
+            self.client.set(keys.done(app.name, newest), INSTANCE_SCOPE_MARK, ex=DONE_TTL)
+            return None
+        if not self._claim(keys.claim(app.name, newest), keys.done(app.name, newest)):
+            return None
+        if local.spec is not None and local.spec.command is None:
+            log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",
+                     app.name, newest[:7])
+            self.store.mark_done(app.name, newest, "no-command")
+            return None
+        # A malformed appspec still gets a run: the run records the problem as `error`.
+        timeout = local.spec.timeout if local.spec else DEFAULT_TIMEOUT
+        return self._queue(app.name, newest, timeout, SCOPE_APP, keys.claim(app.name, newest))
+
+    # -- scope instance -------------------------------------------------------
+    def _instance(self, app: AppConfig, instance: Instance) -> RunRequest | None:
+        sha = instance.sha
+        assert sha is not None
+        host, boot = self.settings.host, self.settings.boot_id
+        if app.path:
+            local = self.specs.get(app, sha)
+            if local.spec is None or local.spec.scope != SCOPE_INSTANCE:
+                return None
+            if local.spec.command is None:
+                return None
+            timeout: int | None = local.spec.timeout
+        else:
+            # A repo app's scope is learned by the commit check, which reads the appspec.
+            if _text(self.client.get(keys.done(app.name, sha))) != INSTANCE_SCOPE_MARK:
+                return None
+            timeout = None
+        claim = keys.instance_claim(app.name, host, sha)
+        if not self._claim(claim, keys.instance_done(app.name, host, boot, sha)):
+            return None
+        return self._queue(app.name, sha, timeout, SCOPE_INSTANCE, claim)
+
+    # -- claims ---------------------------------------------------------------
+    def _claim(self, claim: str, done: str) -> bool:
+        """Claim unless done or claimed; a done marker's expiry is refreshed meanwhile."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.expire(done, DONE_TTL)
+        pipe.set(claim, self.settings.host, nx=True, ex=self.ttl)
+        is_done, claimed = pipe.execute()
+        if is_done and claimed:
+            self.client.delete(claim)
+        return bool(claimed) and not is_done
+
+    def _queue(self, app: str, sha: str, timeout: int | None, scope: str,
+               claim: str) -> RunRequest:
+        self._retire_stale(app, sha, scope)
+        record = RunRecord.new(app, sha, Trigger.AUTO.value)
+        record.timeout = timeout
+        record.host = self.settings.host
+        self.store.add_run(record)
+        request = RunRequest(app, sha, record.id, timeout, self.settings.host, scope)
+        try:
+            self.enqueue(request)
+        except Exception:
+            self.client.delete(claim)
+            raise
+        self._mine[claim] = record.id
+        where = "on this host" if scope == SCOPE_APP else "for this instance"
+        log.info("%s@%s: POST_DEPLOY job queued %s (run %s)", app, sha[:7], where, record.id)
+        return request
+
+    def _renew_claims(self) -> None:
+        """Keep the claims of our unfinished runs; let those of finished runs go."""
+        if not self._mine:
+            return
+        records = {claim: self.store.get_run(run_id) for claim, run_id in self._mine.items()}
+        pipe = self.client.pipeline(transaction=False)
+        for claim, record in records.items():
+            if record is None or Status(record.status).finished:
+                del self._mine[claim]
+            else:
+                pipe.expire(claim, self.ttl)
+        pipe.execute()
+
+    def _retire_stale(self, app: str, sha: str, scope: str) -> None:
+        """Runs of this commit that a vanished host queued and never started."""
+        for record in self.store.history(app, 20):
+            if record.sha != sha or record.trigger != Trigger.AUTO.value:
+                continue
+            if scope == SCOPE_INSTANCE and record.host != self.settings.host:
+                continue
+            if record.status in (Status.QUEUED.value, Status.WAITING.value):
+                record.status = Status.SUPERSEDED.value
+                record.reason = (f"{record.host or 'its host'} stopped before the run "
+                                 "started; the commit was queued again")
+                record.finished_at = time.time()
+                self.store.save_run(record)
+                log.warning("%s@%s: run %s given up: %s", app, sha[:7], record.id,
+                            record.reason)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,112 @@
+"""Placement decisions of each host, on a real Redis and real working copies.
+
+The worker-level behaviour (the runs themselves) is in tests/test_hosts.py;
+here each host's loop step is called directly, so every interleaving is exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from postdeploy.config import AppConfig, Settings
+from postdeploy.instances import InstanceRegistry, InstanceReporter, LocalSpecs
+from postdeploy.placement import INSTANCE_SCOPE_MARK, HostPlacement, RunRequest
+from postdeploy.state import StateStore
+from tests.support import GitRemote, appspec_yaml, run_git
+
+
+class SimHost:
+    """One host's reporter and placement, with its own working copy of the origin."""
+
+    def __init__(self, name: str, root: Path, remote: GitRemote, client: redis.Redis,
+                 boot_id: str = "boot-1") -> None:
+        self.workdir = root / name / "shop"
+        run_git(root, "clone", "-q", remote.url, str(self.workdir))
+        self.remote = remote
+        self.settings = Settings(host=name, boot_id=boot_id, check_interval=1.0,
+                                 state_dir=root / name / "state",
+                                 apps=(AppConfig(name="shop", path=str(self.workdir)),))
+        self.queued: list[RunRequest] = []
+        self.client = client
+        self.reboot(boot_id)
+
+    def reboot(self, boot_id: str) -> None:
+        self.settings = Settings(**{**self.settings.__dict__, "boot_id": boot_id})
+        store = StateStore(self.client)
+        specs = LocalSpecs(self.settings)
+        self.reporter = InstanceReporter(self.settings, self.client, store.last_seen, specs)
+        self.placement = HostPlacement(self.settings, store, InstanceRegistry(self.client),
+                                       specs, self.queued.append)
+
+    def step(self) -> list[RunRequest]:
+        return self.placement.reconcile(self.reporter.report_once())
+
+    def pull(self) -> None:
+        run_git(self.workdir, "pull", "-q", "origin", self.remote.branch)
+
+
+def test_a_commit_runs_on_the_host_that_has_it(tmp_path: Path, remote: GitRemote,
+                                               rclient: redis.Redis) -> None:
+    c1 = remote.commit({"appspec.yaml": appspec_yaml("echo hi")}, "c1")
+    a = SimHost("host-a", tmp_path, remote, rclient)
+    b = SimHost("host-b", tmp_path, remote, rclient)
+    first = a.step() + b.step()
+    assert [(r.sha, r.host, r.scope) for r in first] == [(c1, "host-a", "app")]
+    assert a.step() + b.step() == []  # claimed: nothing twice
+
+    rclient.set("postdeploy:app:shop:done:" + c1, first[0].run_id)  # as the run would
+    c2 = remote.commit({"appspec.yaml": appspec_yaml("echo hi"), "v": "2"}, "c2")
+    b.pull()  # only host-b has C2 so far
+    assert a.step() == []  # host-a is behind: it neither runs C2 nor C1 again
+    second = b.step()
+    assert [(r.sha, r.host) for r in second] == [(c2, "host-b")]
+    store = StateStore(rclient)
+    for _ in range(3):  # the lagging host never makes the commit flip back
+        a.step()
+        assert store.last_seen("shop") == c2
+    a.pull()
+    assert a.step() + b.step() == []
+    assert store.last_seen("shop") == c2
+
+
+def test_a_claim_of_a_vanished_host_lapses(tmp_path: Path, remote: GitRemote,
+                                           rclient: redis.Redis) -> None:
+    c1 = remote.commit({"appspec.yaml": appspec_yaml("echo hi")}, "c1")
+    a = SimHost("host-a", tmp_path, remote, rclient)
+    b = SimHost("host-b", tmp_path, remote, rclient)
+    assert [r.host for r in a.step()] == ["host-a"]
+    assert b.step() == []
+    # host-a vanishes: nobody renews its claim; it lapses like the instance does.
+    rclient.delete(f"postdeploy:app:shop:claim:{c1}")
+    taken = b.step()
+    assert [(r.sha, r.host) for r in taken] == [(c1, "host-b")]
+    history = StateStore(rclient).history("shop")
+    assert [(r.host, r.status) for r in history] == [("host-b", "queued"),
+                                                     ("host-a", "superseded")]
+    assert "host-a stopped before the run started" in (history[1].reason or "")
+
+
+def test_scope_instance_once_per_host_and_boot(tmp_path: Path, remote: GitRemote,
+                                               rclient: redis.Redis) -> None:
+    spec = appspec_yaml("echo hi", envs={"POST_DEPLOY_SCOPE": "instance"})
+    c1 = remote.commit({"appspec.yaml": spec}, "c1")
+    a = SimHost("host-a", tmp_path, remote, rclient)
+    b = SimHost("host-b", tmp_path, remote, rclient)
+    queued = a.step() + b.step()
+    assert sorted((r.host, r.sha, r.scope) for r in queued) == [
+        ("host-a", c1, "instance"), ("host-b", c1, "instance")]
+    assert rclient.get(f"postdeploy:app:shop:done:{c1}") == INSTANCE_SCOPE_MARK.encode()
+    registry = InstanceRegistry(rclient)
+    for host, request in ((a, queued[0]), (b, queued[1])):
+        registry.mark_instance_done("shop", host.settings.host, host.settings.boot_id, c1,
+                                    request.run_id)
+    assert a.step() + b.step() == []
+    # A later host, and a rebooted one, run it; a restarted executor (same boot) does not.
+    c = SimHost("host-c", tmp_path, remote, rclient)
+    assert [(r.host, r.sha) for r in c.step()] == [("host-c", c1)]
+    b.reboot("boot-1")
+    assert b.step() == []
+    a.reboot("boot-2")
+    assert [(r.host, r.sha) for r in a.step()] == [("host-a", c1)]
