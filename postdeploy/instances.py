@@ -34,6 +34,7 @@ GONE_AFTER = 3  # missed reports (intervals) after which an instance is gone
 PROBE_THREADS = 8  # health probes at once: a few hanging endpoints must not stall a round
 FIRST_SEEN_TTL = 90 * 86_400  # seconds a commit's first report is remembered
 DONE_TTL = 90 * 86_400  # seconds an instance remembers a commit ran there
+NOT_HERE = "the commit is not on this host yet"
 HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's settings, not the app's
 
 
@@ -126,16 +127,16 @@ class InstanceReporter:
     """This host's reports: what each app's commit is here and whether it is ready."""
 
     def __init__(self, settings: Settings, client: redis.Redis,
-                 last_seen: Callable[[str], str | None],
                  specs: LocalSpecs | None = None) -> None:
         self.settings = settings
+        self.client = client
         self.registry = InstanceRegistry(client)
-        self.last_seen = last_seen
         self.specs = specs or LocalSpecs(settings)
 
     def report_once(self) -> list[tuple[str, Instance]]:
         apps = list(self.settings.apps)
-        shas = {app.name: self._sha(app) for app in apps}
+        shas = self._repo_shas([a for a in apps if a.repo])
+        shas.update({app.name: self._path_sha(app) for app in apps if not app.repo})
         gated = {app.name: self._gate(app, sha) for app in apps
                  if (sha := shas[app.name]) is not None}
         probes: dict[str, Probe] = {}
@@ -157,9 +158,15 @@ class InstanceReporter:
         self.registry.report(reports)
         return reports
 
-    def _sha(self, app: AppConfig) -> str | None:
-        if app.repo:
-            return self.last_seen(app.name)
+    def _repo_shas(self, apps: Sequence[AppConfig]) -> dict[str, str | None]:
+        """A ``repo`` app's commit is its last seen one: one round trip for all of them."""
+        if not apps:
+            return {}
+        values = self.client.mget([keys.last_seen(a.name) for a in apps])
+        return {a.name: (v.decode() if isinstance(v, bytes) else v) or None
+                for a, v in zip(apps, values, strict=True)}
+
+    def _path_sha(self, app: AppConfig) -> str | None:
         try:
             return AppSource(app, self.settings.state_dir).current_sha()
         except GitError as exc:
@@ -193,7 +200,8 @@ class LocalSpecs:
         cached = self._cache.get(app.name)
         if cached is None or cached.sha != sha:
             cached = self._read(app, sha)
-            self._cache[app.name] = cached
+            if cached.spec is not None or cached.problem != NOT_HERE:
+                self._cache[app.name] = cached  # a missing commit may arrive: look again
         return cached
 
     def _read(self, app: AppConfig, sha: str) -> LocalSpec:
@@ -201,7 +209,7 @@ class LocalSpecs:
         try:
             if app.repo and not ((source.clone_dir / ".git").exists()
                                  and source.has_commit(sha)):
-                return LocalSpec(sha, None, f"commit {sha[:7]} is not on this host yet")
+                return LocalSpec(sha, None, NOT_HERE)
             text = source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)
             return LocalSpec(sha, parse_appspec(text, self.settings.environ))
         except (AppSpecError, GitError) as exc:

@@ -85,20 +85,27 @@ class HostPlacement:
     def reconcile(self, reports: Iterable[tuple[str, Instance]]) -> list[RunRequest]:
         """Claim and queue what this host should run now; return what was queued."""
         self._renew_claims()
+        mine = [(app, instance) for name, instance in reports
+                if instance.sha is not None and (app := self.settings.app(name)) is not None]
+        # A repo app's scope is learned by the commit check (it reads the appspec) and
+        # left in the commit's done marker: one round trip for every repo app.
+        repo = [(app, instance) for app, instance in mine if app.repo]
+        marks = self.client.mget([keys.done(a.name, i.sha or "") for a, i in repo]) \
+            if repo else []
+        per_instance = {a.name for (a, _), mark in zip(repo, marks, strict=True)
+                        if _text(mark) == INSTANCE_SCOPE_MARK}
         queued: list[RunRequest] = []
-        for name, instance in reports:
-            app = self.settings.app(name)
-            if app is None or instance.sha is None:
-                continue
+        for app, instance in mine:
             try:
                 if app.path and (request := self._path_app(app, instance)):
                     queued.append(request)
-                if request := self._instance(app, instance):
+                if (app.path or app.name in per_instance) and (
+                        request := self._instance(app, instance)):
                     queued.append(request)
             except redis.RedisError:
                 raise
             except Exception:  # one app's trouble never stops the others
-                log.exception("placement of %s failed", name)
+                log.exception("placement of %s failed", app.name)
         return queued
 
     # -- scope app, path apps ---------------------------------------------------
@@ -142,10 +149,7 @@ class HostPlacement:
                 return None
             timeout: int | None = local.spec.timeout
         else:
-            # A repo app's scope is learned by the commit check, which reads the appspec.
-            if _text(self.client.get(keys.done(app.name, sha))) != INSTANCE_SCOPE_MARK:
-                return None
-            timeout = None
+            timeout = None  # the run reads it from the checkout
         claim = keys.instance_claim(app.name, host, sha)
         if not self._claim(claim, keys.instance_done(app.name, host, boot, sha)):
             return None

@@ -106,7 +106,7 @@ def _start_reports(settings: Settings) -> None:
     from postdeploy.instances import HostLoop, InstanceReporter
 
     store = StateStore(redis_client(app.conf.broker_url))
-    loop = HostLoop(InstanceReporter(settings, store.client, store.last_seen),
+    loop = HostLoop(InstanceReporter(settings, store.client),
                     settings.check_interval).start()
     signals.worker_shutdown.connect(lambda **_: loop.stop(), weak=False)
 

@@ -36,7 +36,7 @@ class SimHost:
         self.settings = Settings(**{**self.settings.__dict__, "boot_id": boot_id})
         store = StateStore(self.client)
         specs = LocalSpecs(self.settings)
-        self.reporter = InstanceReporter(self.settings, self.client, store.last_seen, specs)
+        self.reporter = InstanceReporter(self.settings, self.client, specs)
         self.placement = HostPlacement(self.settings, store, InstanceRegistry(self.client),
                                        specs, self.queued.append)
 
