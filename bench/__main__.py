@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import footprint, idle_checks, jobs, output_capture
+from bench import footprint, idle_checks, instances, jobs, output_capture
 from bench.harness import redis_server
 from bench.report import Row, render
 
@@ -18,13 +18,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes, under two minutes (the full run takes longer)")
     parser.add_argument("--only", choices=["checks", "latency", "overhead", "output",
-                                           "footprint"], action="append",
+                                           "footprint", "instances"], action="append",
                         help="run only these measures (repeatable)")
     parser.add_argument("--apps", type=int, action="append",
                         help="fleet sizes for the idle check measure (repeatable)")
     parser.add_argument("--jobs", type=int, help="jobs for the per-job overhead measure")
     args = parser.parse_args()
-    only = set(args.only or ["checks", "latency", "overhead", "output", "footprint"])
+    only = set(args.only or ["checks", "latency", "overhead", "output", "footprint",
+                             "instances"])
     rows: list[Row] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="postdeploy-bench-") as tmp:
@@ -48,6 +49,10 @@ def main() -> int:
                 size = (256 if args.quick else 1024) * 1024 * 1024
                 print(f"... output, {size >> 20} MiB", file=sys.stderr, flush=True)
                 rows += output_capture.measure(root / "output", server.url, size)
+            if "instances" in only:
+                print("... instance reports, 3 hosts", file=sys.stderr, flush=True)
+                rows += instances.measure(root / "instances", server.url, 100,
+                                          cycles=3 if args.quick else 5)
         if "footprint" in only:
             print("... footprint of `postdeploy up`", file=sys.stderr, flush=True)
             rows += footprint.measure(root / "footprint", 15 if args.quick else 60)
