@@ -7,6 +7,10 @@ its environment. Stopping sends SIGTERM to each group and to every marked
 process (job processes live in groups of their own), waits, then SIGKILLs
 whatever is left. A child that exits on its own stops everything: a half-alive
 executor would look healthy while doing nothing.
+
+Daemons that a *succeeded* job started on purpose (the guide's `pm2 start`)
+belong to the app, not to us: a process whose run (its POST_DEPLOY_RUN_ID)
+``keep`` says succeeded is left running.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import psutil
 from postdeploy.processes import processes_with_env
 
 MARKER_VAR = "POST_DEPLOY_UP_ID"  # inherited by jobs: the worker hides POSTDEPLOY_* from them
+RUN_VAR = "POST_DEPLOY_RUN_ID"  # every job process carries its run's id
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL at shutdown
 POLL = 0.2  # seconds between looks at the children
 _PR_SET_PDEATHSIG = 1
@@ -64,9 +69,11 @@ class Supervisor:
     """Start named children, stream their output, stop them all on request."""
 
     def __init__(self, marker: str, out: BinaryIO | None = None,
-                 stop_timeout: float = STOP_TIMEOUT) -> None:
+                 stop_timeout: float = STOP_TIMEOUT,
+                 keep: Callable[[str], bool] | None = None) -> None:
         self.marker = marker
         self.stop_timeout = stop_timeout
+        self.keep = keep  # run id -> True when that run's processes are the app's daemons
         self.children: list[Child] = []
         self._out = out or sys.stdout.buffer
         self._out_lock = threading.Lock()
@@ -131,13 +138,14 @@ class Supervisor:
         previous = {sig: signal.signal(sig, lambda *_: hurry.set())
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._signal_all(signal.SIGTERM)
+            kept: dict[str, bool] = {}  # run id -> kept, asked once per stop
+            self._signal_all(signal.SIGTERM, kept)
             deadline = time.monotonic() + self.stop_timeout
             while time.monotonic() < deadline and not hurry.is_set():
-                if not self._running_children() and not marked_processes(self.marker):
+                if not self._running_children() and not self._to_stop(kept):
                     break
                 hurry.wait(POLL)
-            self._signal_all(signal.SIGKILL)
+            self._signal_all(signal.SIGKILL, kept)
             for child in self.children:
                 try:
                     child.proc.wait(5)
@@ -145,7 +153,7 @@ class Supervisor:
                     pass
             # Killed processes vanish asynchronously; give the kernel a moment.
             end = time.monotonic() + 5
-            while marked_processes(self.marker) and time.monotonic() < end:
+            while self._to_stop(kept) and time.monotonic() < end:
                 time.sleep(0.05)
             for child in self.children:
                 if child.reader is not None:
@@ -160,14 +168,38 @@ class Supervisor:
     def _running_children(self) -> list[Child]:
         return [c for c in self.children if c.proc.poll() is None]
 
-    def _signal_all(self, sig: int) -> None:
+    def _to_stop(self, kept: dict[str, bool]) -> list[psutil.Process]:
+        """Marked processes, less those of runs that succeeded (the app's daemons)."""
+        found = []
+        for proc in marked_processes(self.marker):
+            try:
+                run_id = proc.environ().get(RUN_VAR)
+            except psutil.Error:
+                continue
+            if run_id and self.keep is not None:
+                if run_id not in kept:
+                    kept[run_id] = self._keeps(run_id)
+                if kept[run_id]:
+                    continue
+            found.append(proc)
+        return found
+
+    def _keeps(self, run_id: str) -> bool:
+        assert self.keep is not None
+        try:
+            return self.keep(run_id)
+        except Exception:  # cannot tell (Redis gone?): stop it, as before daemons were kept
+            return False
+
+    def _signal_all(self, sig: int, kept: dict[str, bool]) -> None:
         for child in self._running_children():
             _signal_group(child.proc.pid, sig)
-        for proc in marked_processes(self.marker):
+        for proc in self._to_stop(kept):
             try:
                 proc.send_signal(sig)
                 # Jobs run in groups of their own: take their children along.
                 pgid = os.getpgid(proc.pid)
+                # (A group holds one run's processes only: never a kept daemon.)
                 if pgid == proc.pid and pgid != os.getpgrp():
                     _signal_group(pgid, sig)
             except (psutil.Error, ProcessLookupError):
@@ -187,6 +219,7 @@ class Supervisor:
                 except (OSError, ValueError):
                     writable = False  # our stdout is gone (closed pipe or terminal)
         child.proc.stdout.close()
+
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -12,16 +12,18 @@ import importlib.util
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from postdeploy.config import Settings
-from postdeploy.connection import address_file, connect
+from postdeploy.connection import address_file, connect, redis_client
 from postdeploy.embedded_redis import EmbeddedRedis
 from postdeploy.errors import ConfigError
+from postdeploy.records import Status
 from postdeploy.redaction import redact_url
+from postdeploy.state import StateStore
 from postdeploy.supervisor import ChildDied, Supervisor, die_with_parent
 
 LOCK_FILE = "up.lock"  # in the state dir: one `up` per state dir
@@ -57,7 +59,7 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         else:
             embedded = EmbeddedRedis(settings.state_dir, preexec_fn=die_with_parent)
             url = embedded.start()
-        supervisor = Supervisor(secrets.token_hex(12))
+        supervisor = Supervisor(secrets.token_hex(12), keep=_app_daemons(url))
         try:
             _write_address(settings.state_dir, url)
             _banner(supervisor, settings, url, embedded, options)
@@ -89,6 +91,16 @@ def run_up(settings: Settings, options: UpOptions) -> int:
                 embedded.stop()
             _remove_address(settings.state_dir, url)
             supervisor.say("postdeploy up: stopped")
+
+
+def _app_daemons(url: str) -> Callable[[str], bool]:
+    """Run id -> True when its job ended by itself (succeeded or failed): whatever it left
+    running is the app's (the guide's `pm2 start`), so stopping `up` leaves it alone.
+    A job still running, timed out or cancelled is stopped with everything else."""
+    def keep(run_id: str) -> bool:
+        record = StateStore(redis_client(url)).get_run(run_id)
+        return record is not None and record.status in (Status.SUCCEEDED, Status.FAILED)
+    return keep
 
 
 def child_env(settings: Settings, url: str, single_repo: bool) -> dict[str, str]:

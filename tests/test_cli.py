@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from tests.support import (
     Service,
     appspec_yaml,
     free_port,
+    process_alive,
     run_git,
     wait_for,
 )
@@ -250,8 +252,12 @@ def test_sigint_stops_everything_and_a_restart_runs_nothing(tmp_path: Path) -> N
     marker = marker_of(pids)
     assert marker and len(pids) >= 5  # up, redis, worker (+ pool), beat, the daemon
 
+    daemon = pids.pop()
     assert interrupt(up) == 0
     assert wait_for(lambda: all_dead(pids), 10, what="every process of `up` to end")
+    # The daemon a succeeded job started is the app's: it outlives `up`.
+    assert process_alive(daemon)
+    os.kill(daemon, signal.SIGKILL)
     assert not (state_dir / "redis.url").exists()
     assert "postdeploy up: stopped" in up.log()
 

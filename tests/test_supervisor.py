@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 import sys
 import time
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from postdeploy.supervisor import ChildDied, Supervisor, marked_processes
-from tests.clirun import all_dead, cli_env, family, start_up
-from tests.support import GitRemote, appspec_yaml, process_alive, wait_for
+from tests.clirun import all_dead, cli_env, family, interrupt, start_up
+from tests.support import GitRemote, Service, appspec_yaml, process_alive, wait_for
 
 STUBBORN = """
 import signal, subprocess, time
@@ -76,3 +78,41 @@ def test_up_exits_nonzero_when_its_worker_dies(tmp_path: Path) -> None:
     assert "postdeploy: error: worker was killed by signal 9; stopping everything" in up.log()
     assert wait_for(lambda: all_dead(pids), 10, what="the rest of up to stop")
     assert not any(process_alive(p) for p in pids)
+
+
+DAEMON_JOB = ('nohup sleep 300 >/dev/null 2>&1 &\n'
+              'echo $! > "$PIDS/$POST_DEPLOY_APP.daemon"\n')
+
+
+def test_stopping_up_leaves_a_succeeded_jobs_daemons_and_stops_a_running_job(
+        tmp_path: Path) -> None:
+    """The guide's `pm2 start`: what a succeeded job started belongs to the app."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    done, busy = GitRemote(tmp_path / "git", "done"), GitRemote(tmp_path / "git", "busy")
+    done.commit({"appspec.yaml": appspec_yaml("bash job.sh"), "job.sh": DAEMON_JOB})
+    busy.commit({"appspec.yaml": appspec_yaml("bash job.sh"),
+                 "job.sh": DAEMON_JOB + 'echo $$ > "$PIDS/busy.job"\nsleep 300\n'})
+    config = tmp_path / "postdeploy.yaml"
+    config.write_text(yaml.safe_dump({"apps": [{"name": "done", "repo": done.url},
+                                               {"name": "busy", "repo": busy.url}]}))
+    up = Service(["-m", "postdeploy.cli", "up", "--config", str(config), "--interval", "1",
+                  "--state-dir", str(tmp_path / "state")], cli_env(PIDS=str(pids)),
+                 tmp_path / "up.log", cwd=tmp_path)
+    try:
+        files = [pids / "done.daemon", pids / "busy.daemon", pids / "busy.job"]
+        wait_for(lambda: all(f.exists() and f.read_text().strip() for f in files), 60,
+                 what="both jobs to start their daemons")
+        kept, stopped, job = (int(f.read_text()) for f in files)
+        wait_for(lambda: "done@" in up.log() and "succeeded" in up.log(), 30,
+                 what="the first job to succeed")
+        family_pids = family(up.proc.pid)
+        assert interrupt(up) == 0
+        assert wait_for(lambda: all_dead([*family_pids, stopped, job]), 15,
+                        what="up and the running job's processes to end")
+        assert process_alive(kept)
+    finally:
+        up.stop()
+        for f in (pids / "done.daemon",):
+            if f.exists() and process_alive(int(f.read_text())):
+                os.kill(int(f.read_text()), signal.SIGKILL)
