@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,7 @@ from postdeploy.readiness import (
     not_ready_reason,
     probe,
 )
+from tests.clirun import cli
 from tests.standin import AppStandIn
 from tests.support import appspec_yaml, free_port
 
@@ -147,3 +150,35 @@ def test_wait_timeout_is_validated_like_the_job_timeout() -> None:
     assert warnings("")[0] == ("POST_DEPLOY_WAIT_TIMEOUT is empty; using the default 300 s",)
     assert warnings("1000000")[1] == 86_400
     assert warnings("45") == ((), 45)
+
+
+def validate(tmp_path: Path, **envs: str) -> subprocess.CompletedProcess[str]:
+    repo = tmp_path / "app"
+    repo.mkdir(exist_ok=True)
+    (repo / "appspec.yaml").write_text(appspec_yaml("echo hi", envs=envs))
+    return cli(tmp_path, "validate", str(repo))
+
+
+def test_validate_checks_scope_gate_and_wait_timeout(tmp_path: Path) -> None:
+    good = validate(tmp_path, POST_DEPLOY_SCOPE="instance", PORT="8080",
+                    POST_DEPLOY_WAIT_URL="http://localhost:${PORT}/health",
+                    POST_DEPLOY_WAIT_FOR_COMMIT="true", POST_DEPLOY_WAIT_TIMEOUT="120")
+    assert "ok: scope instance: once per commit on every host" in good.stdout
+    assert ("ok: waits up to 120 s until POST_DEPLOY_WAIT_URL answers 2xx with the commit"
+            in good.stdout)
+    assert "8080" not in good.stdout  # values are never printed
+
+    bad_scope = validate(tmp_path, POST_DEPLOY_SCOPE="everywhere")
+    assert bad_scope.returncode == 1
+    assert "error: invalid POST_DEPLOY_SCOPE: 'everywhere'" in bad_scope.stdout
+    for url, problem in (("file:///etc/passwd", "uses file://"),
+                         ("http://u:pw@localhost/", "carries credentials")):
+        bad_url = validate(tmp_path, POST_DEPLOY_WAIT_URL=url)
+        assert bad_url.returncode == 1 and f"error: POST_DEPLOY_WAIT_URL {problem}" in (
+            bad_url.stdout)
+    slow = validate(tmp_path, POST_DEPLOY_WAIT_URL="http://localhost/",
+                    POST_DEPLOY_WAIT_TIMEOUT="soon")
+    assert "warning: invalid POST_DEPLOY_WAIT_TIMEOUT: 'soon'" in slow.stdout
+    unset = validate(tmp_path, POST_DEPLOY_WAIT_URL="http://localhost:$APP_PORT/")
+    assert "warning: POST_DEPLOY_WAIT_URL uses $APP_PORT, which the job's environment" in (
+        unset.stdout)
