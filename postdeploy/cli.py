@@ -22,6 +22,7 @@ from postdeploy.config import Settings
 from postdeploy.connection import address_file, connect, resolve_redis_url
 from postdeploy.errors import ConfigError, PostdeployError, RedisUnavailable
 from postdeploy.logconfig import configure_logging
+from postdeploy.records import RunRecord
 from postdeploy.redaction import redact_url
 from postdeploy.state import StateStore
 
@@ -146,34 +147,65 @@ def status(settings: Settings, as_json: bool) -> int:
 @cli.command()
 @click.argument("app")
 @click.option("--sha", help="Commit to run (default: the last seen commit).")
+@click.option("--host", help="Run on this host's instance only (see `status`).")
+@click.option("--all-instances", is_flag=True, help="Run once on every live instance.")
 @click.option("--wait", is_flag=True, help="Follow the output; exit 0 only on success.")
 @with_settings
-def run(settings: Settings, app: str, sha: str | None, wait: bool) -> int:
+def run(settings: Settings, app: str, sha: str | None, host: str | None, all_instances: bool,
+        wait: bool) -> int:
     """Re-run APP's job by hand (trigger `manual`)."""
-    from postdeploy.follow import follow_run
-    from postdeploy.manual import known_apps, pick_commit, queue_manual_run, require_app
+    from postdeploy.instances import InstanceRegistry
+    from postdeploy.manual import (
+        known_apps,
+        pick_commit,
+        pick_targets,
+        queue_manual_run,
+        require_app,
+    )
 
+    if host is not None and all_instances:
+        raise click.UsageError("give --host or --all-instances, not both")
     url, store = open_store(settings)
     apps = known_apps(settings, store)
     require_app(apps, app)
-    commit = pick_commit(settings, store, apps[app], app, sha)
-    record = queue_manual_run(settings, url, store, app, commit)
-    click.echo(f"queued manual run {record.id} of {app}@{commit[:7]}", err=wait)
+    instances = InstanceRegistry(store.client).live(app)
+    config = apps[app]
+    if sha is None and (host or all_instances) and config is not None and config.path:
+        # A path app's commit is per host: by default, what each chosen host has.
+        targets = pick_targets(config, app, None, instances, host, all_instances)
+    else:
+        commit = pick_commit(settings, store, config, app, sha)
+        targets = pick_targets(config, app, commit, instances, host, all_instances)
+    records = [queue_manual_run(settings, url, store, app, target_sha, target_host)
+               for target_host, target_sha in targets]
+    for record in records:
+        where = f" on {record.host}" if record.host else ""
+        click.echo(f"queued manual run {record.id} of {app}@{record.sha[:7]}{where}", err=wait)
     if not wait:
         return 0
-    try:
-        final = follow_run(store, record.id, sys.stdout.buffer,
-                           lambda line: click.echo(line, err=True))
-    except KeyboardInterrupt:
-        click.echo(f"\nstopped following; run {record.id} goes on "
-                   f"(`postdeploy logs {app} {record.id}`)", err=True)
-        return 130
-    if final.status == "succeeded":
-        click.echo(f"run {final.id} succeeded", err=True)
+    failed = [final for record in records
+              if (final := _follow(store, app, record.id)).status != "succeeded"]
+    if not failed:
+        click.echo(f"run{'s' if len(records) > 1 else ''} "
+                   f"{', '.join(r.id for r in records)} succeeded", err=True)
         return 0
+    final = failed[0]
     exit_code = f", exit code {final.exit_code}" if final.exit_code is not None else ""
-    raise PostdeployError(f"run {final.id} {final.status}{exit_code}: "
+    where = f" on {final.host}" if final.host else ""
+    raise PostdeployError(f"run {final.id}{where} {final.status}{exit_code}: "
                           f"{final.reason or 'no reason recorded'}")
+
+
+def _follow(store: StateStore, app: str, run_id: str) -> RunRecord:
+    from postdeploy.follow import follow_run
+
+    try:
+        return follow_run(store, run_id, sys.stdout.buffer,
+                          lambda line: click.echo(line, err=True))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; run {run_id} goes on "
+                   f"(`postdeploy logs {app} {run_id}`)", err=True)
+        raise SystemExit(130) from None
 
 
 @cli.command()

@@ -18,6 +18,7 @@ from postdeploy.celery_app import configure
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import GitError, PostdeployError, UnknownApp
 from postdeploy.gitsource import AppSource, is_sha
+from postdeploy.instances import Instance
 from postdeploy.records import RunRecord, Trigger
 from postdeploy.redaction import MASK
 from postdeploy.state import StateStore
@@ -27,6 +28,10 @@ _HEX = re.compile(r"^[0-9a-f]{4,40}$")
 
 class UnknownCommit(PostdeployError):
     """A --sha that is malformed or not a commit of the app."""
+
+
+class UnknownHost(PostdeployError):
+    """--host or --all-instances names no live instance, or one at another commit."""
 
 
 def known_apps(settings: Settings, store: StateStore) -> dict[str, AppConfig | None]:
@@ -78,9 +83,58 @@ def pick_commit(settings: Settings, store: StateStore, app: AppConfig | None, na
     return text
 
 
+def pick_targets(app: AppConfig | None, name: str, sha: str | None,
+                 instances: list[Instance], host: str | None = None,
+                 all_instances: bool = False) -> list[tuple[str | None, str]]:
+    """Where a manual run of ``sha`` goes: [(host or None for any host, commit)].
+
+    A ``path`` app's job only ever runs in a working copy at the run's commit, so
+    it goes to a host whose instance is at ``sha`` (None: with ``host`` or
+    ``all_instances``, each instance's own commit). ``host`` and ``all_instances``
+    ask for given instances; they must be alive.
+    """
+    path_app = app is not None and app.path is not None
+    listed = ", ".join(f"{i.host} at {(i.sha or '-')[:7]}" for i in instances) or "none"
+    if host is not None:
+        chosen = [i for i in instances if i.host == host]
+        if not chosen:
+            raise UnknownHost(f"{name!r} has no live instance on host {host!r} (instances: "
+                              f"{listed}); see `postdeploy status`")
+    elif all_instances:
+        chosen = list(instances)
+        if not chosen:
+            raise UnknownHost(f"{name!r} has no live instances; is a worker running on its "
+                              "hosts? (see `postdeploy status`)")
+    elif path_app and sha is not None:
+        at_commit = [i for i in instances if i.sha == sha]
+        if not at_commit:
+            raise UnknownHost(f"no host's working copy of {name!r} is at {sha[:7]} "
+                              f"(instances: {listed}); pull it on a host first")
+        # A ready instance first: its app serves the commit already.
+        at_commit.sort(key=lambda i: (i.ready is False, i.host))
+        return [(at_commit[0].host, sha)]
+    elif sha is not None:
+        return [(None, sha)]
+    else:
+        raise UnknownCommit(f"no commit given for {name!r}")
+    if sha is None:
+        unknown = [i.host for i in chosen if not i.sha]
+        if unknown:
+            raise UnknownHost(f"{name!r} on {', '.join(unknown)} reports no commit (not a "
+                              "git working copy there?); see `postdeploy status`")
+        return [(i.host, i.sha or "") for i in chosen]
+    if path_app:
+        behind = ", ".join(f"{i.host} ({(i.sha or '-')[:7]})" for i in chosen if i.sha != sha)
+        if behind:
+            raise UnknownHost(
+                f"the working copy of {name!r} is not at {sha[:7]} on {behind}; a job only "
+                "runs in a working copy at its commit (pull it there, or pick --host)")
+    return [(i.host, sha) for i in chosen]
+
+
 def queue_manual_run(settings: Settings, url: str, store: StateStore, name: str,
-                     sha: str) -> RunRecord:
-    """Record a queued manual run and put its message on the queue."""
+                     sha: str, host: str | None = None) -> RunRecord:
+    """Record a queued manual run and put its message on the queue (``host``'s, if given)."""
     configure(settings, url)
     from postdeploy.tasks import enqueue_run  # imports Celery tasks: only when needed
 
@@ -89,8 +143,9 @@ def queue_manual_run(settings: Settings, url: str, store: StateStore, name: str,
     timeout = next((r.timeout for r in store.history(name) if r.sha == sha and r.timeout),
                    None)
     record = RunRecord.new(name, sha, Trigger.MANUAL.value)
+    record.host = host
     store.add_run(record)
-    enqueue_run(name, sha, Trigger.MANUAL.value, record.id, timeout)
+    enqueue_run(name, sha, Trigger.MANUAL.value, record.id, timeout, host=host)
     return record
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Task
 
-from postdeploy.celery_app import app, current_settings, hard_limit
+from postdeploy.celery_app import app, current_settings, hard_limit, host_queue
 from postdeploy.checks import check_app as reconcile_app
 from postdeploy.connection import redis_client
 from postdeploy.errors import JobFailed
@@ -36,14 +36,20 @@ def state_store() -> StateStore:
 
 
 def enqueue_run(app_name: str, sha: str | None, trigger: str, run_id: str | None,
-                timeout: int | None) -> str:
-    """Put a run_job message on the queue; the soft time limit is the app's timeout."""
+                timeout: int | None, host: str | None = None, scope: str | None = None) -> str:
+    """Put a run_job message on the queue; the soft time limit is the app's timeout.
+
+    With ``host``, on that host's own queue (only its workers take it).
+    """
     options: dict[str, Any] = {}
     if timeout:
         options = {"soft_time_limit": timeout,
                    "time_limit": hard_limit(timeout, current_settings().kill_grace)}
-    result = run_job.apply_async(
-        kwargs={"app": app_name, "sha": sha, "trigger": trigger, "run_id": run_id}, **options)
+    kwargs: dict[str, Any] = {"app": app_name, "sha": sha, "trigger": trigger, "run_id": run_id}
+    if host is not None:
+        options["queue"] = host_queue(host)
+        kwargs.update({"host": host, "scope": scope})
+    result = run_job.apply_async(kwargs=kwargs, **options)
     return str(result.id)
 
 
@@ -98,7 +104,8 @@ def _enqueue_auto(app_name: str, sha: str, trigger: str, run_id: str, timeout: i
 
 @app.task(name="postdeploy.run_job", bind=True, throws=(JobFailed,), acks_late=True)
 def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual",
-            run_id: str | None = None) -> dict[str, Any]:
+            run_id: str | None = None, host: str | None = None,
+            scope: str | None = None) -> dict[str, Any]:
     """Run ``app``'s POST_DEPLOY job at ``sha`` (default: its last seen commit).
 
     Ends as FAILURE (JobFailed with the reason) unless the job succeeded or was
