@@ -14,10 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from postdeploy.appspec import APPSPEC_FILE, DEFAULT_TIMEOUT, MAX_APPSPEC_BYTES, parse_appspec
+from postdeploy.appspec import (
+    APPSPEC_FILE,
+    DEFAULT_TIMEOUT,
+    MAX_APPSPEC_BYTES,
+    SCOPE_INSTANCE,
+    parse_appspec,
+)
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.gitsource import AppSource
+from postdeploy.placement import INSTANCE_SCOPE_MARK
 from postdeploy.records import RunRecord, Trigger
 from postdeploy.state import StateStore
 
@@ -40,7 +47,7 @@ def _streak_text(streak: dict[str, Any]) -> str:
 class CheckResult:
     app: str
     sha: str | None
-    action: str  # "unchanged", "enqueued", "no-command" or "error"
+    action: str  # "unchanged", "enqueued", "no-command", "per-instance" or "error"
     detail: str | None = None
 
     def as_dict(self) -> dict[str, str | None]:
@@ -75,6 +82,12 @@ def check_app(settings: Settings, store: StateStore, app: AppConfig,
                      app.name, sha[:7])
             store.mark_done(app.name, sha, "no-command")
             return CheckResult(app.name, sha, "no-command")
+        if spec.scope == SCOPE_INSTANCE:
+            # Each host's loop runs it for its own instance (see postdeploy.placement).
+            store.mark_done(app.name, sha, INSTANCE_SCOPE_MARK)
+            log.info("%s@%s: new commit, POST_DEPLOY job runs on every instance",
+                     app.name, sha[:7])
+            return CheckResult(app.name, sha, "per-instance")
         timeout = spec.timeout
     except (AppSpecError, GitError) as exc:
         # The run itself records the problem as `error`; it needs a queued run to do so.

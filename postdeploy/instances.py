@@ -133,8 +133,10 @@ class InstanceReporter:
         self.registry = InstanceRegistry(client)
         self.specs = specs or LocalSpecs(settings)
 
-    def report_once(self) -> list[tuple[str, Instance]]:
-        apps = list(self.settings.apps)
+    def report_once(self, only: Sequence[AppConfig] | None = None
+                    ) -> list[tuple[str, Instance]]:
+        """Report each app (or ``only`` these) of this host; return the reports."""
+        apps = list(self.settings.apps if only is None else only)
         shas = self._repo_shas([a for a in apps if a.repo])
         shas.update({app.name: self._path_sha(app) for app in apps if not app.repo})
         gated = {app.name: self._gate(app, sha) for app in apps

@@ -17,17 +17,19 @@ from typing import TypeVar
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from postdeploy import keys
+from postdeploy import placement, waiting
 from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, parse_appspec, resolve_folder
 from postdeploy.config import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
 from postdeploy.output import OutputCapture
+from postdeploy.placement import RunPlace, claim_ttl
 from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.redaction import mask_secrets
 from postdeploy.runlock import RunLock
 from postdeploy.runner import JobOutcome, kill_run_processes, run_command
 from postdeploy.state import StateStore
+from postdeploy.waiting import GateWait
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,16 @@ class LockBusy(Exception):
 
 
 def execute_run(settings: Settings, store: StateStore, app_name: str, sha: str | None,
-                trigger: str, run_id: str | None, worker: str | None = None) -> RunRecord:
+                trigger: str, run_id: str | None, worker: str | None = None,
+                place: RunPlace | None = None, waiting_since: float | None = None
+                ) -> RunRecord:
     """Run the job once if it should run; return its record.
 
-    Raises LockBusy when the app is busy (retry later), JobFailed when the run
-    did not succeed (LENIENT: logged and recorded, never retried automatically).
+    Raises LockBusy when the app is busy (retry later), GateWait when the app is
+    not ready yet (re-queue), JobFailed when the run did not succeed (LENIENT:
+    logged and recorded, never retried automatically).
     """
+    place = place or RunPlace()
     app = settings.app(app_name)
     if app is None:
         raise JobFailed(f"unknown app {app_name!r}; it is not in this worker's configuration")
@@ -71,37 +77,86 @@ def execute_run(settings: Settings, store: StateStore, app_name: str, sha: str |
         store.add_run(record)
 
     auto = trigger == Trigger.AUTO.value
-    if auto and (skipped := _skip_reason(store, app.name, sha)):
-        return _finish(store, record, Status.SUPERSEDED, None, skipped)
+    if auto and (skipped := placement.skip_reason(settings, store, app, sha, place)):
+        return _finish(store, record, Status.SUPERSEDED, None, skipped, place)
+    if (ended := _before_start(settings, store, source, record, place, waiting_since)):
+        return ended
 
-    lock = RunLock(store.client, keys.run_lock(app.name), settings.lock_ttl * 1000)
+    lock = RunLock(store.client, place.lock_key(app.name), settings.lock_ttl * 1000)
     if not lock.acquire():
         raise LockBusy(app.name)
     try:
         lost = store.take_active(app.name)
         if lost:
             _mark_lost(store, lost)
-        if auto and (skipped := _skip_reason(store, app.name, sha)):
-            return _finish(store, record, Status.SUPERSEDED, None, skipped)
+        if auto and (skipped := placement.skip_reason(settings, store, app, sha, place)):
+            return _finish(store, record, Status.SUPERSEDED, None, skipped, place)
         current = store.get_run(record.id)
         if current is not None and current.status != Status.QUEUED.value:
             # Redelivered after its worker died: that attempt is lost, this is a new one.
             record = RunRecord.new(app.name, sha, trigger)
             store.add_run(record)
-        return _run_locked(settings, store, source, record, lock, worker)
+        return _run_locked(settings, store, source, record, lock, worker, place)
     finally:
         _patiently(lock.release, "release the run lock")
 
 
+def _before_start(settings: Settings, store: StateStore, source: AppSource, record: RunRecord,
+                  place: RunPlace, waiting_since: float | None) -> RunRecord | None:
+    """The right host, and a ready app: the run's record if it ends here, else None.
+
+    Raises GateWait while the app's readiness gate does not pass yet.
+    """
+    auto = record.trigger == Trigger.AUTO.value
+    if problem := placement.working_copy_problem(settings, source.app, record.sha):
+        if auto:  # not ours to run, nor to mark done: a host that has the commit runs it
+            placement.release_claim(store, record.app, record.sha, place)
+            return _finish(store, record, Status.SUPERSEDED, None,
+                           f"{problem}; left to a host that has it", place)
+        return _finish(store, record, Status.ERROR, None,
+                       f"{problem}; nothing was run (`postdeploy status` shows each host's "
+                       "commit; pick one with --host)", place)
+    try:
+        verdict = waiting.look(settings, source, record.sha, waiting_since,
+                               {"POST_DEPLOY_RUN_ID": record.id,
+                                "POST_DEPLOY_TRIGGER": record.trigger})
+    except (AppSpecError, GitError) as exc:
+        return _end_auto(settings, store, record, Status.ERROR, str(exc), place)
+    if verdict is None or verdict.ready:
+        return None
+    if verdict.timed_out:
+        return _end_auto(settings, store, record, Status.FAILED, verdict.failed_reason, place)
+    if record.status != Status.WAITING.value:
+        log.info("%s@%s: waiting for the app to be ready (%s) before the job (run %s)",
+                 record.app, record.sha[:7], verdict.url, record.id)
+    record.status = Status.WAITING.value
+    record.reason = verdict.waiting_reason
+    record.host = settings.host
+    store.save_run(record)
+    # The claim stays while we wait, and lapses soon if this host goes away.
+    store.client.set(place.claim_key(record.app, record.sha), settings.host,
+                     ex=claim_ttl(settings.check_interval))
+    raise GateWait(record.id, waiting.next_look(), verdict.since)
+
+
+def _end_auto(settings: Settings, store: StateStore, record: RunRecord, status: Status,
+              reason: str, place: RunPlace) -> RunRecord:
+    finished = _finish(store, record, status, None, reason, place)
+    if record.trigger == Trigger.AUTO.value:
+        placement.mark_done(settings, store, record.app, record.sha, record.id, place)
+    return finished
+
+
 def _run_locked(settings: Settings, store: StateStore, source: AppSource, record: RunRecord,
-                lock: RunLock, worker: str | None) -> RunRecord:
+                lock: RunLock, worker: str | None, place: RunPlace) -> RunRecord:
     app = record.app
     store.set_active(app, record.id)
     record.status = Status.RUNNING.value
     record.started_at = time.time()
     record.worker = worker or socket.gethostname()
+    record.host = settings.host
     store.save_run(record)
-    store.hold_claim(app, record.sha, settings.lock_ttl)
+    store.client.set(place.claim_key(app, record.sha), "running", ex=settings.lock_ttl)
     label = f"{app}@{record.sha[:7]}"
     secrets: frozenset[str] = frozenset()
     try:
@@ -121,22 +176,23 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, record
                  label, record.id, record.trigger, spec.timeout, record.command)
         outcome = _run_job_process(settings, store, record, lock, spec.command, cwd,
                                    _job_env(settings.environ, spec.env, record), spec.timeout,
-                                   secrets, label)
+                                   secrets, label, place)
     except (AppSpecError, GitError) as exc:
         outcome = JobOutcome(Status.ERROR, None, mask_secrets(str(exc), secrets))
     except SoftTimeLimitExceeded:
         outcome = JobOutcome(Status.TIMED_OUT, None, "timed out before the job started "
                              "(checkout took longer than POST_DEPLOY_TIMEOUT)")
-    finished = _finish(store, record, outcome.status, outcome.exit_code, outcome.reason)
+    finished = _finish(store, record, outcome.status, outcome.exit_code, outcome.reason, place)
     if record.trigger == Trigger.AUTO.value:
-        _patiently(lambda: store.mark_done(app, record.sha, record.id), "mark the commit done")
+        _patiently(lambda: placement.mark_done(settings, store, app, record.sha, record.id,
+                                               place), "mark the commit done")
     _patiently(lambda: store.clear_active(app), "clear the active run")
     return finished
 
 
 def _run_job_process(settings: Settings, store: StateStore, record: RunRecord, lock: RunLock,
                      command: str, cwd: Path, env: Mapping[str, str], timeout: int,
-                     secrets: frozenset[str], label: str) -> JobOutcome:
+                     secrets: frozenset[str], label: str, place: RunPlace) -> JobOutcome:
     def store_output(tail: bytes, total: int) -> None:
         record.output_bytes = total
         _quietly(lambda: store.write_output(record.id, tail, total))
@@ -155,7 +211,8 @@ def _run_job_process(settings: Settings, store: StateStore, record: RunRecord, l
             if _quietly(lock.renew) is False:
                 log.warning("%s: lost the run lock (Redis restarted?); finishing anyway", label)
                 _quietly(lock.acquire)
-            _quietly(lambda: store.hold_claim(record.app, record.sha, settings.lock_ttl))
+            _quietly(lambda: store.client.set(place.claim_key(record.app, record.sha),
+                                              "running", ex=settings.lock_ttl))
 
     outcome = run_command(command, cwd, env, timeout, settings.kill_grace,
                           record.id, capture.feed, tick)
@@ -174,17 +231,8 @@ def _job_env(environ: Mapping[str, str], app_env: Mapping[str, str],
     return env
 
 
-def _skip_reason(store: StateStore, app: str, sha: str) -> str | None:
-    if store.is_done(app, sha):
-        return f"commit {sha[:7]} already ran"
-    latest = store.last_seen(app)
-    if latest and latest != sha:
-        return f"commit {sha[:7]} is no longer the latest ({latest[:7]} is)"
-    return None
-
-
 def _finish(store: StateStore, record: RunRecord, status: Status, exit_code: int | None,
-            reason: str | None) -> RunRecord:
+            reason: str | None, place: RunPlace) -> RunRecord:
     record.status = status.value
     record.exit_code = exit_code
     record.reason = reason
@@ -195,7 +243,8 @@ def _finish(store: StateStore, record: RunRecord, status: Status, exit_code: int
         log.info("%s: POST_DEPLOY job succeeded in %.1f s (run %s)",
                  label, record.duration or 0.0, record.id)
     elif status == Status.SUPERSEDED:
-        _patiently(lambda: store.release_claim(record.app, record.sha), "release the claim")
+        _patiently(lambda: placement.release_claim(store, record.app, record.sha, place),
+                   "release the claim")
         log.info("%s: skipped (%s) (run %s)", label, reason, record.id)
     else:
         log.warning("%s: POST_DEPLOY job %s: %s (run %s); the app keeps running",

@@ -183,6 +183,8 @@ def describe_check(result: dict[str, str | None]) -> str:
         return f"{app}: new commit {at}, job queued (run {detail})"
     if action == "unchanged":
         return f"{app}: unchanged at {at}; nothing to run"
+    if action == "per-instance":
+        return f"{app}: new commit {at}, its job runs once on every instance (scope instance)"
     if action == "no-command":
         return f"{app}: {at} sets no POST_DEPLOY_COMMAND; nothing to run"
     return f"{app}: check failed: {detail}"

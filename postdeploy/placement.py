@@ -31,6 +31,8 @@ import redis
 from postdeploy import keys
 from postdeploy.appspec import DEFAULT_TIMEOUT, SCOPE_APP, SCOPE_INSTANCE
 from postdeploy.config import AppConfig, Settings
+from postdeploy.errors import GitError
+from postdeploy.gitsource import AppSource
 from postdeploy.instances import GONE_AFTER, Instance, InstanceRegistry, LocalSpecs
 from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.state import DONE_TTL, StateStore
@@ -216,3 +218,78 @@ class HostPlacement:
 
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# -- the run's side: is this host the right place for it, now? ----------------------
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run was sent (None: the shared queue, any host) and its scope."""
+
+    host: str | None = None
+    scope: str = SCOPE_APP
+
+    @property
+    def per_instance(self) -> bool:
+        return self.scope == SCOPE_INSTANCE and self.host is not None
+
+    def lock_key(self, app: str) -> str:
+        """One run per app at a time; per instance for scope instance."""
+        if self.per_instance:
+            assert self.host is not None
+            return keys.instance_lock(app, self.host)
+        return keys.run_lock(app)
+
+    def claim_key(self, app: str, sha: str) -> str:
+        if self.per_instance:
+            assert self.host is not None
+            return keys.instance_claim(app, self.host, sha)
+        return keys.claim(app, sha)
+
+
+def skip_reason(settings: Settings, store: StateStore, app: AppConfig, sha: str,
+                place: RunPlace) -> str | None:
+    """Why an automatic run of ``sha`` should not run (any more): None if it should."""
+    if place.per_instance:
+        assert place.host is not None
+        registry = InstanceRegistry(store.client)
+        if registry.instance_done(app.name, place.host, settings.boot_id, sha):
+            return f"commit {sha[:7]} already ran on {place.host} since it booted"
+        if app.repo and (latest := store.last_seen(app.name)) and latest != sha:
+            return f"commit {sha[:7]} is no longer the latest ({latest[:7]} is)"
+        return None
+    if store.is_done(app.name, sha):
+        return f"commit {sha[:7]} already ran"
+    latest = store.last_seen(app.name)
+    if latest and latest != sha:
+        return f"commit {sha[:7]} is no longer the latest ({latest[:7]} is)"
+    return None
+
+
+def working_copy_problem(settings: Settings, app: AppConfig, sha: str) -> str | None:
+    """A job never runs in a working copy at another commit: why not here, or None."""
+    if app.path is None:
+        return None  # a repo app's checkout is made at exactly the run's commit
+    try:
+        head = AppSource(app, settings.state_dir).current_sha()
+    except GitError as exc:
+        return str(exc)
+    if head == sha:
+        return None
+    return (f"the working copy of {app.name} on {settings.host} is at {head[:7]}, "
+            f"not {sha[:7]}")
+
+
+def mark_done(settings: Settings, store: StateStore, app: str, sha: str, run_id: str,
+              place: RunPlace) -> None:
+    """The automatic run of ``sha`` finished: for the fleet, or for this instance."""
+    if place.per_instance:
+        assert place.host is not None
+        InstanceRegistry(store.client).mark_instance_done(app, place.host, settings.boot_id,
+                                                          sha, run_id)
+    else:
+        store.mark_done(app, sha, run_id)
+
+
+def release_claim(store: StateStore, app: str, sha: str, place: RunPlace) -> None:
+    """Not done, not ours: let a host that has the commit claim it again."""
+    store.client.delete(place.claim_key(app, sha))

@@ -104,10 +104,11 @@ def run_worker(argv: Sequence[str] = ()) -> None:
 def _start_reports(settings: Settings) -> None:
     """This host's instance reports: now, then every check interval, until shutdown."""
     from postdeploy.instances import HostLoop, InstanceReporter
+    from postdeploy.tasks import host_placement
 
-    store = StateStore(redis_client(app.conf.broker_url))
-    loop = HostLoop(InstanceReporter(settings, store.client),
-                    settings.check_interval).start()
+    placement = host_placement()
+    loop = HostLoop(InstanceReporter(settings, placement.client, placement.specs),
+                    settings.check_interval, placement.reconcile).start()
     signals.worker_shutdown.connect(lambda **_: loop.stop(), weak=False)
 
 

@@ -8,13 +8,16 @@ from typing import Any
 
 from celery import Task
 
+from postdeploy.appspec import SCOPE_APP
 from postdeploy.celery_app import app, current_settings, hard_limit, host_queue
 from postdeploy.checks import check_app as reconcile_app
 from postdeploy.connection import redis_client
 from postdeploy.errors import JobFailed
 from postdeploy.jobs import LockBusy, execute_run
-from postdeploy.records import Status
+from postdeploy.placement import HostPlacement, RunPlace, RunRequest
+from postdeploy.records import Status, Trigger
 from postdeploy.state import StateStore
+from postdeploy.waiting import GateWait
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ def enqueue_run(app_name: str, sha: str | None, trigger: str, run_id: str | None
 def check_commits() -> None:
     """Check every app (beat calls this every interval); large fleets fan out in batches."""
     settings = current_settings()
-    names = [a.name for a in settings.apps]
+    # A path app's commit is per host: each host's worker checks its own (host loop).
+    names = [a.name for a in settings.apps if a.repo]
     if len(names) <= CHECK_BATCH:
         _check_batch(names)  # one task per cycle for a small fleet
         return
@@ -94,8 +98,39 @@ def check_app(app_name: str) -> dict[str, str | None]:
     app_config = settings.app(app_name)
     if app_config is None:
         raise JobFailed(f"unknown app {app_name!r}")
+    if app_config.path:
+        from postdeploy.instances import InstanceReporter
+
+        # Checked here, as each host's loop does for its own working copy.
+        reports = InstanceReporter(settings, state_store().client).report_once([app_config])
+        queued = host_placement().reconcile(reports)
+        sha = reports[0][1].sha if reports else None
+        return {"app": app_name, "sha": sha, "action": "enqueued" if queued else "unchanged",
+                "detail": queued[0].run_id if queued else None}
     result = reconcile_app(settings, state_store(), app_config, _enqueue_auto)
     return result.as_dict()
+
+
+_placement: HostPlacement | None = None
+
+
+def host_placement() -> HostPlacement:
+    """This process's placement (claims it renews are its own runs)."""
+    global _placement
+    if _placement is None:
+        from postdeploy.instances import InstanceRegistry, LocalSpecs
+
+        settings = current_settings()
+        _placement = HostPlacement(settings, state_store(),
+                                   InstanceRegistry(state_store().client),
+                                   LocalSpecs(settings), enqueue_placed)
+    return _placement
+
+
+def enqueue_placed(request: RunRequest) -> None:
+    """A run the host loop placed: on its host's own queue."""
+    enqueue_run(request.app, request.sha, Trigger.AUTO.value, request.run_id, request.timeout,
+                host=request.host, scope=request.scope)
 
 
 def _enqueue_auto(app_name: str, sha: str, trigger: str, run_id: str, timeout: int) -> None:
@@ -105,18 +140,31 @@ def _enqueue_auto(app_name: str, sha: str, trigger: str, run_id: str, timeout: i
 @app.task(name="postdeploy.run_job", bind=True, throws=(JobFailed,), acks_late=True)
 def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual",
             run_id: str | None = None, host: str | None = None,
-            scope: str | None = None) -> dict[str, Any]:
+            scope: str | None = None, waiting_since: float | None = None) -> dict[str, Any]:
     """Run ``app``'s POST_DEPLOY job at ``sha`` (default: its last seen commit).
 
     Ends as FAILURE (JobFailed with the reason) unless the job succeeded or was
     skipped; failures are never retried automatically.
     """
+    settings = current_settings()
+    if host is not None and host != settings.host:
+        # Sent to the shared queue for one host (Flower): pass it on to that host.
+        enqueue_run(app, sha, trigger, run_id, None, host=host, scope=scope)
+        return {"run_id": run_id, "app": app, "sha": sha, "trigger": trigger,
+                "status": "forwarded", "host": host}
     try:
-        record = execute_run(current_settings(), state_store(), app, sha, trigger, run_id,
-                             self.request.hostname)
+        record = execute_run(settings, state_store(), app, sha, trigger, run_id,
+                             self.request.hostname, RunPlace(host, scope or SCOPE_APP),
+                             waiting_since)
     except LockBusy:
         # Another run of this app is going on: wait our turn without holding a worker.
         raise self.retry(countdown=LOCK_RETRY_DELAY + random.random(), max_retries=None) from None
+    except GateWait as wait:
+        # The app is not ready: look again later, holding no worker process meanwhile
+        # (the message goes back to this host's queue with a countdown).
+        raise self.retry(kwargs={**self.request.kwargs, "run_id": wait.run_id,
+                                 "waiting_since": wait.since},
+                         countdown=wait.countdown, max_retries=None) from None
     summary = {"run_id": record.id, "app": record.app, "sha": record.sha,
                "trigger": record.trigger, "status": record.status,
                "exit_code": record.exit_code, "reason": record.reason}
