@@ -92,7 +92,8 @@ def execute_run(settings: Settings, store: StateStore, app_name: str, sha: str |
         if auto and (skipped := placement.skip_reason(settings, store, app, sha, place)):
             return _finish(store, record, Status.SUPERSEDED, None, skipped, place)
         current = store.get_run(record.id)
-        if current is not None and current.status != Status.QUEUED.value:
+        if current is not None and current.status not in (Status.QUEUED.value,
+                                                           Status.WAITING.value):
             # Redelivered after its worker died: that attempt is lost, this is a new one.
             record = RunRecord.new(app.name, sha, trigger)
             store.add_run(record)

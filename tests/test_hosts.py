@@ -1,0 +1,213 @@
+"""Several hosts, one Redis: where and when a job runs (DESIGN.md, "Where and when").
+
+Each simulated host (tests/hosts.py) has its own POSTDEPLOY_HOST, state
+directory, working copy of one origin, PID namespace and an HTTP stand-in for
+the app's health endpoint answering with the version it serves.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+
+from postdeploy.records import RunRecord
+from tests.clirun import cli, cli_env
+from tests.hosts import Fleet, Host
+from tests.support import GitRemote, appspec_yaml, output_of, runs, wait_for
+
+JOB = 'echo "host=$HOST_LABEL sha=$COMMIT_SHA head=$(git rev-parse HEAD)"'
+HEALTH = "http://127.0.0.1:${APP_PORT}/health"
+
+
+def spec(**envs: str) -> str:
+    return appspec_yaml(JOB, envs=envs)
+
+
+def gated(**envs: str) -> str:
+    return spec(POST_DEPLOY_WAIT_URL=HEALTH, POST_DEPLOY_WAIT_FOR_COMMIT="true", **envs)
+
+
+def add(fleet: Fleet, name: str) -> Host:
+    return fleet.add(name, extra_env={"HOST_LABEL": name})
+
+
+def finished(client: redis.Redis, count: int, timeout: float = 40) -> list[RunRecord]:
+    def enough() -> list[RunRecord] | None:
+        done = [r for r in runs(client, "shop")
+                if r.status not in ("queued", "running", "waiting")]
+        return done if len(done) >= count else None
+    return wait_for(enough, timeout, 0.2, what=f"{count} finished run(s)")
+
+
+def reports_after(client: redis.Redis, hosts: list[Host], intervals: int = 3) -> None:
+    """Let every host report (and place runs) ``intervals`` more times."""
+    from postdeploy.instances import InstanceRegistry
+
+    registry = InstanceRegistry(client)
+    for _ in range(intervals):
+        before = {i.host: i.seen_at for i in registry.live("shop")}
+        wait_for(lambda b=before: all(  # type: ignore[misc]
+            i.seen_at > b.get(i.host, 0) for i in registry.live("shop")
+            if i.host in {h.name for h in hosts}), 15, what="another round of reports")
+
+
+def test_a_commit_reaching_one_host_first_runs_once_there_when_its_app_serves_it(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis) -> None:
+    c1 = remote.commit({"appspec.yaml": gated()}, "c1")
+    a, b = add(fleet, "host-a"), add(fleet, "host-b")
+    a.start(), b.start()
+    first = finished(rclient, 1)[0]
+    assert (first.sha, first.status) == (c1, "succeeded")
+
+    c2 = remote.commit({"appspec.yaml": gated(), "v": "2"}, "c2")
+    b.pull()  # host-b has C2, but its app still serves C1; host-a is behind
+    waiting = wait_for(lambda: next((r for r in runs(rclient, "shop")
+                                     if r.sha == c2 and r.status == "waiting"), None), 20,
+                       what="the C2 run waiting for host-b's app")
+    assert waiting.host == "host-b" and "last answered 200 without commit" in (
+        waiting.reason or "")
+    reports_after(rclient, [a, b], 3)
+    assert [r.status for r in runs(rclient, "shop") if r.sha == c2] == ["waiting"]
+    assert rclient.get("postdeploy:app:shop:last_seen") == c2.encode()  # no flip back
+
+    b.serve()
+    second = finished(rclient, 2)[1]
+    assert (second.sha, second.status, second.host) == (c2, "succeeded", "host-b")
+    assert f"host=host-b sha={c2} head={c2}" in output_of(rclient, second.id)
+
+    a.pull(), a.serve()
+    reports_after(rclient, [a, b], 4)
+    assert [(r.sha, r.status) for r in runs(rclient, "shop")] == [
+        (c1, "succeeded"), (c2, "succeeded")]
+
+
+def test_scope_instance_runs_on_every_host_including_one_that_joins_late(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis) -> None:
+    c1 = remote.commit({"appspec.yaml": spec(POST_DEPLOY_SCOPE="instance")}, "c1")
+    a, b = add(fleet, "host-a"), add(fleet, "host-b")
+    a.start(), b.start()
+    assert sorted((r.host, r.sha) for r in finished(rclient, 2)) == [
+        ("host-a", c1), ("host-b", c1)]
+
+    c2 = remote.commit({"appspec.yaml": spec(POST_DEPLOY_SCOPE="instance"), "v": "2"}, "c2")
+    a.pull()
+    third = finished(rclient, 3)[2]
+    assert (third.host, third.sha, third.status) == ("host-a", c2, "succeeded")
+    assert f"host=host-a sha={c2} head={c2}" in output_of(rclient, third.id)
+    b.pull()
+    assert (finished(rclient, 4)[3].host, finished(rclient, 4)[3].sha) == ("host-b", c2)
+
+    c = add(fleet, "host-c")  # joins later, already at C2
+    c.start()
+    fifth = finished(rclient, 5)[4]
+    assert (fifth.host, fifth.sha, fifth.status) == ("host-c", c2, "succeeded")
+    reports_after(rclient, [a, b, c], 3)
+    assert len(runs(rclient, "shop")) == 5
+    assert all(r.status == "succeeded" for r in runs(rclient, "shop"))
+
+
+def test_an_executor_restart_runs_nothing_a_reboot_runs_scope_instance_again(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis) -> None:
+    c1 = remote.commit({"appspec.yaml": spec(POST_DEPLOY_SCOPE="instance")}, "c1")
+    a = add(fleet, "host-a")
+    a.start()
+    assert finished(rclient, 1)[0].sha == c1
+
+    a.stop_worker()  # the executor restarts; the machine (and its boot id) stays
+    a.start()
+    reports_after(rclient, [a], 4)
+    assert len(runs(rclient, "shop")) == 1
+
+    a.reboot()  # every process of the machine ends; a new boot id
+    second = finished(rclient, 2)[1]
+    assert (second.host, second.sha, second.status) == ("host-a", c1, "succeeded")
+    reports_after(rclient, [a], 3)
+    assert len(runs(rclient, "shop")) == 2
+
+
+def test_a_gate_that_never_passes_fails_the_run_and_nothing_else(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis) -> None:
+    remote.commit({"appspec.yaml": gated(POST_DEPLOY_WAIT_TIMEOUT="4")}, "c1")
+    a = add(fleet, "host-a")
+    a.standin.mode = "502"
+    a.start()
+    failed = finished(rclient, 1, 30)[0]
+    assert failed.status == "failed"
+    assert failed.reason is not None and failed.reason.startswith(
+        f"not ready: http://127.0.0.1:{a.standin.port}/health last answered 502 after ")
+    assert failed.started_at is None  # the job itself never started
+    assert output_of(rclient, failed.id) == ""
+    reports_after(rclient, [a], 3)
+    assert len(runs(rclient, "shop")) == 1  # LENIENT: not retried
+    assert a.worker is not None and a.worker.alive()
+
+
+def test_a_host_disappearing_mid_wait_leaves_the_run_to_a_host_that_has_the_commit(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis) -> None:
+    c1 = remote.commit({"appspec.yaml": gated()}, "c1")
+    a, b = add(fleet, "host-a"), add(fleet, "host-b")
+    a.standin.mode = b.standin.mode = "502"  # neither app is up yet
+    a.start(), b.start()
+    first = wait_for(lambda: next((r for r in runs(rclient, "shop")
+                                   if r.status == "waiting"), None), 20, what="a waiting run")
+    gone, other = (a, b) if first.host == "host-a" else (b, a)
+    gone.power_off()
+    other.standin.mode = "serve"
+    done = wait_for(lambda: [r for r in runs(rclient, "shop") if r.status == "succeeded"],
+                    40, 0.2, what="the run on the remaining host")
+    assert [(r.host, r.sha) for r in done] == [(other.name, c1)]
+    earlier = next(r for r in runs(rclient, "shop") if r.id == first.id)
+    assert earlier.status == "superseded"
+    assert f"{gone.name} stopped before the run started" in (earlier.reason or "")
+
+
+def test_manual_runs_on_one_host_or_every_instance(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis, tmp_path: Path) -> None:
+    c1 = remote.commit({"appspec.yaml": spec()}, "c1")
+    a, b = add(fleet, "host-a"), add(fleet, "host-b")
+    a.start(), b.start()
+    finished(rclient, 1)
+    c2 = remote.commit({"appspec.yaml": spec(), "v": "2"}, "c2")
+    b.pull()
+    finished(rclient, 2)
+    env = cli_env(POSTDEPLOY_REDIS_URL=fleet.redis_url)
+    state = tmp_path / "cli"
+
+    # A commit goes where the working copy is at it; a host elsewhere is refused.
+    refused = cli(state, "run", "shop", "--sha", c2, "--host", "host-a", env=env)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert (f"postdeploy: error: the working copy of 'shop' is not at {c2[:7]} on "
+            f"host-a ({c1[:7]})") in refused.stderr
+    unknown = cli(state, "run", "shop", "--host", "host-x", env=env)
+    assert "no live instance on host 'host-x' (instances: host-a at" in unknown.stderr
+
+    routed = cli(state, "run", "shop", "--sha", c2, "--wait", env=env)
+    assert routed.returncode == 0, routed.stderr
+    assert f"host=host-b sha={c2} head={c2}" in routed.stdout
+
+    every = cli(state, "run", "shop", "--all-instances", "--wait", env=env)
+    assert every.returncode == 0, every.stderr
+    assert f"host=host-a sha={c1} head={c1}" in every.stdout
+    assert f"host=host-b sha={c2} head={c2}" in every.stdout
+    manual = [r for r in runs(rclient, "shop") if r.trigger == "manual"]
+    assert sorted((r.host, r.sha, r.status) for r in manual) == [
+        ("host-a", c1, "succeeded"), ("host-b", c2, "succeeded"), ("host-b", c2, "succeeded")]
+
+
+def test_status_lists_instances_and_a_waiting_run(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis, tmp_path: Path) -> None:
+    remote.commit({"appspec.yaml": gated()}, "c1")
+    a = add(fleet, "host-a")
+    a.standin.mode = "502"
+    a.start()
+    env = cli_env(POSTDEPLOY_REDIS_URL=fleet.redis_url)
+    table = wait_for(lambda: "waiting" in (out := cli(tmp_path / "cli", "status",
+                                                      env=env).stdout) and out, 20,
+                     what="status showing the waiting run")
+    assert "shop@host-a" in table and "no (502)" in table
+    started = time.monotonic()
+    a.standin.mode = "serve"
+    finished(rclient, 1)
+    assert time.monotonic() - started < 10
