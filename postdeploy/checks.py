@@ -24,7 +24,7 @@ from postdeploy.appspec import (
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.gitsource import AppSource
-from postdeploy.placement import INSTANCE_SCOPE_MARK
+from postdeploy.placement import INSTANCE_SCOPE_MARK, retire_stale
 from postdeploy.records import RunRecord, Trigger
 from postdeploy.state import StateStore
 
@@ -93,6 +93,7 @@ def check_app(settings: Settings, store: StateStore, app: AppConfig,
         # The run itself records the problem as `error`; it needs a queued run to do so.
         log.debug("%s@%s: appspec problem left to the run: %s", app.name, sha[:7], exc)
 
+    retire_stale(store, app.name, sha)  # a run a vanished worker held, if any
     record = RunRecord.new(app.name, sha, Trigger.AUTO.value)
     record.timeout = timeout
     store.add_run(record)

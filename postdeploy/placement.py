@@ -200,20 +200,40 @@ class HostPlacement:
         pipe.execute()
 
     def _retire_stale(self, app: str, sha: str, scope: str) -> None:
-        """Runs of this commit that a vanished host queued and never started."""
-        for record in self.store.history(app, 20):
-            if record.sha != sha or record.trigger != Trigger.AUTO.value:
-                continue
-            if scope == SCOPE_INSTANCE and record.host != self.settings.host:
-                continue
-            if record.status in (Status.QUEUED.value, Status.WAITING.value):
-                record.status = Status.SUPERSEDED.value
-                record.reason = (f"{record.host or 'its host'} stopped before the run "
-                                 "started; the commit was queued again")
-                record.finished_at = time.time()
-                self.store.save_run(record)
-                log.warning("%s@%s: run %s given up: %s", app, sha[:7], record.id,
-                            record.reason)
+        retire_stale(self.store, app, sha,
+                     self.settings.host if scope == SCOPE_INSTANCE else None)
+
+
+def retire_stale(store: StateStore, app: str, sha: str, host: str | None = None) -> None:
+    """Automatic runs of ``sha`` (on ``host``) queued or waiting on a host that went away.
+
+    Called only when a claim of the commit could be taken again, that is when
+    nobody kept the old one alive; such a run never starts any more.
+    """
+    for record in store.history(app, 20):
+        if record.sha != sha or record.trigger != Trigger.AUTO.value:
+            continue
+        if host is not None and record.host != host:
+            continue
+        if record.status in (Status.QUEUED.value, Status.WAITING.value):
+            record.status = Status.SUPERSEDED.value
+            record.reason = (f"{record.host or 'its host'} stopped before the run "
+                             "started; the commit was queued again")
+            record.finished_at = time.time()
+            store.save_run(record)
+            log.warning("%s@%s: run %s given up: %s", app, sha[:7], record.id,
+                        record.reason)
+
+
+def forward_host(settings: Settings, store: StateStore, app: AppConfig, sha: str) -> str | None:
+    """For a run of a ``path`` app sent to any host: a host whose working copy is at
+    ``sha``, when this one's is not (None: run here, or nowhere better)."""
+    if app.path is None or working_copy_problem(settings, app, sha) is None:
+        return None
+    at_commit = [i for i in InstanceRegistry(store.client).live(app.name)
+                 if i.sha == sha and i.host != settings.host]
+    at_commit.sort(key=lambda i: (i.ready is False, i.host))
+    return at_commit[0].host if at_commit else None
 
 
 def _text(value: bytes | str | None) -> str | None:

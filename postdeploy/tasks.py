@@ -14,7 +14,7 @@ from postdeploy.checks import check_app as reconcile_app
 from postdeploy.connection import redis_client
 from postdeploy.errors import JobFailed
 from postdeploy.jobs import LockBusy, execute_run
-from postdeploy.placement import HostPlacement, RunPlace, RunRequest
+from postdeploy.placement import HostPlacement, RunPlace, RunRequest, forward_host
 from postdeploy.records import Status, Trigger
 from postdeploy.state import StateStore
 from postdeploy.waiting import GateWait
@@ -147,6 +147,12 @@ def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual
     skipped; failures are never retried automatically.
     """
     settings = current_settings()
+    app_config = settings.app(app)
+    if host is None and app_config is not None and app_config.path:
+        # A path app's run sent to any host (Flower): to a host whose copy is at sha.
+        sha = sha or state_store().last_seen(app)
+        if sha is not None:
+            host = forward_host(settings, state_store(), app_config, sha)
     if host is not None and host != settings.host:
         # Sent to the shared queue for one host (Flower): pass it on to that host.
         enqueue_run(app, sha, trigger, run_id, None, host=host, scope=scope)
