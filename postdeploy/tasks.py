@@ -168,9 +168,11 @@ def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual
     except GateWait as wait:
         # The app is not ready: look again later, holding no worker process meanwhile
         # (the message goes back to this host's queue with a countdown).
+        # Always this host's queue: the gate is about the app on the host that runs it.
+        queue = host_queue(settings.host)
         raise self.retry(kwargs={**self.request.kwargs, "run_id": wait.run_id,
-                                 "waiting_since": wait.since},
-                         countdown=wait.countdown, max_retries=None) from None
+                                 "waiting_since": wait.since, "host": settings.host},
+                         countdown=wait.countdown, max_retries=None, queue=queue) from None
     summary = {"run_id": record.id, "app": record.app, "sha": record.sha,
                "trigger": record.trigger, "status": record.status,
                "exit_code": record.exit_code, "reason": record.reason}
