@@ -155,6 +155,7 @@ def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual
             host = forward_host(settings, state_store(), app_config, sha)
     if host is not None and host != settings.host:
         # Sent to the shared queue for one host (Flower): pass it on to that host.
+        log.info("run of %s@%s forwarded to %s", app, (sha or "-")[:7], host)
         enqueue_run(app, sha, trigger, run_id, None, host=host, scope=scope)
         return {"run_id": run_id, "app": app, "sha": sha, "trigger": trigger,
                 "status": "forwarded", "host": host}

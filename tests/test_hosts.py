@@ -10,8 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psutil
 import redis
 
+from postdeploy.celery_app import app as celery_app
+from postdeploy.celery_app import configure
+from postdeploy.config import Settings
 from postdeploy.records import RunRecord
 from tests.clirun import cli, cli_env
 from tests.hosts import Fleet, Host
@@ -19,6 +23,7 @@ from tests.support import GitRemote, appspec_yaml, output_of, runs, wait_for
 
 JOB = 'echo "host=$HOST_LABEL sha=$COMMIT_SHA head=$(git rev-parse HEAD)"'
 HEALTH = "http://127.0.0.1:${APP_PORT}/health"
+DAEMON_SECONDS = "3001"  # a daemon the tests can tell from any other sleep
 
 
 def spec(**envs: str) -> str:
@@ -108,23 +113,38 @@ def test_scope_instance_runs_on_every_host_including_one_that_joins_late(
     assert all(r.status == "succeeded" for r in runs(rclient, "shop"))
 
 
+def daemons() -> list[psutil.Process]:
+    """The `pm2 start`-like daemons the test's jobs leave (seen from outside the hosts)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.info["cmdline"] == ["sleep", DAEMON_SECONDS]:
+            found.append(proc)
+    return found
+
+
 def test_an_executor_restart_runs_nothing_a_reboot_runs_scope_instance_again(
         fleet: Fleet, remote: GitRemote, rclient: redis.Redis) -> None:
-    c1 = remote.commit({"appspec.yaml": spec(POST_DEPLOY_SCOPE="instance")}, "c1")
+    job = f"nohup sleep {DAEMON_SECONDS} >/dev/null 2>&1 &"
+    c1 = remote.commit({"appspec.yaml": appspec_yaml(job, envs={
+        "POST_DEPLOY_SCOPE": "instance"})}, "c1")
     a = add(fleet, "host-a")
     a.start()
     assert finished(rclient, 1)[0].sha == c1
+    started = wait_for(daemons, 10, what="the job's daemon")
 
     a.stop_worker()  # the executor restarts; the machine (and its boot id) stays
     a.start()
     reports_after(rclient, [a], 4)
     assert len(runs(rclient, "shop")) == 1
+    assert [p.pid for p in daemons()] == [p.pid for p in started]  # the daemon lives on
 
-    a.reboot()  # every process of the machine ends; a new boot id
+    a.reboot()  # every process of the machine ends, the daemon too; a new boot id
     second = finished(rclient, 2)[1]
     assert (second.host, second.sha, second.status) == ("host-a", c1, "succeeded")
     reports_after(rclient, [a], 3)
     assert len(runs(rclient, "shop")) == 2
+    now = wait_for(daemons, 10, what="the daemon started again")
+    assert [p.pid for p in now] != [p.pid for p in started]
 
 
 def test_a_gate_that_never_passes_fails_the_run_and_nothing_else(
@@ -187,13 +207,24 @@ def test_manual_runs_on_one_host_or_every_instance(
     assert routed.returncode == 0, routed.stderr
     assert f"host=host-b sha={c2} head={c2}" in routed.stdout
 
+    # Sent to any host, as Flower's API does: it runs where the working copy is at c2.
+    configure(Settings.load({"POSTDEPLOY_REDIS_URL": fleet.redis_url,
+                             "POSTDEPLOY_STATE_DIR": str(state)}), fleet.redis_url)
+    for count, queue in ((2, "postdeploy.host.host-a"), (3, "postdeploy"), (4, "postdeploy")):
+        celery_app.send_task("postdeploy.run_job", kwargs={"app": "shop", "sha": c2},
+                             queue=queue)
+        wait_for(lambda c=count: len([r for r in runs(rclient, "shop")  # type: ignore[misc]
+                                      if r.trigger == "manual" and r.status == "succeeded"])
+                 == c, 30, what="the sent run")
+
     every = cli(state, "run", "shop", "--all-instances", "--wait", env=env)
     assert every.returncode == 0, every.stderr
     assert f"host=host-a sha={c1} head={c1}" in every.stdout
     assert f"host=host-b sha={c2} head={c2}" in every.stdout
     manual = [r for r in runs(rclient, "shop") if r.trigger == "manual"]
     assert sorted((r.host, r.sha, r.status) for r in manual) == [
-        ("host-a", c1, "succeeded"), ("host-b", c2, "succeeded"), ("host-b", c2, "succeeded")]
+        ("host-a", c1, "succeeded"), *[("host-b", c2, "succeeded")] * 5]
+    assert "forwarded to host-b" in a.worker.log() if a.worker else False
 
 
 def test_status_lists_instances_and_a_waiting_run(
