@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from postdeploy.config import Settings
+from postdeploy.errors import ConfigError
 from tests.clirun import cli, cli_env
 from tests.hosts import Fleet
-from tests.support import GitRemote, appspec_yaml, wait_for
+from tests.support import GitRemote, appspec_yaml, service_env, wait_for
 
 GATED = appspec_yaml("echo hi", envs={
     "POST_DEPLOY_WAIT_URL": "http://127.0.0.1:${APP_PORT}/health",
@@ -55,3 +62,23 @@ def test_each_host_reports_its_commit_and_readiness(
     b.power_off()
     wait_for(lambda: set(instances(fleet, tmp_path)) == {"host-a"}, 15,
              what="host-b gone")
+
+
+def test_host_and_boot_id_settings(tmp_path: Path, redis_url: str) -> None:
+    settings = Settings.load({})
+    assert settings.host == socket.gethostname()
+    assert settings.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert Settings.load({"POSTDEPLOY_HOST": "web-1", "POSTDEPLOY_BOOT_ID": "b2"}).host == (
+        "web-1")
+    with pytest.raises(ConfigError, match="invalid POSTDEPLOY_HOST: 'web 1'"):
+        Settings.load({"POSTDEPLOY_HOST": "web 1"})
+    # A worker refuses it with one line, before starting anything.
+    env = service_env(redis_url, tmp_path / "state", POSTDEPLOY_HOST="../x",
+                      POSTDEPLOY_REPO=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "worker"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("invalid POSTDEPLOY_HOST: '../x'; use letters, "
+                                          "digits, '.', '_' and '-' (it names the host's "
+                                          "queue)")
+    assert result.stderr.count("\n") == 1
