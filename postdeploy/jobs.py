@@ -86,7 +86,7 @@ def execute_run(settings: Settings, store: StateStore, app_name: str, sha: str |
     if not lock.acquire():
         raise LockBusy(app.name)
     try:
-        lost = store.take_active(app.name)
+        lost = store.take_active(app.name, place.slot)
         if lost:
             _mark_lost(store, lost)
         if auto and (skipped := placement.skip_reason(settings, store, app, sha, place)):
@@ -151,13 +151,13 @@ def _end_auto(settings: Settings, store: StateStore, record: RunRecord, status: 
 def _run_locked(settings: Settings, store: StateStore, source: AppSource, record: RunRecord,
                 lock: RunLock, worker: str | None, place: RunPlace) -> RunRecord:
     app = record.app
-    store.set_active(app, record.id)
+    store.set_active(app, record.id, place.slot)
     record.status = Status.RUNNING.value
     record.started_at = time.time()
     record.worker = worker or socket.gethostname()
     record.host = settings.host
     store.save_run(record)
-    store.client.set(place.claim_key(app, record.sha), "running", ex=settings.lock_ttl)
+    store.hold_claim(app, record.sha, settings.lock_ttl, place.slot)
     label = f"{app}@{record.sha[:7]}"
     secrets: frozenset[str] = frozenset()
     try:
@@ -187,7 +187,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, record
     if record.trigger == Trigger.AUTO.value:
         _patiently(lambda: placement.mark_done(settings, store, app, record.sha, record.id,
                                                place), "mark the commit done")
-    _patiently(lambda: store.clear_active(app), "clear the active run")
+    _patiently(lambda: store.clear_active(app, place.slot), "clear the active run")
     return finished
 
 
@@ -212,8 +212,8 @@ def _run_job_process(settings: Settings, store: StateStore, record: RunRecord, l
             if _quietly(lock.renew) is False:
                 log.warning("%s: lost the run lock (Redis restarted?); finishing anyway", label)
                 _quietly(lock.acquire)
-            _quietly(lambda: store.client.set(place.claim_key(record.app, record.sha),
-                                              "running", ex=settings.lock_ttl))
+            _quietly(lambda: store.hold_claim(record.app, record.sha, settings.lock_ttl,
+                                              place.slot))
 
     outcome = run_command(command, cwd, env, timeout, settings.kill_grace,
                           record.id, capture.feed, tick)

@@ -93,3 +93,8 @@ def instance_claim(app: str, host: str, sha: str) -> str:
 def instance_lock(app: str, host: str) -> str:
     """String with expiry: the run holding ``app``'s instance on ``host`` now."""
     return f"{PREFIX}app:{app}:host:{host}:lock"
+
+
+def instance_active(app: str, host: str) -> str:
+    """String: id of the run holding ``app``'s instance lock on ``host`` (scope instance)."""
+    return f"{PREFIX}app:{app}:host:{host}:active"

@@ -252,6 +252,11 @@ class RunPlace:
     def per_instance(self) -> bool:
         return self.scope == SCOPE_INSTANCE and self.host is not None
 
+    @property
+    def slot(self) -> str | None:
+        """The host whose instance the run occupies (scope instance), else None: the app."""
+        return self.host if self.per_instance else None
+
     def lock_key(self, app: str) -> str:
         """One run per app at a time; per instance for scope instance."""
         if self.per_instance:
@@ -312,4 +317,4 @@ def mark_done(settings: Settings, store: StateStore, app: str, sha: str, run_id:
 
 def release_claim(store: StateStore, app: str, sha: str, place: RunPlace) -> None:
     """Not done, not ours: let a host that has the commit claim it again."""
-    store.client.delete(place.claim_key(app, sha))
+    store.release_claim(app, sha, place.slot)

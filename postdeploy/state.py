@@ -68,12 +68,15 @@ class StateStore:
         pipe.delete(keys.claim(app, sha))
         pipe.execute()
 
-    def hold_claim(self, app: str, sha: str, ttl: int) -> None:
-        """Keep the claim alive while the run works; it lapses soon after a crash."""
-        self.client.set(keys.claim(app, sha), "running", ex=ttl)
+    def hold_claim(self, app: str, sha: str, ttl: int, host: str | None = None) -> None:
+        """Keep the claim alive while the run works; it lapses soon after a crash.
 
-    def release_claim(self, app: str, sha: str) -> None:
-        self.client.delete(keys.claim(app, sha))
+        ``host``: the claim of that instance (scope instance), not the app's.
+        """
+        self.client.set(_claim(app, sha, host), "running", ex=ttl)
+
+    def release_claim(self, app: str, sha: str, host: str | None = None) -> None:
+        self.client.delete(_claim(app, sha, host))
 
     # -- runs ---------------------------------------------------------------
     def add_run(self, record: RunRecord) -> None:
@@ -110,16 +113,16 @@ class StateStore:
         runs = self.history(app, 1)
         return runs[0] if runs else None
 
-    def set_active(self, app: str, run_id: str) -> None:
-        self.client.set(keys.active_run(app), run_id)
+    def set_active(self, app: str, run_id: str, host: str | None = None) -> None:
+        self.client.set(_active(app, host), run_id)
 
-    def take_active(self, app: str) -> str | None:
+    def take_active(self, app: str, host: str | None = None) -> str | None:
         """The run that held the app's lock last and never finished (only a lost run)."""
-        value = self.client.getdel(keys.active_run(app))
+        value = self.client.getdel(_active(app, host))
         return _text(value) if value else None
 
-    def clear_active(self, app: str) -> None:
-        self.client.delete(keys.active_run(app))
+    def clear_active(self, app: str, host: str | None = None) -> None:
+        self.client.delete(_active(app, host))
 
     # -- output -------------------------------------------------------------
     def write_output(self, run_id: str, tail: bytes, total: int) -> None:
@@ -164,6 +167,14 @@ class StateStore:
     # -- metrics ------------------------------------------------------------
     def check_errors(self, app: str) -> int:
         return int(self.client.get(keys.check_errors(app)) or 0)
+
+
+def _claim(app: str, sha: str, host: str | None) -> str:
+    return keys.instance_claim(app, host, sha) if host else keys.claim(app, sha)
+
+
+def _active(app: str, host: str | None) -> str:
+    return keys.instance_active(app, host) if host else keys.active_run(app)
 
 
 def _text(value: bytes | str) -> str:

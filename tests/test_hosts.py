@@ -90,11 +90,16 @@ def test_a_commit_reaching_one_host_first_runs_once_there_when_its_app_serves_it
 
 def test_scope_instance_runs_on_every_host_including_one_that_joins_late(
         fleet: Fleet, remote: GitRemote, rclient: redis.Redis) -> None:
-    c1 = remote.commit({"appspec.yaml": spec(POST_DEPLOY_SCOPE="instance")}, "c1")
+    # The first runs last long enough to overlap: one host's run never ends the other's.
+    slow = appspec_yaml(JOB + "; sleep 3", envs={"POST_DEPLOY_SCOPE": "instance"})
+    c1 = remote.commit({"appspec.yaml": slow}, "c1")
     a, b = add(fleet, "host-a"), add(fleet, "host-b")
     a.start(), b.start()
-    assert sorted((r.host, r.sha) for r in finished(rclient, 2)) == [
-        ("host-a", c1), ("host-b", c1)]
+    first = finished(rclient, 2)
+    assert sorted((r.host, r.sha, r.status) for r in first) == [
+        ("host-a", c1, "succeeded"), ("host-b", c1, "succeeded")]
+    assert max(r.started_at or 0 for r in first) < min(r.finished_at or 0 for r in first)
+    assert all(h.worker is not None and "was lost" not in h.worker.log() for h in (a, b))
 
     c2 = remote.commit({"appspec.yaml": spec(POST_DEPLOY_SCOPE="instance"), "v": "2"}, "c2")
     a.pull()
