@@ -140,5 +140,5 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "postdeploy.metrics"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("postdeploy metrics: invalid POSTDEPLOY_REDIS_URL")
+    assert proc.stderr.startswith("postdeploy: error: invalid POSTDEPLOY_REDIS_URL")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

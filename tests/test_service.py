@@ -27,5 +27,5 @@ def test_bad_setting_is_one_line_and_exit_2(module: str, extra: dict[str, str], 
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith(f"postdeploy {module}: ") and message in line, line
+    assert line.startswith("postdeploy: error: ") and message in line, line
     assert "hunter2" not in done.stderr
