@@ -95,7 +95,11 @@ def check_redis_url(value: str, where: str = "POSTDEPLOY_REDIS_URL") -> str:
 def state_dir_path(value: Any, where: str) -> Path:
     path = Path(str(value)).expanduser().absolute()
     # The nearest part that exists must be a directory, or nothing can be made below it.
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    try:
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    except OSError as exc:  # a name too long, a loop of symlinks, no permission
+        raise ConfigError(f"invalid {where}: {str(path)!r} cannot be used ({exc.strerror}); "
+                          "give a directory for postdeploy's state") from None
     if existing is not None and not existing.is_dir():
         raise ConfigError(f"invalid {where}: {str(existing)!r} is a file, not a directory; "
                           "give a directory for postdeploy's state")
@@ -109,6 +113,10 @@ def make_state_dir(path: Path) -> Path:
         probe = path / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
+    except FileExistsError:
+        raise ConfigError(f"cannot create the state directory {str(path)!r}: a part of "
+                          "the path is a broken symlink or not a directory; fix it, or set "
+                          "POSTDEPLOY_STATE_DIR (--state-dir) to another directory") from None
     except OSError as exc:
         raise ConfigError(f"cannot write to the state directory {str(path)!r} "
                           f"({exc.strerror}); fix its permissions, or set "
