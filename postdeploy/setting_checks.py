@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from redis.connection import parse_url
+
 from postdeploy.errors import ConfigError
 from postdeploy.redaction import redact_url
 
@@ -89,6 +91,11 @@ def check_redis_url(value: str, where: str = "POSTDEPLOY_REDIS_URL") -> str:
         if db and not (db.isascii() and db.isdigit()):
             raise ConfigError(f"invalid {where}: {shown!r} has db {db!r}, which is not a "
                               f"number (0, 1, ...); {expected}")
+    try:
+        # redis-py's own reading, for its query options (?socket_timeout=...).
+        parse_url(text)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigError(f"invalid {where}: {shown!r}: {exc}") from None
     return text
 
 

@@ -110,6 +110,8 @@ def test_good_redis_urls_are_kept(url: str) -> None:
     ({"POSTDEPLOY_REDIS_URL": "redis://h/?db=one"}, "has db 'one', which is not a number"),
     ({"POSTDEPLOY_REDIS_URL": "unix://"}, "names no socket path"),
     ({"POSTDEPLOY_REDIS_URL": "localhost:6379"}, "expected redis://"),
+    ({"POSTDEPLOY_REDIS_URL": "redis://h/?socket_timeout=abc"}, "Invalid value for "
+                                                               "'socket_timeout'"),
     ({"POSTDEPLOY_KILL_GRACE": "86400"}, "invalid POSTDEPLOY_KILL_GRACE: '86400' is out of "
                                          "range; use 0 to 3600 seconds"),
     ({"POSTDEPLOY_HISTORY_LIMIT": "0"}, "invalid POSTDEPLOY_HISTORY_LIMIT: '0' is not a "
