@@ -120,7 +120,7 @@ class Settings:
         def source(key: str, var: str) -> str:
             """How the error line names the setting: the flag, variable or file key."""
             if key in flags:
-                return _FLAGS.get(key, key)
+                return f"{var} ({_FLAGS.get(key, key)})"
             if env.get(var, "") != "" or key not in file_values:
                 return var
             return f"{config_path}: {key}"

@@ -64,7 +64,8 @@ def check_redis_url(value: str, where: str = "POSTDEPLOY_REDIS_URL") -> str:
     """
     text = value.strip()
     shown = redact_url(text)
-    expected = "expected redis://[:password@]host:port/db, rediss://... or unix:///path"
+    # No "user:password@" in the hint: the CLI masks whatever looks like credentials.
+    expected = "expected redis://host:port/db, rediss://host:port/db or unix:///path/to/socket"
     try:
         parts = urlsplit(text)
         port = parts.port

@@ -132,7 +132,8 @@ def test_values_out_of_range_or_unsafe(env: dict[str, str], message: str) -> Non
 
 
 def test_error_names_the_flag_or_file_key_that_was_used(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^invalid --interval: '0\.1' is out of range"):
+    with pytest.raises(ConfigError, match=r"^invalid POSTDEPLOY_CHECK_INTERVAL "
+                                          r"\(--interval\): '0\.1' is out of range"):
         load({}, check_interval=0.1)
     config = tmp_path / "postdeploy.yaml"
     config.write_text("check_interval: 0.2\nredis_url: redis://h:99999/0\n")

@@ -33,7 +33,7 @@ BAD_SETTINGS = [
      "invalid POSTDEPLOY_REDIS_URL: 'redis://***@127.0.0.1:6379/x' has db 'x', which is "
      "not a number"),
     ({"POSTDEPLOY_REDIS_URL": "mysql://root:hunter2@db/0"},
-     "invalid POSTDEPLOY_REDIS_URL: 'mysql://***@db/0'; expected redis://"),
+     "invalid POSTDEPLOY_REDIS_URL: 'mysql://***@db/0'; expected redis://host:port/db"),
     ({"POSTDEPLOY_STATE_DIR": A_FILE}, "is a file, not a directory"),
     ({"POSTDEPLOY_STATE_DIR": f"{A_FILE}/state"}, "is a file, not a directory"),
     ({"POSTDEPLOY_STATE_DIR": "s" * 300}, "cannot be used (File name too long)"),
@@ -95,7 +95,8 @@ def test_app_names_that_clash_are_refused(entry: str, tmp_path: Path, redis_url:
 def test_up_interval_below_a_second_is_refused(tmp_path: Path, redis_url: str) -> None:
     env = service_env(redis_url, tmp_path / "state", POSTDEPLOY_REPO=str(tmp_path / "x.git"))
     line = one_error_line(start("up", env, tmp_path, "--interval", "0.001"))
-    assert "invalid --interval: '0.001' is out of range; use 1 to 604800 seconds" in line
+    assert "invalid POSTDEPLOY_CHECK_INTERVAL (--interval): '0.001' is out of range; " \
+        "use 1 to 604800 seconds" in line
 
 
 @pytest.mark.parametrize("entry", ["worker", "up", "flower"])
