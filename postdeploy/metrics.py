@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -173,7 +174,11 @@ def run_metrics(settings: Settings, address: str, port: int) -> None:
     store = StateStore(redis_client(url), settings.history_limit)
     registry.register(PostdeployCollector(store, [a.name for a in settings.apps]))
     try:
-        server = make_server(address, port, metrics_app(registry), ThreadingWSGIServer,
+        class Server(ThreadingWSGIServer):
+            # IPv4 or IPv6, as the address is written (prometheus_client does the same).
+            address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+        server = make_server(address, port, metrics_app(registry), Server,
                              handler_class=_QuietHandler)
     except (OSError, UnicodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)

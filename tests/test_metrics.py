@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
@@ -183,3 +185,29 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("postdeploy: error: invalid POSTDEPLOY_REDIS_URL")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_metrics_listen_on_ipv6_loopback(redis_url: str, tmp_path: Path) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    port = free_port()
+    service = Service(["-m", "postdeploy.metrics", "--address", "::1", "--port", str(port)],
+                      service_env(redis_url, tmp_path / "state"), tmp_path / "metrics6.log")
+
+    def scrape6() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=5) as resp:
+                return str(resp.read().decode())
+        except (urllib.error.URLError, ConnectionError):
+            return None
+
+    try:
+        text = wait_for(lambda: scrape6() or (not service.alive() and "dead"), 30,
+                        what="metrics on [::1]")
+        assert service.alive(), service.log()
+        assert value(samples(text), "postdeploy_up") == 1
+    finally:
+        service.stop()
