@@ -34,9 +34,8 @@ from postdeploy import keys
 from postdeploy.celery_app import QUEUE
 from postdeploy.config import Settings
 from postdeploy.connection import redis_client
-from postdeploy.errors import ConfigError
 from postdeploy.records import RunRecord, Status
-from postdeploy.service import prepare
+from postdeploy.service import check_listen, prepare
 from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -173,17 +172,14 @@ def run_metrics(settings: Settings, address: str, port: int) -> None:
     registry = CollectorRegistry(auto_describe=False)
     store = StateStore(redis_client(url), settings.history_limit)
     registry.register(PostdeployCollector(store, [a.name for a in settings.apps]))
-    try:
-        class Server(ThreadingWSGIServer):
-            # IPv4 or IPv6, as the address is written (prometheus_client does the same).
-            address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+    check_listen(address, port)
 
-        server = make_server(address, port, metrics_app(registry), Server,
-                             handler_class=_QuietHandler)
-    except (OSError, UnicodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(f"cannot listen on {address}:{port} ({reason}); "
-                          "pick another --address or --port") from None
+    class Server(ThreadingWSGIServer):
+        # IPv4 or IPv6, as the address is written (prometheus_client does the same).
+        address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+    server = make_server(address, port, metrics_app(registry), Server,
+                         handler_class=_QuietHandler)
     log.info("metrics: serving http://%s:%d%s", address, port, PATH)
     _stop_on_sigterm(server)
     try:
