@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -268,6 +269,16 @@ def validate(directory: Path) -> int:
     return EXIT_FAILED if has_errors(findings) else 0
 
 
+@contextmanager
+def celery_flags(role: str) -> Iterator[None]:
+    """Celery's own usage errors (flags we passed on) as one line pointing at its help."""
+    try:
+        yield
+    except click.UsageError as exc:
+        raise ConfigError(f"{exc.format_message().rstrip('.')} (flags postdeploy does not know "
+                          f"go to Celery; see `celery {role} --help`)") from None
+
+
 @cli.command(context_settings=PASS_THROUGH)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @with_settings
@@ -275,7 +286,8 @@ def worker(settings: Settings, celery_args: tuple[str, ...]) -> int:
     """A Celery worker running jobs and checks (what `python -m worker` starts)."""
     from postdeploy.service import run_worker
 
-    run_worker(settings, celery_args)
+    with celery_flags("worker"):
+        run_worker(settings, celery_args)
     return 0
 
 
@@ -286,7 +298,8 @@ def beat(settings: Settings, celery_args: tuple[str, ...]) -> int:
     """Celery beat, sending the commit check every interval (`python -m beat`); run one."""
     from postdeploy.service import run_beat
 
-    run_beat(settings, celery_args)
+    with celery_flags("beat"):
+        run_beat(settings, celery_args)
     return 0
 
 

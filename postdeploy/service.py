@@ -120,14 +120,15 @@ def run_beat(settings: Settings, argv: Sequence[str] = ()) -> None:
     prepare(settings)
 
     def _first_check(**_: Any) -> None:
+        # Logged here, once Celery has accepted its flags: a bad one is then the only line.
+        log.info(
+            "beat: checking %d app(s) every %g s on %s", len(settings.apps),
+            settings.check_interval, redact_url(str(app.conf.broker_url)))
         # The first check happens at start-up, not one interval later.
         _register_apps(settings)
         app.send_task("postdeploy.check_commits", expires=settings.check_interval)
 
     signals.beat_init.connect(_first_check, weak=False)
     logging.getLogger("celery.beat").addFilter(BrokerOutageFilter())
-    log.info(
-        "beat: checking %d app(s) every %g s on %s", len(settings.apps),
-        settings.check_interval, redact_url(str(app.conf.broker_url)))
     app.start(["beat", "--loglevel", settings.log_level,
                "--scheduler", "celery.beat:Scheduler", *argv])

@@ -147,3 +147,12 @@ def test_a_port_in_use_is_one_line(entry: str, tmp_path: Path, redis_url: str) -
         env = service_env(redis_url, tmp_path / "state")
         line = one_error_line(start(entry, env, tmp_path, "--port", str(port)))
     assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in line, line
+
+
+@pytest.mark.parametrize("entry", ["worker", "beat"])
+def test_a_flag_celery_does_not_know_is_one_line(entry: str, tmp_path: Path,
+                                                 redis_url: str) -> None:
+    env = service_env(redis_url, tmp_path / "state", POSTDEPLOY_REPO=str(tmp_path / "x.git"))
+    line = one_error_line(start(entry, env, tmp_path, "--bogus"))
+    assert f"No such option '--bogus' (flags postdeploy does not know go to Celery; see " \
+        f"`celery {entry} --help`)" in line, line
