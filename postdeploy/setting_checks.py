@@ -25,7 +25,7 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def check_app_name(name: str, where: str) -> None:
-    # The name is a directory and a lock file name ("<name>.lock") in the state dir.
+    """A name safe as a directory and beside its lock file ("<name>.lock") in the state dir."""
     if not APP_NAME.match(name) or name.lower().endswith(".lock"):
         raise ConfigError(f"{where}: {name!r} is not a valid app name (letters, digits, "
                           "'.', '_', '-', starting with a letter or digit, not ending in "
@@ -33,13 +33,15 @@ def check_app_name(name: str, where: str) -> None:
 
 
 def check_branch(branch: str, where: str) -> None:
+    """A name git accepts as a branch and never reads as an option."""
     if _BAD_BRANCH.search(branch):
         raise ConfigError(f"{where}: {branch!r} is not a valid branch name "
                           "(see `git check-ref-format --branch`)")
 
 
 def number_in_range(value: Any, name: str, default: float, low: float, high: float,
-            integer: bool = False) -> float:
+                    integer: bool = False) -> float:
+    """``value`` as a positive number within [low, high]; ``default`` when not given."""
     if value is None or value == "":
         return default
     text = str(value).strip()
@@ -51,8 +53,11 @@ def number_in_range(value: Any, name: str, default: float, low: float, high: flo
     if not number > 0 or math.isnan(number) or math.isinf(number):
         raise ConfigError(f"invalid {name}: {text!r} is not {kind}")
     if not low <= number <= high:
-        span = f"{int(low)} to {int(high)}" if integer else f"{low:g} to {high:g} seconds"
-        raise ConfigError(f"invalid {name}: {text!r} is out of range; use {span}")
+        unit = "" if integer else " seconds"
+        span = f"{low:.0f} to {high:.0f}" if integer else f"{low:g} to {high:g}"
+        if low <= 0:  # "0 to N" would suggest that 0 itself is fine
+            span = f"at most {high:.0f}" if integer else f"at most {high:g}"
+        raise ConfigError(f"invalid {name}: {text!r} is out of range; use {span}{unit}")
     return number
 
 

@@ -113,7 +113,7 @@ def test_good_redis_urls_are_kept(url: str) -> None:
     ({"POSTDEPLOY_REDIS_URL": "redis://h/?socket_timeout=abc"}, "Invalid value for "
                                                                "'socket_timeout'"),
     ({"POSTDEPLOY_KILL_GRACE": "86400"}, "invalid POSTDEPLOY_KILL_GRACE: '86400' is out of "
-                                         "range; use 0 to 3600 seconds"),
+                                         "range; use at most 3600 seconds"),
     ({"POSTDEPLOY_HISTORY_LIMIT": "0"}, "invalid POSTDEPLOY_HISTORY_LIMIT: '0' is not a "
                                         "positive integer"),
     ({"POSTDEPLOY_REPO": "/srv/x", "POSTDEPLOY_APP": "a.LOCK"}, "not a valid app name"),
