@@ -17,16 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from postdeploy.config import Settings
+from postdeploy.config import DEFAULT_FLOWER_PORT, DEFAULT_LISTEN_ADDRESS, Settings
 from postdeploy.connection import address_file, connect
 from postdeploy.embedded_redis import EmbeddedRedis
 from postdeploy.errors import ConfigError
 from postdeploy.redaction import redact_url
+from postdeploy.setting_checks import make_state_dir
 from postdeploy.supervisor import ChildDied, Supervisor, die_with_parent
 
 LOCK_FILE = "up.lock"  # in the state dir: one `up` per state dir
-DEFAULT_FLOWER_ADDRESS = "127.0.0.1"  # Flower can re-run jobs: not on the network by default
-DEFAULT_FLOWER_PORT = 5555
 FLOWER_MODULE = "postdeploy.flower"
 
 
@@ -36,7 +35,7 @@ class UpOptions:
 
     flower: bool = False
     single_repo: bool = False  # the app came from --repo / POSTDEPLOY_REPO, not a config file
-    flower_address: str = DEFAULT_FLOWER_ADDRESS
+    flower_address: str = DEFAULT_LISTEN_ADDRESS
     flower_port: int = DEFAULT_FLOWER_PORT
 
 
@@ -48,7 +47,7 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     if options.flower and importlib.util.find_spec(FLOWER_MODULE) is None:
         raise ConfigError(f"--flower needs the {FLOWER_MODULE} module, which this "
                           "installation lacks; run without --flower")
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(settings.state_dir)
     with _exclusive(settings.state_dir):
         embedded: EmbeddedRedis | None = None
         if settings.redis_url:
