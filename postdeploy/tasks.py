@@ -123,6 +123,7 @@ NOTIFY_SOFT_LIMIT = 90  # seconds for one try of one message to every URL (each 
 
 
 @app.task(name="postdeploy.notify", bind=True, ignore_result=True, max_retries=None,
+          acks_late=False,  # acknowledged on start: a crash mid-send never sends twice
           soft_time_limit=NOTIFY_SOFT_LIMIT, time_limit=NOTIFY_SOFT_LIMIT + 30)
 def notify(self: Task, run_id: str, event: str, pending: list[str] | None = None,
            previous: str | None = None) -> None:
