@@ -38,6 +38,7 @@ OUTPUT_LINES = 20  # last lines of output in a message
 LINE_CHARS = 300  # longest output line in a message; the rest is cut
 FAILURES = frozenset({Status.FAILED.value, Status.TIMED_OUT.value, Status.ERROR.value,
                       Status.LOST.value})
+ALL_URLS = "*"  # in a retry's pending list: every URL (the try failed before sending)
 _HEADLINE = {"failed": "failed", "timed_out": "timed out", "error": "could not run",
              "lost": "was lost", "cancelled": "was cancelled", "succeeded": "succeeded",
              "recovered": "recovered"}
@@ -133,15 +134,31 @@ def deliver(settings: Settings, store: StateStore, run_id: str, event: str,
 
     ``pending`` (fingerprints, never URLs: task messages sit in Redis) narrows a
     retry to the URLs that failed. On the last try nothing is returned and each
-    URL still failing is a WARNING. Counts results in NOTIFICATIONS_TOTAL.
+    URL still failing is a WARNING. Counts results in NOTIFICATIONS_TOTAL. Never
+    raises: an error here (Redis away, a time limit) is a failed try of every URL.
     """
+    try:
+        return _deliver(settings, store, run_id, event, pending, attempt, previous)
+    except Exception as exc:
+        reason = mask_secrets(f"{type(exc).__name__}: {exc}", executor_secrets(settings))
+        if attempt >= NOTIFY_ATTEMPTS:
+            log.warning("could not send the %s notification of run %s after %d tries: %s; "
+                        "the run's record is unchanged", event, run_id, attempt, reason)
+            return []
+        log.info("%s notification of run %s failed (try %d of %d): %s; retrying in %g s",
+                 event, run_id, attempt, NOTIFY_ATTEMPTS, reason, retry_delay(settings, attempt))
+        return pending or [ALL_URLS]
+
+
+def _deliver(settings: Settings, store: StateStore, run_id: str, event: str,
+             pending: list[str] | None, attempt: int, previous: str | None) -> list[str]:
     record = store.get_run(run_id)
     if record is None:
         log.warning("%s notification of run %s dropped: the run is no longer stored",
                     event, run_id)
         return []
     urls = [u for u in destinations(settings, record.app)
-            if pending is None or fingerprint(u) in pending]
+            if not pending or ALL_URLS in pending or fingerprint(u) in pending]
     if not urls:
         return []
     prior = store.get_run(previous) if previous else None
@@ -206,7 +223,7 @@ def compose(settings: Settings, store: StateStore, record: RunRecord, event: str
     return Message(f"postdeploy: {label} {_HEADLINE.get(event, event)}", body, kind)
 
 
-def send(urls: Iterable[str], message: Message, secrets: set[str]) -> list[Delivery]:
+def send(urls: Iterable[str], message: Message, secrets: list[str]) -> list[Delivery]:
     """Send ``message`` to each URL in turn; what happened to each, masked."""
     results = []
     for url in urls:
@@ -258,14 +275,17 @@ def _apprise_errors() -> Iterator[list[str]]:
         logger.setLevel(level)
 
 
-def executor_secrets(settings: Settings) -> set[str]:
+def executor_secrets(settings: Settings) -> list[str]:
     """What the executor itself must never show: Redis, repo and notify credentials."""
     found: set[str] = set()
     for url in (settings.redis_url, str(celery.conf.broker_url or ""),
-                *(a.repo for a in settings.apps), *destinations(settings, None)):
+                *(a.repo for a in settings.apps)):
         if url and "://" in url:
-            found |= url_secrets(url)
-    return found
+            found |= url_secrets(url, tokens=False)
+    for url in destinations(settings, None):
+        found |= url_secrets(url)
+    # Longest first: a whole URL is masked before the token inside it.
+    return sorted(found, key=len, reverse=True)
 
 
 def fingerprint(url: str) -> str:

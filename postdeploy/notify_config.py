@@ -111,8 +111,9 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{host}{'/...' if slash and path.strip('/') else ''}"
 
 
-def url_secrets(url: str) -> set[str]:
-    """Parts of a notify URL that must never be shown: the URL, its user-info, tokens."""
+def url_secrets(url: str, tokens: bool = True) -> set[str]:
+    """Parts of a URL that must never be shown: the URL, its user-info and, for a
+    notify URL (``tokens``), the token-like parts of its host, path and query."""
     found = {url}
     try:
         parts = urlsplit(url)
@@ -121,10 +122,14 @@ def url_secrets(url: str) -> set[str]:
         return found
     if userinfo:
         found.add(userinfo)
-        found.update(p for p in userinfo.split(":", 1) if len(p) >= 4)
-    pieces = [parts.netloc.rpartition("@")[2], *parts.path.split("/"),
-              *(v for _, v in parse_qsl(parts.query))]
-    found.update(p for p in pieces if _looks_like_token(p))
+        user, colon, password = userinfo.partition(":")
+        # A password, or a user name that is a token (https://TOKEN@host); not a
+        # plain user name such as "deploy", which would mask ordinary words.
+        found.update(p for p in (password if colon else user,) if len(p) >= 4)
+    if tokens:
+        pieces = [parts.netloc.rpartition("@")[2], *parts.path.split("/"),
+                  *(v for _, v in parse_qsl(parts.query))]
+        found.update(p for p in pieces if _looks_like_token(p))
     return found
 
 

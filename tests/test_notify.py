@@ -322,18 +322,23 @@ def test_bad_settings_stop_worker_beat_and_up(
     assert "pa55word" not in result.stderr
 
 
-def test_up_banner_shows_notify_urls_masked(remote: GitRemote, tmp_path: Path,
-                                            receivers: Callable[..., Receiver]) -> None:
-    remote.commit({"appspec.yaml": appspec_yaml("echo hi")})
-    url = receivers().url("tok3nBANNER9", auth="ops:pa55word@")
+def test_up_notifies_and_shows_notify_urls_masked(remote: GitRemote, tmp_path: Path,
+                                                  receivers: Callable[..., Receiver]) -> None:
+    sha = remote.commit({"appspec.yaml": appspec_yaml("echo broken; exit 1")})
+    receiver = receivers()
+    url = receiver.url("tok3nBANNER9", auth="ops:pa55word@")
     up = start_up(tmp_path, remote, tmp_path / "state", POSTDEPLOY_NOTIFY=url)
     try:
-        wait_for(lambda: "Press Ctrl-C" in up.log(), 30, what="the banner")
-        assert "  notify  json://ops:****@127.0.0.1:" in up.log()
-        assert "(on error, failed, lost, recovered, timed_out)" in up.log()
+        # up's worker got the setting: the failed run is notified.
+        message = receiver.wait(1)[0]
+        assert message["title"] == f"postdeploy: shop@{sha[:7]} failed"
     finally:
         assert interrupt(up) == 0
-    assert "pa55word" not in up.log() and "tok3nBANNER9" not in up.log()
+    log = up.log()
+    assert f"  notify  json://ops:****@127.0.0.1:{receiver.port}/... " in log
+    assert "(on error, failed, lost, recovered, timed_out)" in log
+    assert f"failed notification sent to json://ops:****@127.0.0.1:{receiver.port}/..." in log
+    assert "pa55word" not in log and "tok3nBANNER9" not in log
 
 
 def test_notify_settings_from_environment_and_file(tmp_path: Path) -> None:
@@ -369,3 +374,31 @@ def test_masking_helpers() -> None:
     assert mask_url("nonsense://x:y@z") == "nonsense://***"
     assert {"T1JJ3T3L2", "A1BRTD4JD", "TIiajkdnlazkcOXrIdevi7FQ"} <= url_secrets(slack)
     assert "127.0.0.1:9" not in url_secrets("json://127.0.0.1:9/plain")
+
+
+def test_message_masks_every_secret_the_executor_knows(rclient: redis.Redis) -> None:
+    from postdeploy.config import AppConfig
+    from postdeploy.notify import compose
+    from postdeploy.state import StateStore
+
+    settings = Settings(
+        redis_url="redis://:R3disPassw0rd@127.0.0.1:1/0",
+        apps=(AppConfig("shop", repo="https://deploy:ghT0ken12345@git.example/acme/shop.git",
+                        notify=("json://ops:N0tifyPw@127.0.0.1:9/hook/abc123TOKENxyz",)),),
+        notify=("slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ",))
+    store = StateStore(rclient)
+    record = RunRecord.new("shop", "a" * 40, "auto")
+    record.status, record.exit_code, record.reason = "failed", 1, "exited with code 1"
+    store.add_run(record)
+    printed = (b"R3disPassw0rd ghT0ken12345 N0tifyPw abc123TOKENxyz TIiajkdnlazkcOXrIdevi7FQ\n"
+               b"\x1b[31mred\x1b[0m\n" + b"x" * 400 + b"\n")
+    store.write_output(record.id, printed, len(printed))
+    message = compose(settings, store, record, "failed")
+    for secret in ("R3disPassw0rd", "ghT0ken12345", "N0tifyPw", "abc123TOKENxyz",
+                   "TIiajkdnlazkcOXrIdevi7FQ"):
+        assert secret not in message.body, secret
+    assert "*** *** *** *** ***" in message.body
+    assert "\\x1b[31mred\\x1b[0m" in message.body and "\x1b" not in message.body
+    assert f"More: postdeploy logs shop {record.id}" in message.body
+    assert "x" * 300 + "..." in message.body and "x" * 301 not in message.body
+    assert message.title == "postdeploy: shop@aaaaaaa failed"
