@@ -125,8 +125,10 @@ class Settings:
                 "POSTDEPLOY_CONCURRENCY", DEFAULT_CONCURRENCY, integer=True)),
             log_level=_log_level(pick("log_level", "POSTDEPLOY_LOG_LEVEL") or "INFO"),
             config_file=config_path,
-            notify=parse_urls(pick("notify", "POSTDEPLOY_NOTIFY"), "POSTDEPLOY_NOTIFY"),
-            notify_on=parse_events(pick("notify_on", "POSTDEPLOY_NOTIFY_ON")),
+            notify=parse_urls(pick("notify", "POSTDEPLOY_NOTIFY"),
+                              _where("POSTDEPLOY_NOTIFY", "notify", env, config_path)),
+            notify_on=parse_events(pick("notify_on", "POSTDEPLOY_NOTIFY_ON"),
+                                   _where("POSTDEPLOY_NOTIFY_ON", "notify_on", env, config_path)),
             notify_backoff=_positive_number(
                 pick("notify_backoff", "POSTDEPLOY_NOTIFY_BACKOFF"),
                 "POSTDEPLOY_NOTIFY_BACKOFF", DEFAULT_NOTIFY_BACKOFF),
@@ -246,8 +248,15 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
         if any(a.name == name for a in apps):
             raise ConfigError(f"{label}: name is used twice; give each app its own 'name'")
         apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch"),
-                              notify=parse_urls(item.get("notify"), f"{label}: notify")))
+                              notify=parse_urls(item.get("notify"), f"{label}: invalid 'notify'")))
     return tuple(apps)
+
+
+def _where(var: str, key: str, env: Mapping[str, str], config_path: Path | None) -> str:
+    """Where a notify setting came from, to start its error message."""
+    if env.get(var, "") != "" or config_path is None:
+        return f"invalid {var}"
+    return f"{config_path}: invalid '{key}'"
 
 
 def _check_name(name: str, where: str) -> None:

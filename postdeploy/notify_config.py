@@ -36,7 +36,8 @@ _EVENT_SPLIT = re.compile(r"[,\s]+")
 def parse_urls(raw: Any, where: str) -> tuple[str, ...]:
     """URLs from a string (comma- or space-separated) or a list; each one checked.
 
-    Raises ConfigError naming ``where`` and the (masked) URL that is wrong.
+    Raises ConfigError starting with ``where`` ("invalid POSTDEPLOY_NOTIFY") and
+    naming the (masked) URL that is wrong.
     """
     if raw is None:
         return ()
@@ -45,7 +46,7 @@ def parse_urls(raw: Any, where: str) -> tuple[str, ...]:
     elif isinstance(raw, list) and all(isinstance(v, str) for v in raw):
         values = list(raw)
     else:
-        raise ConfigError(f"invalid {where}: give an Apprise URL or a list of them")
+        raise ConfigError(f"{where}: give an Apprise URL or a list of them")
     urls: list[str] = []
     for value in values:
         for word in value.split():
@@ -59,7 +60,7 @@ def check_url(url: str, where: str) -> None:
     """ConfigError unless Apprise can send to ``url``."""
     match = _SCHEME.match(url)
     if match is None:
-        raise ConfigError(f"invalid {where}: an entry has no 'scheme://', so it is not a URL "
+        raise ConfigError(f"{where}: an entry has no 'scheme://', so it is not a URL "
                           "(not shown: it may hold a token); give Apprise URLs such as "
                           "json://host/path or slack://tokenA/tokenB/tokenC")
     scheme = match.group("scheme").lower()
@@ -67,15 +68,15 @@ def check_url(url: str, where: str) -> None:
         known = _supported(scheme)
         plugin = apprise.Apprise.instantiate(url) if known else None
     if not known:
-        raise ConfigError(f"invalid {where}: {mask_url(url)!r}: Apprise has no service "
+        raise ConfigError(f"{where}: {mask_url(url)!r}: Apprise has no service "
                           f"'{scheme}://'; check the URL's scheme against Apprise's list "
                           "of services")
     if plugin is None:
-        raise ConfigError(f"invalid {where}: {mask_url(url)!r} is not a valid "
+        raise ConfigError(f"{where}: {mask_url(url)!r} is not a valid "
                           f"'{scheme}://' URL for Apprise; check its format")
 
 
-def parse_events(raw: Any, where: str = "POSTDEPLOY_NOTIFY_ON") -> frozenset[str]:
+def parse_events(raw: Any, where: str = "invalid POSTDEPLOY_NOTIFY_ON") -> frozenset[str]:
     """The events to notify, from "failed,timed_out ..." (default when unset)."""
     if raw is None or raw == "":
         return DEFAULT_NOTIFY_ON
@@ -83,10 +84,10 @@ def parse_events(raw: Any, where: str = "POSTDEPLOY_NOTIFY_ON") -> frozenset[str
     events = {str(w).strip().lower() for w in words if str(w).strip()}
     for event in sorted(events):
         if event not in NOTIFY_EVENTS:
-            raise ConfigError(f"invalid {where}: {event!r} is not an event; "
+            raise ConfigError(f"{where}: {event!r} is not an event; "
                               f"use some of {', '.join(NOTIFY_EVENTS)}")
     if not events:
-        raise ConfigError(f"invalid {where}: no events given; use some of "
+        raise ConfigError(f"{where}: no events given; use some of "
                           f"{', '.join(NOTIFY_EVENTS)}, or unset POSTDEPLOY_NOTIFY")
     return frozenset(events)
 

@@ -363,7 +363,13 @@ def test_notify_settings_from_environment_and_file(tmp_path: Path) -> None:
     assert "shop.example" not in json.dumps(shop.describe())  # the registry in Redis: no URLs
 
     config.write_text("apps:\n  - {name: shop, path: ., notify: {url: x}}\n")
-    with pytest.raises(ConfigError, match="app 'shop': notify: give an Apprise URL"):
+    with pytest.raises(ConfigError, match="app 'shop': invalid 'notify': give an Apprise URL"):
+        Settings.load({"POSTDEPLOY_CONFIG": str(config)})
+    config.write_text("notify: [json://ok.example/x, slakk://ops:pa55word@x]\nnotify_on: faild\n")
+    with pytest.raises(ConfigError, match=r"postdeploy.yaml: invalid 'notify': 'slakk://\*\*\*'"):
+        Settings.load({"POSTDEPLOY_CONFIG": str(config)})
+    config.write_text("notify_on: [failed, faild]\n")
+    with pytest.raises(ConfigError, match="postdeploy.yaml: invalid 'notify_on': 'faild' is not"):
         Settings.load({"POSTDEPLOY_CONFIG": str(config)})
 
 
