@@ -329,6 +329,31 @@ def metrics(settings: Settings, address: str, port: int) -> int:
     return 0
 
 
+@cli.command()
+@click.argument("app", required=False)
+@click.option("--test", "send_test", is_flag=True,
+              help="Send a test message to each URL and say whether it arrived.")
+@with_settings
+def notify(settings: Settings, app: str | None, send_test: bool) -> int:
+    """Try the notification URLs (POSTDEPLOY_NOTIFY, and APP's `notify:`; all without APP)."""
+    from postdeploy.notify import destinations
+    from postdeploy.notify import send_test as send_test_message
+
+    if not send_test:
+        raise click.UsageError("nothing to do; use `postdeploy notify --test [APP]`")
+    if app is not None and settings.app(app) is None:
+        names = ", ".join(a.name for a in settings.apps) or "none"
+        raise ConfigError(f"unknown app {app!r}; apps in this configuration: {names}")
+    if not destinations(settings, app):
+        raise ConfigError("no notification URLs configured; set POSTDEPLOY_NOTIFY or give "
+                          "the app `notify:` in postdeploy.yaml")
+    results = send_test_message(settings, app)
+    for result in results:
+        click.echo(f"ok      {result.shown}" if result.ok else
+                   f"FAILED  {result.shown}: {result.error}")
+    return 0 if all(r.ok for r in results) else EXIT_FAILED
+
+
 def fail(message: str, code: int) -> int:
     """Print the one error line; return the exit code."""
     line = " ".join(redact_url(message).split())

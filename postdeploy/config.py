@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from postdeploy.errors import ConfigError
+from postdeploy.notify_config import DEFAULT_NOTIFY_ON, parse_events, parse_urls
 from postdeploy.redaction import redact_url
 from postdeploy.setting_checks import (
     check_app_name,
@@ -31,6 +32,7 @@ DEFAULT_KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL of a timed-out 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024  # bytes of output tail kept per run
 DEFAULT_HISTORY_LIMIT = 50  # runs kept per app
 DEFAULT_CONCURRENCY = 2  # prefork processes per worker
+DEFAULT_NOTIFY_BACKOFF = 10.0  # seconds before a failed notification's first retry (doubles)
 CONFIG_FILE = "postdeploy.yaml"
 # Flower can start jobs and the metrics name apps and commits: loopback unless asked.
 DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
@@ -59,6 +61,7 @@ class AppConfig:
     repo: str | None = None
     path: str | None = None
     branch: str | None = None
+    notify: tuple[str, ...] = ()  # Apprise URLs for this app's runs (besides the global ones)
 
     @property
     def source(self) -> str:
@@ -84,6 +87,10 @@ class Settings:
     concurrency: int = DEFAULT_CONCURRENCY
     log_level: str = "INFO"
     config_file: Path | None = None
+    # Notifications: Apprise URLs for every app's runs, and which run endings to send.
+    notify: tuple[str, ...] = ()
+    notify_on: frozenset[str] = DEFAULT_NOTIFY_ON
+    notify_backoff: float = DEFAULT_NOTIFY_BACKOFF
     # The executor's own environment: the base of every job's environment and the
     # fallback for POST_DEPLOY_* keys an appspec leaves out.
     environ: Mapping[str, str] = field(default_factory=dict)
@@ -148,6 +155,13 @@ class Settings:
                                    1, MAX_CONCURRENCY, integer=True)),
             log_level=_log_level(pick("log_level", "POSTDEPLOY_LOG_LEVEL") or "INFO"),
             config_file=config_path,
+            notify=parse_urls(pick("notify", "POSTDEPLOY_NOTIFY"),
+                              _where("POSTDEPLOY_NOTIFY", "notify", env, config_path)),
+            notify_on=parse_events(pick("notify_on", "POSTDEPLOY_NOTIFY_ON"),
+                                   _where("POSTDEPLOY_NOTIFY_ON", "notify_on", env, config_path)),
+            notify_backoff=_positive_number(
+                pick("notify_backoff", "POSTDEPLOY_NOTIFY_BACKOFF"),
+                "POSTDEPLOY_NOTIFY_BACKOFF", DEFAULT_NOTIFY_BACKOFF),
             environ=env,
         )
         repo = flags.get("repo") or env.get("POSTDEPLOY_REPO")
@@ -219,7 +233,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping with 'apps:'")
     known = {"apps", "check_interval", "redis_url", "state_dir", "kill_grace",
-             "output_limit", "history_limit", "concurrency", "log_level"}
+             "output_limit", "history_limit", "concurrency", "log_level",
+             "notify", "notify_on", "notify_backoff"}
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; "
@@ -240,10 +255,11 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
             raise ConfigError(f"{label} must be a mapping with 'repo' or 'path'")
         if isinstance(item.get("name"), str):  # name the app as soon as we can
             label = f"{where}: app {item['name']!r}"
-        unknown = sorted(str(k) for k in item if k not in {"name", "repo", "path", "branch"})
+        unknown = sorted(str(k) for k in item
+                         if k not in {"name", "repo", "path", "branch", "notify"})
         if unknown:
             raise ConfigError(f"{label}: unknown field {unknown[0]!r}; "
-                              "use name, repo, path, branch")
+                              "use name, repo, path, branch, notify")
         for key in ("name", "repo", "path", "branch"):
             if key in item and not isinstance(item[key], str):
                 raise ConfigError(f"{label}: {key!r} must be a string")
@@ -267,8 +283,16 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
                               "case); give each app its own 'name'")
         if item.get("branch"):
             check_branch(item["branch"], f"{label}: branch")
-        apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch")))
+        apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch"),
+                              notify=parse_urls(item.get("notify"), f"{label}: invalid 'notify'")))
     return tuple(apps)
+
+
+def _where(var: str, key: str, env: Mapping[str, str], config_path: Path | None) -> str:
+    """Where a notify setting came from, to start its error message."""
+    if env.get(var, "") != "" or config_path is None:
+        return f"invalid {var}"
+    return f"{config_path}: invalid '{key}'"
 
 
 def _positive_number(value: Any, name: str, default: float, integer: bool = False) -> float:

@@ -22,6 +22,7 @@ from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, parse_appspec, r
 from postdeploy.config import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
+from postdeploy.notify import notify_if_needed
 from postdeploy.output import OutputCapture
 from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.redaction import mask_secrets
@@ -81,6 +82,7 @@ def execute_run(settings: Settings, store: StateStore, app_name: str, sha: str |
         lost = store.take_active(app.name)
         if lost:
             _mark_lost(store, lost)
+            notify_if_needed(settings, store, lost)  # NOTIFY HOOK (issue 11): run found lost
         if auto and (skipped := _skip_reason(store, app.name, sha)):
             return _finish(store, record, Status.SUPERSEDED, None, skipped)
         current = store.get_run(record.id)
@@ -128,6 +130,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, record
         outcome = JobOutcome(Status.TIMED_OUT, None, "timed out before the job started "
                              "(checkout took longer than POST_DEPLOY_TIMEOUT)")
     finished = _finish(store, record, outcome.status, outcome.exit_code, outcome.reason)
+    notify_if_needed(settings, store, finished)  # NOTIFY HOOK (issue 11): the run's final status
     if record.trigger == Trigger.AUTO.value:
         _patiently(lambda: store.mark_done(app, record.sha, record.id), "mark the commit done")
     _patiently(lambda: store.clear_active(app), "clear the active run")

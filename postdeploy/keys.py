@@ -67,3 +67,13 @@ def check_failure(app: str) -> str:
 def check_errors(app: str) -> str:
     """Counter: failed commit checks of ``app`` (for metrics)."""
     return f"{PREFIX}app:{app}:check_errors"
+
+
+def notified(run_id: str, event: str) -> str:
+    """String with expiry: the notification of ``run_id``'s ``event`` was queued (at most once)."""
+    return f"{PREFIX}run:{run_id}:notified:{event}"
+
+
+def notify_failing(app: str) -> str:
+    """String (JSON): the failed run ``app``'s last notification was about, until it recovers."""
+    return f"{PREFIX}app:{app}:notify_failing"

@@ -21,6 +21,7 @@ from postdeploy.config import DEFAULT_FLOWER_PORT, DEFAULT_LISTEN_ADDRESS, Setti
 from postdeploy.connection import address_file, connect
 from postdeploy.embedded_redis import EmbeddedRedis
 from postdeploy.errors import ConfigError
+from postdeploy.notify_config import mask_url
 from postdeploy.redaction import redact_url
 from postdeploy.setting_checks import make_state_dir
 from postdeploy.supervisor import ChildDied, Supervisor, die_with_parent
@@ -118,6 +119,10 @@ def _banner(supervisor: Supervisor, settings: Settings, url: str,
         branch = f" (branch {app.branch})" if app.branch else ""
         lines.append(f"  app     {app.name}: {app.source}{branch}")
     lines.append(f"  redis   {redact_url(url)} ({where})")
+    notify = dict.fromkeys([*settings.notify, *(u for a in settings.apps for u in a.notify)])
+    if notify:  # notify URLs carry tokens: shown masked
+        lines.append(f"  notify  {', '.join(mask_url(u) for u in notify)} "
+                     f"(on {', '.join(sorted(settings.notify_on))})")
     if options.flower:
         lines.append(f"  flower  http://{options.flower_address}:{options.flower_port}/")
     lines.append(f"  state   {settings.state_dir}")
