@@ -1,8 +1,8 @@
-"""`python -m beat`: Celery beat firing postdeploy.check_commits every interval."""
+"""`python -m beat`: `postdeploy beat`, Celery beat sending postdeploy.check_commits."""
 
 import sys
 
-from postdeploy.service import run_beat
+from postdeploy.cli import main
 
 if __name__ == "__main__":
-    run_beat(sys.argv[1:])
+    main(["beat", *sys.argv[1:]])

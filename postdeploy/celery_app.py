@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.app.amqp import AMQP
 from kombu.transport.redis import Channel as RedisChannel
 
 from postdeploy import keys
@@ -22,7 +23,26 @@ HARD_LIMIT_MARGIN = 30  # seconds above soft limit + kill grace before Celery ki
 # Redelivery of an unacknowledged job must never start while it may still be running.
 VISIBILITY_TIMEOUT = MAX_TIMEOUT + 3_600
 
-app = Celery("postdeploy", include=["postdeploy.tasks"])
+
+
+class QuietChecksAMQP(AMQP):  # type: ignore[misc]  # Celery is untyped
+    """Celery's messaging, except that a task sending no events sends no task-sent event.
+
+    task_send_sent_event is one switch for every task. Flower should see run_job
+    queued, but a task-sent event of the periodic check, with no started or
+    finished event after it (the check has send_events=False), stays a PENDING
+    row in Flower's task list for ever, one per interval.
+    """
+
+    def as_task_v2(self, task_id: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        message = super().as_task_v2(task_id, name, *args, **kwargs)
+        task = self.app.tasks.get(name)
+        if message.sent_event is not None and task is not None and not task.send_events:
+            return message._replace(sent_event=None)
+        return message
+
+
+app = Celery("postdeploy", include=["postdeploy.tasks"], amqp=QuietChecksAMQP)
 _settings: Settings | None = None
 
 

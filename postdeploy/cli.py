@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +19,12 @@ import redis
 from kombu.exceptions import OperationalError
 
 from postdeploy import __version__
-from postdeploy.config import Settings
+from postdeploy.config import (
+    DEFAULT_FLOWER_PORT,
+    DEFAULT_LISTEN_ADDRESS,
+    DEFAULT_METRICS_PORT,
+    Settings,
+)
 from postdeploy.connection import address_file, connect, resolve_redis_url
 from postdeploy.errors import ConfigError, PostdeployError, RedisUnavailable
 from postdeploy.logconfig import configure_logging
@@ -30,6 +36,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 CHECK_TIMEOUT = 30.0  # seconds `check` waits for the workers' answers
 EXIT_USAGE = 2  # bad flags or configuration
 EXIT_FAILED = 1  # anything else that went wrong
+PORT = click.IntRange(1, 65535)
+# worker and beat pass what they do not know on to Celery (`python -m worker -Q x`).
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 def common_options(func: F) -> F:
@@ -95,8 +104,8 @@ def open_store(settings: Settings) -> tuple[str, StateStore]:
 @click.option("--interval", type=click.FloatRange(min=0, min_open=True),
               help="Seconds between commit checks (POSTDEPLOY_CHECK_INTERVAL, default 30).")
 @click.option("--flower", is_flag=True, help="Also run Flower (task monitor).")
-@click.option("--flower-address", default="127.0.0.1", show_default=True)
-@click.option("--flower-port", type=click.IntRange(1, 65535), default=5555, show_default=True)
+@click.option("--flower-address", default=DEFAULT_LISTEN_ADDRESS, show_default=True)
+@click.option("--flower-port", type=PORT, default=DEFAULT_FLOWER_PORT, show_default=True)
 @common_options
 @click.pass_context
 def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | None,
@@ -293,6 +302,91 @@ def validate(directory: Path) -> int:
     warnings = sum(1 for f in findings if f.level == "warning")
     click.echo(f"{directory}: {errors} error(s), {warnings} warning(s)")
     return EXIT_FAILED if has_errors(findings) else 0
+
+
+@contextmanager
+def celery_flags(role: str) -> Iterator[None]:
+    """Celery's own usage errors (flags we passed on) as one line pointing at its help."""
+    try:
+        yield
+    except click.UsageError as exc:
+        raise ConfigError(f"{exc.format_message().rstrip('.')} (flags postdeploy does not know "
+                          f"go to Celery; see `celery {role} --help`)") from None
+
+
+@cli.command(context_settings=PASS_THROUGH)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@with_settings
+def worker(settings: Settings, celery_args: tuple[str, ...]) -> int:
+    """A Celery worker running jobs and checks (what `python -m worker` starts)."""
+    from postdeploy.service import run_worker
+
+    with celery_flags("worker"):
+        run_worker(settings, celery_args)
+    return 0
+
+
+@cli.command(context_settings=PASS_THROUGH)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@with_settings
+def beat(settings: Settings, celery_args: tuple[str, ...]) -> int:
+    """Celery beat, sending the commit check every interval (`python -m beat`); run one."""
+    from postdeploy.service import run_beat
+
+    with celery_flags("beat"):
+        run_beat(settings, celery_args)
+    return 0
+
+
+@cli.command()
+@click.option("--address", default=DEFAULT_LISTEN_ADDRESS, show_default=True,
+              help="Address to listen on; other than loopback needs FLOWER_BASIC_AUTH.")
+@click.option("--port", type=PORT, default=DEFAULT_FLOWER_PORT, show_default=True)
+@with_settings
+def flower(settings: Settings, address: str, port: int) -> int:
+    """Flower (task monitor) on postdeploy's tasks, auth from FLOWER_BASIC_AUTH."""
+    from postdeploy.flower import run_flower
+
+    run_flower(settings, address, port)
+    return 0
+
+
+@cli.command()
+@click.option("--address", default=DEFAULT_LISTEN_ADDRESS, show_default=True,
+              help="Address to listen on.")
+@click.option("--port", type=PORT, default=DEFAULT_METRICS_PORT, show_default=True)
+@with_settings
+def metrics(settings: Settings, address: str, port: int) -> int:
+    """Serve Prometheus metrics at /metrics, read from Redis on each scrape."""
+    from postdeploy.metrics import run_metrics
+
+    run_metrics(settings, address, port)
+    return 0
+
+
+@cli.command()
+@click.argument("app", required=False)
+@click.option("--test", "send_test", is_flag=True,
+              help="Send a test message to each URL and say whether it arrived.")
+@with_settings
+def notify(settings: Settings, app: str | None, send_test: bool) -> int:
+    """Try the notification URLs (POSTDEPLOY_NOTIFY, and APP's `notify:`; all without APP)."""
+    from postdeploy.notify import destinations
+    from postdeploy.notify import send_test as send_test_message
+
+    if not send_test:
+        raise click.UsageError("nothing to do; use `postdeploy notify --test [APP]`")
+    if app is not None and settings.app(app) is None:
+        names = ", ".join(a.name for a in settings.apps) or "none"
+        raise ConfigError(f"unknown app {app!r}; apps in this configuration: {names}")
+    if not destinations(settings, app):
+        raise ConfigError("no notification URLs configured; set POSTDEPLOY_NOTIFY or give "
+                          "the app `notify:` in postdeploy.yaml")
+    results = send_test_message(settings, app)
+    for result in results:
+        click.echo(f"ok      {result.shown}" if result.ok else
+                   f"FAILED  {result.shown}: {result.error}")
+    return 0 if all(r.ok for r in results) else EXIT_FAILED
 
 
 def fail(message: str, code: int) -> int:

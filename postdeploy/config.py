@@ -5,6 +5,7 @@ Everything else receives a :class:`Settings`; nothing else reads the environment
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -16,7 +17,15 @@ from typing import Any
 import yaml
 
 from postdeploy.errors import ConfigError
+from postdeploy.notify_config import DEFAULT_NOTIFY_ON, parse_events, parse_urls
 from postdeploy.redaction import redact_url
+from postdeploy.setting_checks import (
+    check_app_name,
+    check_branch,
+    check_redis_url,
+    number_in_range,
+    state_dir_path,
+)
 
 DEFAULT_STATE_DIR = ".postdeploy"  # checkouts, embedded Redis data, its address
 DEFAULT_CHECK_INTERVAL = 30.0  # seconds between commit checks (the guide's "every 30s")
@@ -24,11 +33,25 @@ DEFAULT_KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL of a timed-out 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024  # bytes of output tail kept per run
 DEFAULT_HISTORY_LIMIT = 50  # runs kept per app
 DEFAULT_CONCURRENCY = 2  # prefork processes per worker
+DEFAULT_NOTIFY_BACKOFF = 10.0  # seconds before a failed notification's first retry (doubles)
 CONFIG_FILE = "postdeploy.yaml"
+# Flower can start jobs and the metrics name apps and commits: loopback unless asked.
+DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
+DEFAULT_FLOWER_PORT = 5555  # Flower's usual port
+DEFAULT_METRICS_PORT = 9808  # postdeploy's /metrics; beside Flower's, not on it
+
+MIN_CHECK_INTERVAL = 1.0  # below this beat floods Redis (0.001 s: ~600 messages/s)
+MAX_CHECK_INTERVAL = 7 * 86_400.0  # a commit is only noticed by a check: at least weekly
+MAX_KILL_GRACE = 3_600.0  # the grace is added to every run lock and hard time limit
+MAX_OUTPUT_LIMIT = 512 * 1024 * 1024  # the tail is one Redis string, at most 512 MiB
+MAX_HISTORY_LIMIT = 100_000  # runs kept per app; each is a Redis key
+MAX_CONCURRENCY = 256  # prefork processes per worker; more is a typo, not a machine
+# Where each setting came from when given as a flag, for the error line.
+_FLAGS = {"check_interval": "--interval", "redis_url": "--redis-url",
+          "state_dir": "--state-dir"}
 
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")  # changes at every boot (Linux)
 _HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")  # also a queue name
-_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _TRANSPORT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")  # git's "<transport>::<address>"
 _ALLOWED_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
 
@@ -41,6 +64,7 @@ class AppConfig:
     repo: str | None = None
     path: str | None = None
     branch: str | None = None
+    notify: tuple[str, ...] = ()  # Apprise URLs for this app's runs (besides the global ones)
 
     @property
     def source(self) -> str:
@@ -69,6 +93,10 @@ class Settings:
     # This worker's host identity (its own queue, its instances) and the boot it runs in.
     host: str = "localhost"
     boot_id: str = ""
+    # Notifications: Apprise URLs for every app's runs, and which run endings to send.
+    notify: tuple[str, ...] = ()
+    notify_on: frozenset[str] = DEFAULT_NOTIFY_ON
+    notify_backoff: float = DEFAULT_NOTIFY_BACKOFF
     # The executor's own environment: the base of every job's environment and the
     # fallback for POST_DEPLOY_* keys an appspec leaves out.
     environ: Mapping[str, str] = field(default_factory=dict)
@@ -102,30 +130,46 @@ class Settings:
                 return env[var]
             return file_values.get(key)
 
+        def source(key: str, var: str) -> str:
+            """How the error line names the setting: the flag, variable or file key."""
+            if key in flags:
+                return f"{var} ({_FLAGS.get(key, key)})"
+            if env.get(var, "") != "" or key not in file_values:
+                return var
+            return f"{config_path}: {key}"
+
+        def number(key: str, var: str, default: float, low: float, high: float,
+                   integer: bool = False) -> float:
+            return number_in_range(pick(key, var), source(key, var), default, low, high, integer)
+
         redis_url = pick("redis_url", "POSTDEPLOY_REDIS_URL")
         state_dir = pick("state_dir", "POSTDEPLOY_STATE_DIR") or DEFAULT_STATE_DIR
         settings = cls(
-            redis_url=_redis_url(redis_url) if redis_url else None,
-            state_dir=Path(str(state_dir)).expanduser().absolute(),
-            check_interval=_positive_number(
-                pick("check_interval", "POSTDEPLOY_CHECK_INTERVAL"),
-                "POSTDEPLOY_CHECK_INTERVAL", DEFAULT_CHECK_INTERVAL),
-            kill_grace=_positive_number(
-                pick("kill_grace", "POSTDEPLOY_KILL_GRACE"),
-                "POSTDEPLOY_KILL_GRACE", DEFAULT_KILL_GRACE),
-            output_limit=int(_positive_number(
-                pick("output_limit", "POSTDEPLOY_OUTPUT_LIMIT"),
-                "POSTDEPLOY_OUTPUT_LIMIT", DEFAULT_OUTPUT_LIMIT, integer=True)),
-            history_limit=int(_positive_number(
-                pick("history_limit", "POSTDEPLOY_HISTORY_LIMIT"),
-                "POSTDEPLOY_HISTORY_LIMIT", DEFAULT_HISTORY_LIMIT, integer=True)),
-            concurrency=int(_positive_number(
-                pick("concurrency", "POSTDEPLOY_CONCURRENCY"),
-                "POSTDEPLOY_CONCURRENCY", DEFAULT_CONCURRENCY, integer=True)),
+            redis_url=(check_redis_url(str(redis_url), source("redis_url", "POSTDEPLOY_REDIS_URL"))
+                       if redis_url else None),
+            state_dir=state_dir_path(state_dir, source("state_dir", "POSTDEPLOY_STATE_DIR")),
+            check_interval=number("check_interval", "POSTDEPLOY_CHECK_INTERVAL",
+                                  DEFAULT_CHECK_INTERVAL, MIN_CHECK_INTERVAL,
+                                  MAX_CHECK_INTERVAL),
+            kill_grace=number("kill_grace", "POSTDEPLOY_KILL_GRACE", DEFAULT_KILL_GRACE,
+                              0, MAX_KILL_GRACE),
+            output_limit=int(number("output_limit", "POSTDEPLOY_OUTPUT_LIMIT",
+                                    DEFAULT_OUTPUT_LIMIT, 1, MAX_OUTPUT_LIMIT, integer=True)),
+            history_limit=int(number("history_limit", "POSTDEPLOY_HISTORY_LIMIT",
+                                     DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT, integer=True)),
+            concurrency=int(number("concurrency", "POSTDEPLOY_CONCURRENCY", DEFAULT_CONCURRENCY,
+                                   1, MAX_CONCURRENCY, integer=True)),
             log_level=_log_level(pick("log_level", "POSTDEPLOY_LOG_LEVEL") or "INFO"),
             config_file=config_path,
             host=_host(env.get("POSTDEPLOY_HOST")),
             boot_id=env.get("POSTDEPLOY_BOOT_ID") or _boot_id(),
+            notify=parse_urls(pick("notify", "POSTDEPLOY_NOTIFY"),
+                              _where("POSTDEPLOY_NOTIFY", "notify", env, config_path)),
+            notify_on=parse_events(pick("notify_on", "POSTDEPLOY_NOTIFY_ON"),
+                                   _where("POSTDEPLOY_NOTIFY_ON", "notify_on", env, config_path)),
+            notify_backoff=_positive_number(
+                pick("notify_backoff", "POSTDEPLOY_NOTIFY_BACKOFF"),
+                "POSTDEPLOY_NOTIFY_BACKOFF", DEFAULT_NOTIFY_BACKOFF),
             environ=env,
         )
         repo = flags.get("repo") or env.get("POSTDEPLOY_REPO")
@@ -160,7 +204,9 @@ def check_repo_url(value: str, where: str) -> str:
 def _single_app(repo: str, branch: str | None, name: str | None) -> AppConfig:
     check_repo_url(repo, "POSTDEPLOY_REPO")
     app_name = name or default_app_name(repo)
-    _check_name(app_name, "POSTDEPLOY_APP")
+    check_app_name(app_name, "POSTDEPLOY_APP")
+    if branch:
+        check_branch(branch, "POSTDEPLOY_BRANCH")
     if _looks_local(repo):
         repo = str(Path(repo).expanduser().absolute())
     return AppConfig(name=app_name, repo=repo, branch=branch)
@@ -195,7 +241,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping with 'apps:'")
     known = {"apps", "check_interval", "redis_url", "state_dir", "kill_grace",
-             "output_limit", "history_limit", "concurrency", "log_level"}
+             "output_limit", "history_limit", "concurrency", "log_level",
+             "notify", "notify_on", "notify_backoff"}
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; "
@@ -216,10 +263,11 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
             raise ConfigError(f"{label} must be a mapping with 'repo' or 'path'")
         if isinstance(item.get("name"), str):  # name the app as soon as we can
             label = f"{where}: app {item['name']!r}"
-        unknown = sorted(str(k) for k in item if k not in {"name", "repo", "path", "branch"})
+        unknown = sorted(str(k) for k in item
+                         if k not in {"name", "repo", "path", "branch", "notify"})
         if unknown:
             raise ConfigError(f"{label}: unknown field {unknown[0]!r}; "
-                              "use name, repo, path, branch")
+                              "use name, repo, path, branch, notify")
         for key in ("name", "repo", "path", "branch"):
             if key in item and not isinstance(item[key], str):
                 raise ConfigError(f"{label}: {key!r} must be a string")
@@ -228,7 +276,7 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
             raise ConfigError(f"{label}: give exactly one of 'repo' or 'path'")
         name = item.get("name") or default_app_name(str(repo or app_path))
         label = f"{where}: app {name!r}"
-        _check_name(name, f"{label}: name")
+        check_app_name(name, f"{label}: name")
         if repo:
             check_repo_url(repo, label)
             if _looks_local(repo):
@@ -237,39 +285,27 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
             if "branch" in item:
                 raise ConfigError(f"{label}: 'branch' only applies to 'repo' apps")
             app_path = str(((path.parent if path else Path()) / app_path).absolute())
-        if any(a.name == name for a in apps):
-            raise ConfigError(f"{label}: name is used twice; give each app its own 'name'")
-        apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch")))
+        if any(a.name.lower() == name.lower() for a in apps):
+            # Case too: on a case-insensitive disk two such checkouts would be one.
+            raise ConfigError(f"{label}: name is used twice (names are compared ignoring "
+                              "case); give each app its own 'name'")
+        if item.get("branch"):
+            check_branch(item["branch"], f"{label}: branch")
+        apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch"),
+                              notify=parse_urls(item.get("notify"), f"{label}: invalid 'notify'")))
     return tuple(apps)
 
 
-def _check_name(name: str, where: str) -> None:
-    if not _APP_NAME.match(name):
-        raise ConfigError(f"{where}: {name!r} is not a valid app name "
-                          "(letters, digits, '.', '_', '-'; at most 63)")
+def _where(var: str, key: str, env: Mapping[str, str], config_path: Path | None) -> str:
+    """Where a notify setting came from, to start its error message."""
+    if env.get(var, "") != "" or config_path is None:
+        return f"invalid {var}"
+    return f"{config_path}: invalid '{key}'"
 
 
 def _positive_number(value: Any, name: str, default: float, integer: bool = False) -> float:
-    if value is None or value == "":
-        return default
-    text = str(value).strip()
-    try:
-        number = int(text) if integer else float(text)
-    except ValueError:
-        kind = "a positive integer" if integer else "a positive number of seconds"
-        raise ConfigError(f"invalid {name}: {text!r} is not {kind}") from None
-    if not number > 0 or number != number or number == float("inf"):
-        kind = "a positive integer" if integer else "a positive number of seconds"
-        raise ConfigError(f"invalid {name}: {text!r} is not {kind}")
-    return number
-
-
-def _redis_url(value: Any) -> str:
-    text = str(value).strip()
-    if not text.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"invalid POSTDEPLOY_REDIS_URL: {redact_url(text)!r}; "
-                          "expected redis://[:password@]host:port/db or unix:///path")
-    return text
+    """A number above 0 with no upper bound (kept for settings that need no range)."""
+    return number_in_range(value, name, default, 0, math.inf, integer)
 
 
 def _host(value: str | None) -> str:

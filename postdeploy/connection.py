@@ -9,6 +9,7 @@ import redis
 from postdeploy.config import Settings
 from postdeploy.errors import RedisUnavailable
 from postdeploy.redaction import redact_url
+from postdeploy.setting_checks import check_redis_url
 
 ADDRESS_FILE = "redis.url"  # in the state dir, written by `postdeploy up`
 
@@ -25,7 +26,7 @@ def resolve_redis_url(settings: Settings) -> str:
     if path.is_file():
         url = path.read_text().strip()
         if url:
-            return url
+            return check_redis_url(url, str(path))
     raise RedisUnavailable(
         f"no Redis configured and no running `postdeploy up` found in {settings.state_dir}; "
         "set POSTDEPLOY_REDIS_URL or start `postdeploy up` (or pass --state-dir)")

@@ -22,6 +22,7 @@ from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, parse_appspec, r
 from postdeploy.config import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
+from postdeploy.notify import notify_if_needed
 from postdeploy.output import OutputCapture
 from postdeploy.placement import RunPlace, claim_ttl
 from postdeploy.records import RunRecord, Status, Trigger
@@ -89,6 +90,7 @@ def execute_run(settings: Settings, store: StateStore, app_name: str, sha: str |
         lost = store.take_active(app.name, place.slot)
         if lost:
             _mark_lost(store, lost)
+            notify_if_needed(settings, store, lost)  # NOTIFY HOOK (issue 11): run found lost
         if auto and (skipped := placement.skip_reason(settings, store, app, sha, place)):
             return _finish(store, record, Status.SUPERSEDED, None, skipped, place)
         current = store.get_run(record.id)
@@ -143,6 +145,7 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
 def _end_auto(settings: Settings, store: StateStore, record: RunRecord, status: Status,
               reason: str, place: RunPlace) -> RunRecord:
     finished = _finish(store, record, status, None, reason, place)
+    notify_if_needed(settings, store, finished)  # a gate that failed, a bad appspec
     if record.trigger == Trigger.AUTO.value:
         placement.mark_done(settings, store, record.app, record.sha, record.id, place)
     return finished
@@ -184,6 +187,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, record
         outcome = JobOutcome(Status.TIMED_OUT, None, "timed out before the job started "
                              "(checkout took longer than POST_DEPLOY_TIMEOUT)")
     finished = _finish(store, record, outcome.status, outcome.exit_code, outcome.reason, place)
+    notify_if_needed(settings, store, finished)  # NOTIFY HOOK (issue 11): the run's final status
     if record.trigger == Trigger.AUTO.value:
         _patiently(lambda: placement.mark_done(settings, store, app, record.sha, record.id,
                                                place), "mark the commit done")

@@ -69,6 +69,16 @@ def check_errors(app: str) -> str:
     return f"{PREFIX}app:{app}:check_errors"
 
 
+def notified(run_id: str, event: str) -> str:
+    """String with expiry: the notification of ``run_id``'s ``event`` was queued (at most once)."""
+    return f"{PREFIX}run:{run_id}:notified:{event}"
+
+
+def notify_failing(app: str) -> str:
+    """String (JSON): the failed run ``app``'s last notification was about, until it recovers."""
+    return f"{PREFIX}app:{app}:notify_failing"
+
+
 # -- hosts and instances (an instance is one app on one host) ---------------------
 def instances(app: str) -> str:
     """Hash: host -> JSON report of ``app`` on that host (sha, ready, boot, seen_at)."""

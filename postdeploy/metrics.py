@@ -1,120 +1,136 @@
-"""`python -m postdeploy.metrics [--address A] [--port P]`: Prometheus metrics per app.
+"""`postdeploy metrics` (or `python -m postdeploy.metrics`): Prometheus metrics per app.
 
-Rendered on each scrape from what postdeploy keeps in Redis (run history,
-last seen commits, check error counters, the job queue), in Prometheus' text
-format. Flower's own ``/metrics`` adds per-task event counters and runtime
-histograms; this endpoint adds what only postdeploy knows: apps and commits.
-Run counts and durations describe the kept history (the last
-POSTDEPLOY_HISTORY_LIMIT runs per app), so they are gauges, not counters.
+A prometheus_client collector reads what postdeploy keeps in Redis (run
+history, run and notification counters, last seen commits, check error
+counters, the job queue) on each scrape. Flower's own ``/metrics`` adds per-task
+event counters and runtime histograms; this endpoint adds what only postdeploy
+knows: apps and commits. ``postdeploy_runs`` and the durations describe the
+kept history (the last POSTDEPLOY_HISTORY_LIMIT runs per app), so they are
+gauges; ``postdeploy_runs_total`` counts every finished run, kept in Redis so it
+survives restarts of this process.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import signal
-import sys
+import socket
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import redis
 from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 from postdeploy import keys
 from postdeploy.celery_app import QUEUE
 from postdeploy.config import Settings
-from postdeploy.connection import redis_client, resolve_redis_url
-from postdeploy.errors import ConfigError, PostdeployError
-from postdeploy.logconfig import configure_logging
+from postdeploy.connection import redis_client
 from postdeploy.records import RunRecord, Status
+from postdeploy.service import check_listen, prepare
 from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "127.0.0.1"  # loopback unless asked: metrics name apps and commits
-DEFAULT_PORT = 9808
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
+PATH = "/metrics"
 QUANTILES = (0.5, 0.9, 1.0)  # of run durations over the kept history
 FAILED = (Status.FAILED, Status.TIMED_OUT, Status.ERROR, Status.LOST)
+NOTIFICATION_RESULTS = ("sent", "failed")  # fields of keys.NOTIFICATIONS_TOTAL
+UP_HELP = "1 if postdeploy's Redis answered this scrape."
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-class Exposition:
-    """Prometheus text format: HELP and TYPE once per metric, then its samples."""
+class PostdeployCollector(Collector):
+    """Every postdeploy metric, read from Redis at scrape time (nothing cached)."""
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+    def __init__(self, store: StateStore, app_names: Iterable[str] = ()) -> None:
+        self.store = store
+        self.app_names = tuple(app_names)
 
-    def metric(self, name: str, kind: str, help_text: str,
-               samples: Iterable[tuple[dict[str, str], float]]) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            self.lines.append(f"{name}{_labels(labels)} {_number(value)}")
+    def collect(self) -> Iterator[Metric]:
+        """The apps are the configured ones plus those workers registered."""
+        try:
+            snapshot = _Snapshot(self.store, self.app_names)
+        except redis.RedisError as exc:
+            log.warning("metrics: Redis unavailable: %s", exc)
+            yield GaugeMetricFamily("postdeploy_up", UP_HELP, value=0)
+            return
+        yield GaugeMetricFamily("postdeploy_up", UP_HELP, value=1)
+        yield from snapshot.metrics()
 
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
 
+class _Snapshot:
+    """What one scrape read from Redis, turned into metric families."""
 
-def render(store: StateStore, app_names: Iterable[str] = ()) -> str:
-    """The metrics page; apps are the configured ones plus those workers registered."""
-    page = Exposition()
-    try:
-        apps = sorted(set(app_names) | set(store.registered_apps()))
-        histories = {name: store.history(name) for name in apps}
-        last_seen = {name: store.last_seen(name) for name in apps}
-        check_errors = {name: store.check_errors(name) for name in apps}
-        queued = queue_length(store.client)
-    except redis.RedisError as exc:
-        log.warning("metrics: Redis unavailable: %s", exc)
-        page.metric("postdeploy_up", "gauge", "1 if postdeploy's Redis answered this scrape.",
-                    [({}, 0)])
-        return page.text()
-    page.metric("postdeploy_up", "gauge", "1 if postdeploy's Redis answered this scrape.",
-                [({}, 1)])
-    page.metric("postdeploy_apps", "gauge", "Apps configured or registered by a worker.",
-                [({}, len(apps))])
-    page.metric("postdeploy_queue_messages", "gauge",
-                "Job and check messages waiting in the Celery queue.", [({}, queued)])
-    page.metric("postdeploy_runs", "gauge",
-                "Runs in the kept history (last N per app) by app, trigger and status.",
-                [({"app": a, "trigger": t, "status": s}, n)
-                 for a in apps for (t, s), n in sorted(_counts(histories[a]).items())])
-    page.metric("postdeploy_last_run_status", "gauge",
-                "1 for the status of the app's latest run, 0 for the others.",
-                [({"app": a, "status": s.value}, float(histories[a][0].status == s.value))
-                 for a in apps if histories[a] for s in Status])
-    page.metric("postdeploy_last_run_failed", "gauge",
-                "1 if the app's latest finished run failed, timed out, errored or was lost.",
-                [({"app": a}, float(r.status in FAILED))
-                 for a in apps if (r := _latest_finished(histories[a]))])
-    page.metric("postdeploy_last_run_timestamp_seconds", "gauge",
-                "When the app's latest finished run ended (Unix time).",
-                [({"app": a}, r.finished_at or 0)
-                 for a in apps if (r := _latest_finished(histories[a]))])
-    page.metric("postdeploy_last_success_timestamp_seconds", "gauge",
-                "When the app's latest succeeded run (in the kept history) ended (Unix time).",
-                [({"app": a}, r.finished_at or 0)
-                 for a in apps if (r := _latest(histories[a], Status.SUCCEEDED))])
-    page.metric("postdeploy_last_run_duration_seconds", "gauge",
-                "How long the app's latest finished run took.",
-                [({"app": a}, r.duration or 0)
-                 for a in apps if (r := _latest_finished(histories[a])) and r.started_at])
-    page.metric("postdeploy_run_duration_seconds", "gauge",
-                "Quantiles of run durations over the kept history (1 is the longest).",
-                [({"app": a, "quantile": _number(q)}, d)
-                 for a in apps for q, d in _quantiles(histories[a])])
-    page.metric("postdeploy_check_errors_total", "counter",
-                "Commit checks that failed (git unreachable, bad ref, ...).",
-                [({"app": a}, check_errors[a]) for a in apps])
-    page.metric("postdeploy_last_seen_commit_info", "gauge",
-                "The commit the latest check saw, as a label.",
-                [({"app": a, "sha": sha}, 1) for a in apps if (sha := last_seen[a])])
-    return page.text()
+    def __init__(self, store: StateStore, app_names: Iterable[str]) -> None:
+        self.apps = sorted(set(app_names) | set(store.registered_apps()))
+        self.histories = {name: store.history(name) for name in self.apps}
+        self.last_seen = {name: store.last_seen(name) for name in self.apps}
+        self.check_errors = {name: store.check_errors(name) for name in self.apps}
+        self.queued = queue_length(store.client)
+        self.runs_total = _hash_counts(store.client, keys.RUNS_TOTAL)
+        self.notifications = _hash_counts(store.client, keys.NOTIFICATIONS_TOTAL)
+
+    def metrics(self) -> Iterator[Metric]:
+        apps, histories = self.apps, self.histories
+        yield GaugeMetricFamily("postdeploy_apps", "Apps configured or registered by a worker.",
+                                value=len(apps))
+        yield GaugeMetricFamily("postdeploy_queue_messages",
+                                "Job and check messages waiting in the Celery queue.",
+                                value=self.queued)
+        yield _family(GaugeMetricFamily, "postdeploy_runs",
+                      "Runs in the kept history (last N per app) by app, trigger and status.",
+                      ["app", "trigger", "status"],
+                      [([a, t, s], n) for a in apps
+                       for (t, s), n in sorted(_counts(histories[a]).items())])
+        yield _family(CounterMetricFamily, "postdeploy_runs",
+                      "Finished runs by app, trigger and status since Redis was set up.",
+                      ["app", "trigger", "status"],
+                      [(list(fields), n) for fields, n in sorted(self.runs_total.items())
+                       if len(fields) == 3])
+        yield _family(CounterMetricFamily, "postdeploy_notifications",
+                      "Failure and recovery notifications, by whether they were sent.",
+                      ["result"],
+                      [([r], self.notifications.get((r,), 0)) for r in NOTIFICATION_RESULTS])
+        yield _family(GaugeMetricFamily, "postdeploy_last_run_status",
+                      "1 for the status of the app's latest run, 0 for the others.",
+                      ["app", "status"],
+                      [([a, s.value], float(histories[a][0].status == s.value))
+                       for a in apps if histories[a] for s in Status])
+        latest = {a: r for a in apps if (r := _latest_finished(histories[a]))}
+        yield _family(GaugeMetricFamily, "postdeploy_last_run_failed",
+                      "1 if the app's latest finished run failed, timed out, errored or "
+                      "was lost.", ["app"],
+                      [([a], float(r.status in FAILED)) for a, r in latest.items()])
+        yield _family(GaugeMetricFamily, "postdeploy_last_run_timestamp_seconds",
+                      "When the app's latest finished run ended (Unix time).", ["app"],
+                      [([a], r.finished_at or 0) for a, r in latest.items()])
+        yield _family(GaugeMetricFamily, "postdeploy_last_success_timestamp_seconds",
+                      "When the app's latest succeeded run (in the kept history) ended "
+                      "(Unix time).", ["app"],
+                      [([a], r.finished_at or 0) for a in apps
+                       if (r := _latest(histories[a], Status.SUCCEEDED))])
+        yield _family(GaugeMetricFamily, "postdeploy_last_run_duration_seconds",
+                      "How long the app's latest finished run took.", ["app"],
+                      [([a], r.duration or 0) for a, r in latest.items() if r.started_at])
+        yield _family(GaugeMetricFamily, "postdeploy_run_duration_seconds",
+                      "Quantiles of run durations over the kept history (1 is the longest).",
+                      ["app", "quantile"],
+                      [([a, f"{q:g}"], d) for a in apps for q, d in _quantiles(histories[a])])
+        yield _family(CounterMetricFamily, "postdeploy_check_errors",
+                      "Commit checks that failed (git unreachable, bad ref, ...).", ["app"],
+                      [([a], self.check_errors[a]) for a in apps])
+        yield _family(GaugeMetricFamily, "postdeploy_last_seen_commit_info",
+                      "The commit the latest check saw, as a label.", ["app", "sha"],
+                      [([a, sha], 1) for a in apps if (sha := self.last_seen[a])])
 
 
 def queue_length(client: redis.Redis) -> int:
@@ -126,69 +142,45 @@ def queue_length(client: redis.Redis) -> int:
     return sum(int(n) for n in pipe.execute())
 
 
-class MetricsHandler(BaseHTTPRequestHandler):
-    """GET /metrics; everything else is 404."""
+def metrics_app(registry: CollectorRegistry) -> WSGIApp:
+    """prometheus_client's WSGI app on /metrics only, always in the 0.0.4 text format.
 
-    server: MetricsServer
+    OpenMetrics names a counter's family without ``_total``, so the kept-history
+    gauge ``postdeploy_runs`` and the counter ``postdeploy_runs_total`` would be
+    two families of one name there; the text format keeps them apart.
+    """
+    exposition: WSGIApp = make_wsgi_app(registry)
 
-    def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
-        if self.path.split("?", 1)[0] != "/metrics":
-            self._send(404, "text/plain; charset=utf-8", "not found; metrics are at /metrics\n")
-            return
-        self._send(200, CONTENT_TYPE, render(self.server.store, self.server.app_names))
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found; metrics are at {PATH}\n".encode()]
+        environ.pop("HTTP_ACCEPT", None)
+        return exposition(environ, start_response)
 
-    def _send(self, status: int, content_type: str, body: str) -> None:
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    return app
 
+
+class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("metrics: " + format, *args)  # scrapes every 15 s would flood the log
 
 
-class MetricsServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], store: StateStore,
-                 app_names: Sequence[str]) -> None:
-        super().__init__(address, MetricsHandler)
-        self.store = store
-        self.app_names = app_names
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m postdeploy.metrics",
-                                     description="Serve postdeploy's Prometheus metrics.")
-    parser.add_argument("--address", default=DEFAULT_ADDRESS,
-                        help=f"address to listen on (default {DEFAULT_ADDRESS})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"port to listen on (default {DEFAULT_PORT})")
-    return parser.parse_args(list(argv))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        settings = Settings.load()  # like Flower, no apps needed: workers register theirs
-        if not 0 < args.port < 65_536:
-            raise ConfigError(f"invalid --port: {args.port} is not a TCP port (1-65535)")
-        url = resolve_redis_url(settings)
-    except PostdeployError as exc:
-        print(f"postdeploy metrics: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(settings.log_level)
+def run_metrics(settings: Settings, address: str, port: int) -> None:
+    """Serve /metrics until SIGTERM or Ctrl-C; ConfigError for a bad setting or address."""
+    url = prepare(settings, need_apps=False)  # like Flower: workers register their apps
+    registry = CollectorRegistry(auto_describe=False)
     store = StateStore(redis_client(url), settings.history_limit)
-    try:
-        server = MetricsServer((args.address, args.port), store,
-                               [a.name for a in settings.apps])
-    except OSError as exc:
-        print(f"postdeploy metrics: cannot listen on {args.address}:{args.port}: "
-              f"{exc.strerror}", file=sys.stderr)
-        raise SystemExit(2) from None
-    log.info("metrics: serving http://%s:%d/metrics", args.address, args.port)
+    registry.register(PostdeployCollector(store, [a.name for a in settings.apps]))
+    check_listen(address, port)
+
+    class Server(ThreadingWSGIServer):
+        # IPv4 or IPv6, as the address is written (prometheus_client does the same).
+        address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+    server = make_server(address, port, metrics_app(registry), Server,
+                         handler_class=_QuietHandler)
+    log.info("metrics: serving http://%s:%d%s", address, port, PATH)
     _stop_on_sigterm(server)
     try:
         server.serve_forever()
@@ -198,12 +190,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         server.server_close()
 
 
-def _stop_on_sigterm(server: MetricsServer) -> None:
+def _stop_on_sigterm(server: ThreadingWSGIServer) -> None:
     def stop(*_: Any) -> None:
         # shutdown() waits for serve_forever, which runs in this thread: ask from another.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def _family(kind: Callable[..., Any], name: str, help_text: str, labels: list[str],
+            samples: Iterable[tuple[list[str], float]]) -> Metric:
+    family: Any = kind(name, help_text, labels=labels)
+    for values, number in samples:
+        family.add_metric(values, number)
+    return family  # type: ignore[no-any-return]
+
+
+def _hash_counts(client: redis.Redis, key: str) -> dict[tuple[str, ...], float]:
+    """A Redis hash of counters, its fields split on tabs ("app\ttrigger\tstatus")."""
+    raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
+    counts: dict[tuple[str, ...], float] = {}
+    for field, count in raw.items():
+        try:
+            counts[tuple(field.decode().split("\t"))] = float(count)
+        except (UnicodeDecodeError, ValueError):
+            log.warning("metrics: ignoring malformed counter %r in %s", field, key)
+    return counts
 
 
 def _counts(history: list[RunRecord]) -> Counter[tuple[str, str]]:
@@ -228,20 +240,11 @@ def _quantiles(history: list[RunRecord]) -> list[tuple[float, float]]:
     return [(q, durations[max(0, math.ceil(q * len(durations)) - 1)]) for q in QUANTILES]
 
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    parts = (f'{k}="{_escape(v)}"' for k, v in labels.items())
-    return "{" + ",".join(parts) + "}"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    return repr(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from postdeploy.cli import main
+
+    main(["metrics", *sys.argv[1:]])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import socket
 import time
 import warnings
 from collections.abc import Sequence
@@ -15,9 +15,10 @@ from celery import signals
 from postdeploy.celery_app import QUEUE, app, configure, host_queue
 from postdeploy.config import Settings
 from postdeploy.connection import redis_client, resolve_redis_url
-from postdeploy.errors import ConfigError, PostdeployError
+from postdeploy.errors import ConfigError, RedisUnavailable
 from postdeploy.logconfig import configure_logging
 from postdeploy.redaction import redact_url
+from postdeploy.setting_checks import make_state_dir
 from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -25,24 +26,40 @@ log = logging.getLogger(__name__)
 OUTAGE_REPORT_EVERY = 60.0  # seconds between beat's reports that it cannot reach Redis
 
 
-def prepare(role: str) -> Settings:
-    """Load and check settings; on a bad one print one line and exit 2 (no traceback)."""
+def prepare(settings: Settings, need_apps: bool = True) -> str:
+    """Check what a long-running process needs, then configure logging and Celery.
+
+    Returns the Redis URL. Anything wrong is a ConfigError, which the CLI's main
+    turns into one line and exit 2 for every entry point.
+    """
+    if need_apps and not settings.apps:
+        raise ConfigError("no apps to watch; set POSTDEPLOY_REPO, or list apps in "
+                          "postdeploy.yaml (POSTDEPLOY_CONFIG)")
     try:
-        settings = Settings.load()
-        if not settings.apps:
-            raise ConfigError("no apps to watch; set POSTDEPLOY_REPO, or list apps in "
-                              "postdeploy.yaml (POSTDEPLOY_CONFIG)")
         url = resolve_redis_url(settings)
-    except PostdeployError as exc:
-        print(f"postdeploy {role}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except RedisUnavailable as exc:
+        raise ConfigError(str(exc)) from None  # nothing to start without Redis: a setting
     configure_logging(settings.log_level)
     # Celery warns about worker_cancel_long_running_tasks_on_connection_loss on every
     # lost connection although we set it on purpose (False: a job outlives a Redis blip).
     warnings.filterwarnings(
         "ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss")
     configure(settings, url)
-    return settings
+    return url
+
+
+def check_listen(address: str, port: int) -> None:
+    """ConfigError now if ``address:port`` cannot be served, not a traceback later."""
+    try:
+        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, where = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(where)
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cannot listen on {address}:{port} ({reason}); "
+                          "pick another --address or --port") from None
 
 
 class BrokerOutageFilter(logging.Filter):
@@ -81,8 +98,9 @@ def _register_apps(settings: Settings) -> None:
     StateStore(redis_client(app.conf.broker_url)).register_apps(settings.apps)
 
 
-def run_worker(argv: Sequence[str] = ()) -> None:
-    settings = prepare("worker")
+def run_worker(settings: Settings, argv: Sequence[str] = ()) -> None:
+    make_state_dir(settings.state_dir)  # checkouts live there
+    prepare(settings)
 
     def _ready(**_: Any) -> None:
         _register_apps(settings)
@@ -112,18 +130,19 @@ def _start_reports(settings: Settings) -> None:
     signals.worker_shutdown.connect(lambda **_: loop.stop(), weak=False)
 
 
-def run_beat(argv: Sequence[str] = ()) -> None:
-    settings = prepare("beat")
+def run_beat(settings: Settings, argv: Sequence[str] = ()) -> None:
+    prepare(settings)
 
     def _first_check(**_: Any) -> None:
+        # Logged here, once Celery has accepted its flags: a bad one is then the only line.
+        log.info(
+            "beat: checking %d app(s) every %g s on %s", len(settings.apps),
+            settings.check_interval, redact_url(str(app.conf.broker_url)))
         # The first check happens at start-up, not one interval later.
         _register_apps(settings)
         app.send_task("postdeploy.check_commits", expires=settings.check_interval)
 
     signals.beat_init.connect(_first_check, weak=False)
     logging.getLogger("celery.beat").addFilter(BrokerOutageFilter())
-    log.info(
-        "beat: checking %d app(s) every %g s on %s", len(settings.apps),
-        settings.check_interval, redact_url(str(app.conf.broker_url)))
     app.start(["beat", "--loglevel", settings.log_level,
                "--scheduler", "celery.beat:Scheduler", *argv])

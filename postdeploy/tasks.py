@@ -180,3 +180,29 @@ def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual
     if record.status not in (Status.SUCCEEDED.value, Status.SUPERSEDED.value):
         raise JobFailed(f"{record.app}@{record.sha[:7]} {record.status}: {record.reason}")
     return summary
+
+
+# -- notifications (issue 11): all logic in postdeploy.notify --------------------------
+NOTIFY_SOFT_LIMIT = 90  # seconds for one try of one message to every URL (each request <= 10 s)
+
+
+@app.task(name="postdeploy.notify", bind=True, ignore_result=True, max_retries=None,
+          acks_late=False,  # acknowledged on start: a crash mid-send never sends twice
+          soft_time_limit=NOTIFY_SOFT_LIMIT, time_limit=NOTIFY_SOFT_LIMIT + 30)
+def notify(self: Task, run_id: str, event: str, pending: list[str] | None = None,
+           previous: str | None = None) -> None:
+    """Send the message about ``run_id``'s ``event``; failed URLs are retried with backoff.
+
+    The number of tries is bounded by postdeploy.notify (NOTIFY_ATTEMPTS); a
+    message that cannot be sent ends as a WARNING, never as a changed run.
+    """
+    # Imported here so this issue's change stays at the end of the module.
+    from postdeploy.notify import NOTIFY_EXPIRES, deliver, retry_delay
+
+    settings = current_settings()
+    attempt = self.request.retries + 1
+    failed = deliver(settings, state_store(), run_id, event, pending, attempt, previous)
+    if failed:
+        raise self.retry(kwargs={"run_id": run_id, "event": event, "pending": failed,
+                                 "previous": previous},
+                         countdown=retry_delay(settings, attempt), expires=NOTIFY_EXPIRES)

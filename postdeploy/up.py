@@ -17,18 +17,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from postdeploy.config import Settings
+from postdeploy.config import DEFAULT_FLOWER_PORT, DEFAULT_LISTEN_ADDRESS, Settings
 from postdeploy.connection import address_file, connect, redis_client
 from postdeploy.embedded_redis import EmbeddedRedis
 from postdeploy.errors import ConfigError
+from postdeploy.notify_config import mask_url
 from postdeploy.records import Status
 from postdeploy.redaction import redact_url
+from postdeploy.setting_checks import make_state_dir
 from postdeploy.state import StateStore
 from postdeploy.supervisor import ChildDied, Supervisor, die_with_parent
 
 LOCK_FILE = "up.lock"  # in the state dir: one `up` per state dir
-DEFAULT_FLOWER_ADDRESS = "127.0.0.1"  # Flower can re-run jobs: not on the network by default
-DEFAULT_FLOWER_PORT = 5555
 FLOWER_MODULE = "postdeploy.flower"
 
 
@@ -38,7 +38,7 @@ class UpOptions:
 
     flower: bool = False
     single_repo: bool = False  # the app came from --repo / POSTDEPLOY_REPO, not a config file
-    flower_address: str = DEFAULT_FLOWER_ADDRESS
+    flower_address: str = DEFAULT_LISTEN_ADDRESS
     flower_port: int = DEFAULT_FLOWER_PORT
 
 
@@ -50,7 +50,7 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     if options.flower and importlib.util.find_spec(FLOWER_MODULE) is None:
         raise ConfigError(f"--flower needs the {FLOWER_MODULE} module, which this "
                           "installation lacks; run without --flower")
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(settings.state_dir)
     with _exclusive(settings.state_dir):
         embedded: EmbeddedRedis | None = None
         if settings.redis_url:
@@ -131,6 +131,10 @@ def _banner(supervisor: Supervisor, settings: Settings, url: str,
         branch = f" (branch {app.branch})" if app.branch else ""
         lines.append(f"  app     {app.name}: {app.source}{branch}")
     lines.append(f"  redis   {redact_url(url)} ({where})")
+    notify = dict.fromkeys([*settings.notify, *(u for a in settings.apps for u in a.notify)])
+    if notify:  # notify URLs carry tokens: shown masked
+        lines.append(f"  notify  {', '.join(mask_url(u) for u in notify)} "
+                     f"(on {', '.join(sorted(settings.notify_on))})")
     if options.flower:
         lines.append(f"  flower  http://{options.flower_address}:{options.flower_port}/")
     lines.append(f"  state   {settings.state_dir}")

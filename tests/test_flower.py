@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 
+from postdeploy import keys
 from tests.support import (
     REPO_ROOT,
     GitRemote,
@@ -31,6 +33,8 @@ from tests.support import (
 )
 
 USER, PASSWORD = "ops", "s3cret-pw"
+INTERVAL = 1.0  # seconds between commit checks: the shortest allowed
+CHECKS = 4  # intervals to let pass before looking for check rows in Flower
 OUTPUT_DIR = REPO_ROOT / "test-output"
 
 
@@ -40,6 +44,7 @@ class Stack:
 
     port: int
     client: redis.Redis
+    env: dict[str, str]
     good_sha: str  # HEAD: its job succeeds
     bad_sha: str  # an older commit whose job exits 3
     flower: Service
@@ -86,9 +91,14 @@ def stack(redis_server: RedisServer,
     remote = GitRemote(root / "git")
     bad = remote.commit({"appspec.yaml": appspec_yaml("echo about to fail; exit 3")}, "bad")
     good = remote.commit({"appspec.yaml": appspec_yaml("echo seeded $COMMIT_SHA")}, "good")
-    env = service_env(redis_server.url, root / "state", interval=60,
-                      POSTDEPLOY_REPO=remote.url, POSTDEPLOY_APP="shop",
-                      FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
+    blog = GitRemote(root / "blog-git", name="blog")
+    blog.commit({"appspec.yaml": appspec_yaml("echo blog ready")}, "blog")
+    config = root / "postdeploy.yaml"
+    config.write_text(f"apps:\n  - name: shop\n    repo: {remote.url}\n"
+                      f"  - name: blog\n    repo: {blog.url}\n")
+    # Two apps checked every INTERVAL: each check must stay out of Flower's task list.
+    env = service_env(redis_server.url, root / "state", interval=INTERVAL,
+                      POSTDEPLOY_CONFIG=str(config), FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
     port = free_port()
     flower = Service(["-m", "postdeploy.flower", "--address", "127.0.0.1", "--port", str(port)],
                      env, root / "flower.log")
@@ -104,7 +114,7 @@ def stack(redis_server: RedisServer,
         wait_for(lambda: any(r.sha == good and r.status == "succeeded"
                              for r in finished_runs(client, "shop")),
                  60, what="the automatic run of the demo commit")
-        yield Stack(port, client, good, bad, flower)
+        yield Stack(port, client, env, good, bad, flower)
     finally:
         for service in reversed(started):
             service.stop()
@@ -121,6 +131,38 @@ def finished_task(stack: Stack, task_id: str) -> dict[str, Any]:
     return wait_for(lambda: (t := flower_task(stack, task_id))
                     and t.get("state") in ("SUCCESS", "FAILURE") and t,
                     60, what=f"Flower to see task {task_id} finish")
+
+
+def let_checks_pass(stack: Stack) -> None:
+    """Wait until beat's check has run CHECKS more times (Flower must not list them)."""
+    def checked_at() -> float:
+        return float(stack.client.get(keys.checked_at("shop")) or 0)
+
+    start = checked_at()
+    wait_for(lambda: checked_at() >= start + CHECKS * INTERVAL, 30 + CHECKS * INTERVAL,
+             what=f"{CHECKS} more commit checks")
+
+
+def test_flower_lists_runs_and_manual_checks_but_not_periodic_checks(stack: Stack) -> None:
+    wait_for(lambda: finished_runs(stack.client, "blog"), 60, what="blog's automatic run")
+    let_checks_pass(stack)
+    status, tasks = request(f"{stack.base}/api/tasks")
+    assert status == 200
+    names = Counter(str(t.get("name")) for t in tasks.values())
+    assert names["postdeploy.check_commits"] == 0 and names["postdeploy.check_apps"] == 0, names
+    assert not [t for t in tasks.values() if t.get("state") == "PENDING"], tasks
+    runs = [t for t in tasks.values() if t.get("name") == "postdeploy.run_job"]
+    assert {"shop", "blog"} <= {a for t in runs for a in ("shop", "blog")
+                                if f"'app': '{a}'" in str(t.get("kwargs"))}
+    # The manual check is an operator's action: Flower shows it, with its result.
+    done = subprocess.run([sys.executable, "-m", "postdeploy.cli", "check", "blog"],
+                          env=stack.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    check = wait_for(lambda: next((t for t in request(f"{stack.base}/api/tasks")[1].values()
+                                   if t.get("name") == "postdeploy.check_app"
+                                   and t.get("state") == "SUCCESS"), None),
+                     30, what="Flower to list the manual check_app")
+    assert "blog" in str(check.get("args")) and "blog" in str(check.get("result"))
 
 
 def test_flower_asks_for_basic_auth(stack: Stack) -> None:
@@ -209,6 +251,14 @@ def test_browser_logs_in_and_finds_the_run(stack: Stack) -> None:
                                     None),
                        30, what=f"a SUCCESS run_job row for {sha7} on the tasks page")
         assert "postdeploy.run_job" in row.text and "shop" in row.text
+        # Several check intervals later the page still shows runs, and no check rows.
+        let_checks_pass(stack)
+        browser.refresh()
+        wait_for(lambda: any(stack.good_sha in r.text for r in
+                             browser.find_elements(By.CSS_SELECTOR, "table tbody tr")),
+                 30, what="the run_job row after a reload")
+        rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "table tbody tr")]
+        assert not [r for r in rows if "check_commits" in r or "PENDING" in r], rows
         OUTPUT_DIR.mkdir(exist_ok=True)
         shot = OUTPUT_DIR / "flower-tasks.png"
         browser.save_screenshot(str(shot))
@@ -228,7 +278,7 @@ def test_flower_refuses_open_address_without_auth(tmp_path: Path) -> None:
     env.pop("FLOWER_BASIC_AUTH", None)
     proc = run_flower(env, "--address", "0.0.0.0", "--port", str(free_port()))
     assert proc.returncode == 2
-    assert proc.stderr.startswith("postdeploy flower: refusing to serve Flower on 0.0.0.0")
+    assert proc.stderr.startswith("postdeploy: error: refusing to serve Flower on 0.0.0.0")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
@@ -83,8 +86,16 @@ def test_metrics_describe_runs_checks_and_queue(redis_url: str, rclient: redis.R
     for _ in range(2):
         sender.send_task("postdeploy.check_commits", queue=QUEUE)
 
+    # The run and notification counters, as the worker keeps them.
+    rclient.hset(keys.RUNS_TOTAL, mapping={"shop\tauto\tsucceeded": 7,
+                                           "shop\tmanual\tfailed": 2})
+    rclient.hset(keys.NOTIFICATIONS_TOTAL, mapping={"sent": 3})
+
     service, port = start_metrics(tmp_path, service_env(redis_url, tmp_path / "state"))
-    parsed = samples(wait_for(lambda: scrape(port), 10, what="a scrape"))
+    text = wait_for(lambda: scrape(port), 10, what="a scrape")
+    parsed = samples(text)
+    assert "# TYPE postdeploy_runs_total counter" in text
+    assert "# TYPE postdeploy_runs gauge" in text
 
     assert value(parsed, "postdeploy_up") == 1
     assert value(parsed, "postdeploy_apps") == 2
@@ -107,6 +118,16 @@ def test_metrics_describe_runs_checks_and_queue(redis_url: str, rclient: redis.R
     assert value(parsed, "postdeploy_check_errors_total", app="shop") == 2
     assert value(parsed, "postdeploy_check_errors_total", app="blog") == 0
     assert value(parsed, "postdeploy_last_seen_commit_info", app="shop", sha=SHA) == 1
+    # Counters kept in Redis: all finished runs, not only the kept history.
+    assert value(parsed, "postdeploy_runs_total", app="shop", trigger="auto",
+                 status="succeeded") == 7
+    assert value(parsed, "postdeploy_runs_total", app="shop", trigger="manual",
+                 status="failed") == 2
+    assert value(parsed, "postdeploy_notifications_total", result="sent") == 3
+    assert value(parsed, "postdeploy_notifications_total", result="failed") == 0
+    rclient.hincrby(keys.RUNS_TOTAL, "shop\tauto\tsucceeded", 1)
+    assert value(samples(scrape(port) or ""), "postdeploy_runs_total", app="shop",
+                 trigger="auto", status="succeeded") == 8
     # An app with no run yet has no last-run samples rather than made-up ones.
     assert value(parsed, "postdeploy_last_run_failed", app="blog") is None
 
@@ -117,6 +138,28 @@ def test_metrics_describe_runs_checks_and_queue(redis_url: str, rclient: redis.R
         assert exc.code == 404
     service.stop()
     assert service.proc.returncode == 0, service.log()  # SIGTERM is a clean stop
+
+
+def test_a_prometheus_scrape_gets_the_text_format(redis_url: str, rclient: redis.Redis,
+                                                  tmp_path: Path) -> None:
+    rclient.hset(keys.RUNS_TOTAL, mapping={"shop\tauto\tsucceeded": 1})
+    service, port = start_metrics(tmp_path, service_env(redis_url, tmp_path / "state"))
+    # The Accept header Prometheus sends: OpenMetrics first.
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={
+        "Accept": "application/openmetrics-text;version=1.0.0;q=0.5,"
+                  "text/plain;version=0.0.4;q=0.3,*/*;q=0.1"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = resp.read().decode()
+    finally:
+        service.stop()
+    # One TYPE line per name: in OpenMetrics both would be the family postdeploy_runs.
+    types = re.findall(r"^# TYPE (\S+) ", text, flags=re.MULTILINE)
+    assert "postdeploy_runs" in types and "postdeploy_runs_total" in types
+    assert len(types) == len(set(types)), types
+    assert value(samples(text), "postdeploy_runs_total", app="shop", trigger="auto",
+                 status="succeeded") == 1
 
 
 def test_metrics_report_redis_down_instead_of_failing(tmp_path: Path) -> None:
@@ -140,5 +183,31 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "postdeploy.metrics"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("postdeploy metrics: invalid POSTDEPLOY_REDIS_URL")
+    assert proc.stderr.startswith("postdeploy: error: invalid POSTDEPLOY_REDIS_URL")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_metrics_listen_on_ipv6_loopback(redis_url: str, tmp_path: Path) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    port = free_port()
+    service = Service(["-m", "postdeploy.metrics", "--address", "::1", "--port", str(port)],
+                      service_env(redis_url, tmp_path / "state"), tmp_path / "metrics6.log")
+
+    def scrape6() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=5) as resp:
+                return str(resp.read().decode())
+        except (urllib.error.URLError, ConnectionError):
+            return None
+
+    try:
+        text = wait_for(lambda: scrape6() or (not service.alive() and "dead"), 30,
+                        what="metrics on [::1]")
+        assert service.alive(), service.log()
+        assert value(samples(text), "postdeploy_up") == 1
+    finally:
+        service.stop()

@@ -182,7 +182,7 @@ def test_fleet_runs_each_commit_at_most_once(
         remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
     job = "echo start; sleep 0.5; echo end"
     remote.commit({"appspec.yaml": appspec_yaml(job)}, "c0")
-    env = env_for(remote, interval=0.5)
+    env = env_for(remote, interval=1.0)  # the shortest interval allowed
     for tag in ("a", "b"):
         start_pair(services, env, tag)
     shas = [remote.head()]

@@ -1,8 +1,8 @@
-"""`python -m worker`: a prefork Celery worker running postdeploy's tasks."""
+"""`python -m worker`: `postdeploy worker`, a prefork Celery worker running postdeploy's tasks."""
 
 import sys
 
-from postdeploy.service import run_worker
+from postdeploy.cli import main
 
 if __name__ == "__main__":
-    run_worker(sys.argv[1:])
+    main(["worker", *sys.argv[1:]])

@@ -31,7 +31,7 @@ def test_crowded_fleet(tmp_path: Path, remote: GitRemote,
     shas = [remote.commit({"appspec.yaml": job}, "c0")]
     # One concurrency slot per worker: eight Python processes already share two cores.
     for n in range(4):
-        env = service_env(server.url, tmp_path / f"state-{n}", 0.5, POSTDEPLOY_REPO=remote.url,
+        env = service_env(server.url, tmp_path / f"state-{n}", 1.0, POSTDEPLOY_REPO=remote.url,
                           POSTDEPLOY_APP="shop", POSTDEPLOY_CONCURRENCY="1")
         services("worker", env, f"worker-{n}")
         if n < 3:

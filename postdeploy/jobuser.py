@@ -1,0 +1,193 @@
+"""Who a job runs as and what it can see: the job user and the job's mount namespace.
+
+A job is the app author's code; the executor is the operator's. When the executor
+runs as root, every job runs as ``POSTDEPLOY_JOB_USER`` (never as root), so the
+executor's files (mode 0600/0700: the Redis address, the embedded Redis data,
+postdeploy.yaml) and processes (``/proc/PID/environ`` of the worker) are out of its
+reach. Where the kernel allows it (root with CAP_SYS_ADMIN), the job also gets a
+mount namespace of its own in which the state directory and every other app's
+working copy are covered by an empty tmpfs; only its own checkout and its home
+directory are mounted back. Where the executor cannot switch users, it says so
+once at start-up: jobs then run with the executor's reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import grp
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from postdeploy.errors import ConfigError
+
+DEFAULT_JOB_USER = "nobody"  # used when the executor runs as root and nothing is set
+HOMES_DIR = "homes"  # in the state dir: each app's job home (pm2 keeps its state there)
+
+_CLONE_NEWNS = 0x00020000
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+
+
+@dataclass(frozen=True)
+class JobUser:
+    uid: int
+    gid: int
+    name: str
+
+    def describe(self) -> str:
+        return f"{self.name} (uid {self.uid}, gid {self.gid})"
+
+
+def resolve_job_user(value: str | None, executor_uid: int | None = None) -> JobUser | None:
+    """The user jobs run as: ``name`` or ``uid:gid``; None when we cannot switch users.
+
+    Raises ConfigError for a user that does not exist, or for root.
+    """
+    if (os.geteuid() if executor_uid is None else executor_uid) != 0:
+        if value:
+            raise ConfigError(f"invalid POSTDEPLOY_JOB_USER: {value!r} needs the executor to "
+                              "run as root (to switch users); unset it or run as root")
+        return None
+    text = (value or DEFAULT_JOB_USER).strip()
+    if ":" in text:
+        uid_text, _, gid_text = text.partition(":")
+        if not (uid_text.isdigit() and gid_text.isdigit()):
+            raise ConfigError(f"invalid POSTDEPLOY_JOB_USER: {text!r}; give a user name "
+                              "or uid:gid (numbers)")
+        uid, gid = int(uid_text), int(gid_text)
+        name = _user_name(uid)
+    else:
+        try:
+            entry = pwd.getpwnam(text)
+        except KeyError:
+            raise ConfigError(f"invalid POSTDEPLOY_JOB_USER: no user {text!r} on this host; "
+                              "create it (useradd --system) or give uid:gid") from None
+        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+    if uid == 0 or gid == 0:
+        raise ConfigError(f"invalid POSTDEPLOY_JOB_USER: {text!r} is root; jobs must run "
+                          "as an unprivileged user")
+    return JobUser(uid, gid, name)
+
+
+def can_isolate() -> bool:
+    """Whether a job can get a mount namespace of its own here (tried in a child)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _unshare_mounts()
+            code = 0
+        except OSError:
+            pass
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def prepare_home(state_dir: Path, app: str, user: JobUser) -> Path:
+    """The app's job home: owned by the job user, reachable through the state dir."""
+    homes = state_dir / HOMES_DIR
+    homes.mkdir(parents=True, exist_ok=True)
+    os.chmod(homes, 0o711)  # traversable, not listable: no job learns the other apps
+    home = homes / app
+    home.mkdir(exist_ok=True)
+    info = home.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{home} is not a directory")
+    if (info.st_uid, info.st_gid) != (user.uid, user.gid):
+        os.chown(home, user.uid, user.gid)
+    os.chmod(home, 0o700)
+    return home
+
+
+def lock_down_state_dir(state_dir: Path) -> None:
+    """Jobs may pass through the state dir to their checkout, never list or read it."""
+    with contextlib.suppress(OSError):
+        os.chmod(state_dir, 0o711)
+
+
+def enter_sandbox(sandbox: object) -> None:
+    """In the job's process, before exec: hide what it must not see, then drop root."""
+    hide: tuple[str, ...] = getattr(sandbox, "hide", ())
+    expose: tuple[str, ...] = getattr(sandbox, "expose", ())
+    uid: int | None = getattr(sandbox, "uid", None)
+    gid: int | None = getattr(sandbox, "gid", None)
+    if hide:
+        _unshare_mounts()
+        # Keep an fd on what must stay visible before covering its parents.
+        kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in expose
+                if os.path.isdir(path)]
+        for path in hide:
+            _cover(path)
+        for path, fd in kept:
+            os.makedirs(path, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+            os.close(fd)
+    if uid is not None and gid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+
+
+def _cover(path: str) -> None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0755")
+    else:
+        _mount(os.devnull, path, None, _MS_BIND)
+
+
+def _unshare_mounts() -> None:
+    libc = _libc()
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        raise _os_error("unshare")
+    # Our mounts must not propagate back to the host.
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
+    libc = _libc()
+    result = libc.mount(_bytes(source), _bytes(target), _bytes(fstype), ctypes.c_ulong(flags),
+                        _bytes(data))
+    if result != 0:
+        raise _os_error(f"mount {target}")
+
+
+def _bytes(value: str | None) -> bytes | None:
+    return value.encode() if value is not None else None
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _os_error(what: str) -> OSError:
+    errno = ctypes.get_errno()
+    return OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

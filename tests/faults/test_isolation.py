@@ -1,0 +1,224 @@
+"""A hostile app author: one app's job, on a worker that several apps share.
+
+Each test is an attack that worked before jobs ran under a guard, as the job user,
+in a sandbox: reading the executor's secrets, planting git hooks, killing its own
+worker again and again, escaping the timeout, a stalled worker's lease. The job user
+tests need root (CI runs as root) and are skipped with a reason otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.faults.conftest import FaultScope
+from tests.faults.harness import (
+    GitHttpServer,
+    audit,
+    journal_job,
+    journal_lines,
+    serve_dumb,
+    worker_ready,
+)
+from tests.support import (
+    GitRemote,
+    RedisServer,
+    Service,
+    appspec_yaml,
+    output_of,
+    process_alive,
+    runs,
+    service_env,
+    wait_for,
+)
+
+ROOT = os.geteuid() == 0
+REDIS_PASSWORD = "redis-pw-0b6f2a"
+REPO_TOKEN = "repo-token-9d41ce"
+OTHER_SECRET = "billing-secret-5e8a70"
+
+
+def finished(client: object, app: str, sha: str) -> Callable[[], list[str]]:
+    def statuses() -> list[str]:
+        return [r.status for r in runs(client, app)  # type: ignore[arg-type]
+                if r.sha == sha and r.status not in ("queued", "running", "waiting")]
+    return statuses
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.skipif(not ROOT, reason="jobs run as the job user only when the executor is root")
+def test_job_cannot_reach_the_executor_or_other_apps(
+        tmp_path: Path, private_redis: Callable[..., RedisServer],
+        services: Callable[..., Service], fault: FaultScope) -> None:
+    server = private_redis(password=REDIS_PASSWORD)
+    client = server.client()
+    shop, billing = GitRemote(tmp_path / "git", "shop"), GitRemote(tmp_path / "git", "billing")
+    for remote in (shop, billing):
+        serve_dumb(remote)
+    http = GitHttpServer(tmp_path / "git", accept=("deploy", REPO_TOKEN)).start()
+    state = tmp_path / "state"
+    # Everything the job can get at is printed base64-encoded, so that masking of the
+    # output cannot hide a leak: the test looks for the encoded secrets.
+    probe = ("for f in ../../redis.url ../../../postdeploy.yaml /proc/$PPID/environ "
+             "/proc/$PPID/../$PPID/environ ../billing/appspec.yaml; do "
+             "echo \"$f $(base64 -w0 < $f 2>/dev/null)\"; done; "
+             "echo \"origin $(git config remote.origin.url | base64 -w0)\"; "
+             "echo \"env $(env | base64 -w0)\"; "
+             "ls -a ../.. ../ 2>&1 | base64 -w0; echo; id -u")
+    sha = shop.commit({"appspec.yaml": appspec_yaml(probe)}, "probe")
+    billing.commit({"appspec.yaml": appspec_yaml("true", secrets={"KEY": OTHER_SECRET})})
+    config = tmp_path / "postdeploy.yaml"
+    config.write_text(yaml.safe_dump({"apps": [
+        {"name": "shop", "repo": http.url("shop.git", "deploy", REPO_TOKEN), "branch": "main"},
+        {"name": "billing", "repo": http.url("billing.git", "deploy", REPO_TOKEN),
+         "branch": "main"}]}))
+    env = service_env(server.url, state, 1.0, POSTDEPLOY_CONFIG=str(config))
+    worker = services("worker", env, "worker")
+    services("beat", env, "beat")
+    try:
+        with fault("job reads the executor's secrets, its repo token, another app"):
+            wait_for(lambda: "succeeded" in finished(client, "shop", sha)(), 60,
+                     what="the probe job")
+            wait_for(lambda: runs(client, "billing"), 60, what="billing's checkout")
+            out = output_of(client, runs(client, "shop")[-1].id)
+            assert out.splitlines()[-1] != "0"  # not root
+            for secret in (REDIS_PASSWORD, REPO_TOKEN, OTHER_SECRET, "billing"):
+                assert b64(secret)[:12] not in out, secret
+            assert worker.alive()
+    finally:
+        http.stop()
+
+
+def test_git_hooks_planted_by_a_job_never_run(
+        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
+        services: Callable[..., Service], fault: FaultScope) -> None:
+    server = private_redis()
+    client = server.client()
+    marker = tmp_path / "hook-ran"
+    hook = f"#!/bin/sh\ntouch {marker}\n"
+    plant = (f"for h in post-checkout post-merge reference-transaction; do "
+             f"printf '{hook}' > ../../.git/hooks/$h 2>/dev/null || "
+             f"printf '{hook}' > .git/hooks/$h 2>/dev/null; "
+             f"chmod +x .git/hooks/$h 2>/dev/null; done; "
+             f"git config core.hooksPath /tmp 2>/dev/null; true")
+    sha1 = remote.commit({"appspec.yaml": appspec_yaml(plant)}, "plant")
+    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="shop")
+    services("worker", env, "worker")
+    services("beat", env, "beat")
+    with fault("job plants git hooks in its checkout") as f:
+        wait_for(lambda: finished(client, "shop", sha1)(), 60, what="the planting job")
+        sha2 = remote.commit({"appspec.yaml": appspec_yaml("true"), "x": "2"}, "two")
+        sha3 = remote.commit({"appspec.yaml": appspec_yaml("true"), "x": "3"}, "three")
+        wait_for(lambda: "succeeded" in finished(client, "shop", sha3)(), 60,
+                 what="the next commits' checkouts")
+        assert not marker.exists()
+        f.audit = audit(client, "shop", [sha1, sha3])
+        del sha2  # superseded or run: either way its checkout ran no hook
+
+
+def test_job_killing_its_parent_does_not_loop(
+        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
+        services: Callable[..., Service], fault: FaultScope) -> None:
+    server = private_redis()
+    client = server.client()
+    sha = remote.commit({"appspec.yaml": appspec_yaml("kill -9 $PPID; sleep 3")}, "evil")
+    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="shop")
+    worker = services("worker", env, "worker")
+    services("beat", env, "beat")
+    with fault("job kills its parent (kill -9 $PPID)"):
+        wait_for(lambda: finished(client, "shop", sha)(), 60, what="a finished run")
+        time.sleep(15)  # long enough for several lock TTLs: no endless re-runs
+        attempts = [r for r in runs(client, "shop") if r.sha == sha]
+        assert len(attempts) <= 4, [r.status for r in attempts]
+        assert attempts[-1].status not in ("queued", "running"), attempts[-1]
+        assert worker.alive()
+
+
+def test_timeout_stops_escaped_descendants(
+        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
+        services: Callable[..., Service], fault: FaultScope) -> None:
+    server = private_redis()
+    client = server.client()
+    pids = tmp_path / "pids"
+    pids.touch()
+    pids.chmod(0o666)
+    escape = (f"setsid env -i sleep 1000 & echo $! >> {pids}; "
+              f"(setsid sh -c 'sleep 1000 & echo $! >> {pids}' &); "
+              "sleep 1000")
+    sha = remote.commit({"appspec.yaml": appspec_yaml(escape, timeout="2")}, "escape")
+    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="shop")
+    services("worker", env, "worker")
+    services("beat", env, "beat")
+    with fault("timed-out job with setsid / env -i / double-fork children"):
+        wait_for(lambda: "timed_out" in finished(client, "shop", sha)(), 60,
+                 what="the job to time out")
+        found = [int(p) for p in pids.read_text().split()]
+        assert len(found) == 2
+        for pid in found:
+            wait_for(lambda pid=pid: not process_alive(pid), 5, what=f"{pid} stopped")
+
+
+def test_daemon_of_a_succeeded_job_keeps_writing(
+        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
+        services: Callable[..., Service], fault: FaultScope) -> None:
+    server = private_redis()
+    client = server.client()
+    pidfile = tmp_path / "daemon.pid"
+    daemon = (f"(while true; do echo tick; sleep 0.2; done) & echo $! > {pidfile}; "
+              "echo started")
+    sha = remote.commit({"appspec.yaml": appspec_yaml(daemon)}, "daemon")
+    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="shop")
+    services("worker", env, "worker")
+    services("beat", env, "beat")
+    with fault("daemon of a succeeded job writing to the job's stdout"):
+        wait_for(lambda: "succeeded" in finished(client, "shop", sha)(), 60,
+                 what="the job")
+        pid = int(pidfile.read_text())
+        try:
+            time.sleep(3)  # fifteen more writes: SIGPIPE would have come at the first
+            assert process_alive(pid)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_stalled_worker_never_lets_a_second_copy_start(
+        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
+        services: Callable[..., Service], fault: FaultScope) -> None:
+    server = private_redis()
+    client = server.client()
+    journal = tmp_path / "journal"
+    sha = remote.commit({"appspec.yaml": appspec_yaml(journal_job(journal, "sleep 12"))},
+                        "long")
+    env_a = service_env(server.url, tmp_path / "state-a", 1.0, POSTDEPLOY_REPO=remote.url,
+                        POSTDEPLOY_APP="shop")
+    env_b = service_env(server.url, tmp_path / "state-b", 1.0, POSTDEPLOY_REPO=remote.url,
+                        POSTDEPLOY_APP="shop")
+    worker_a = services("worker", env_a, "worker-a")
+    services("beat", env_a, "beat")
+    with fault("worker stalls (SIGSTOP) for longer than the lease mid-job") as f:
+        wait_for(lambda: journal_lines(journal, "start"), 60, what="the job to start")
+        os.killpg(worker_a.proc.pid, signal.SIGSTOP)
+        worker_b = services("worker", env_b, "worker-b")
+        wait_for(lambda: worker_ready(worker_b), 30, what="the second host")
+        time.sleep(10)  # two lock TTLs: a second copy would start now
+        os.killpg(worker_a.proc.pid, signal.SIGCONT)
+        wait_for(lambda: finished(client, "shop", sha)(), 60, what="the run to finish")
+        time.sleep(3)
+        assert journal_lines(journal, "overlap") == []
+        assert len(journal_lines(journal, "start")) == 1
+        assert finished(client, "shop", sha)() == ["succeeded"]
+        f.audit = audit(client, "shop", [sha])
