@@ -247,3 +247,27 @@ def test_status_lists_instances_and_a_waiting_run(
     a.standin.mode = "serve"
     finished(rclient, 1)
     assert time.monotonic() - started < 10
+
+
+def test_a_working_copy_that_moves_away_leaves_the_commit_to_a_host_that_has_it(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis) -> None:
+    c1 = remote.commit({"appspec.yaml": gated()}, "c1")
+    a, b = add(fleet, "host-a"), add(fleet, "host-b")
+    a.start(), b.start()
+    finished(rclient, 1)
+    c2 = remote.commit({"appspec.yaml": gated(), "v": "2"}, "c2")
+    b.pull()  # host-b's app keeps serving C1: its run of C2 waits
+    wait_for(lambda: any(r.sha == c2 and r.status == "waiting" for r in runs(rclient, "shop")),
+             20, what="the C2 run waiting on host-b")
+    b.pull(c1)  # rolled back before its app ever served C2
+    left = wait_for(lambda: next((r for r in runs(rclient, "shop")
+                                  if r.sha == c2 and r.status == "superseded"), None), 20,
+                    what="the C2 run given up on host-b")
+    assert left.host == "host-b" and left.started_at is None
+    assert not rclient.exists(f"postdeploy:app:shop:done:{c2}")  # not marked done
+    a.pull(), a.serve()
+    ran = wait_for(lambda: next((r for r in runs(rclient, "shop")
+                                 if r.sha == c2 and r.status == "succeeded"), None), 30,
+                   what="C2 to run on host-a")
+    assert ran.host == "host-a"
+    assert f"host=host-a sha={c2} head={c2}" in output_of(rclient, ran.id)
