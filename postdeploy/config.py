@@ -63,6 +63,8 @@ class Settings:
     concurrency: int = DEFAULT_CONCURRENCY
     log_level: str = "INFO"
     config_file: Path | None = None
+    # Signs push webhooks (POSTDEPLOY_WEBHOOK_SECRET); never shown, hence no repr.
+    webhook_secret: str | None = field(default=None, repr=False)
     # The executor's own environment: the base of every job's environment and the
     # fallback for POST_DEPLOY_* keys an appspec leaves out.
     environ: Mapping[str, str] = field(default_factory=dict)
@@ -118,6 +120,7 @@ class Settings:
                 "POSTDEPLOY_CONCURRENCY", DEFAULT_CONCURRENCY, integer=True)),
             log_level=_log_level(pick("log_level", "POSTDEPLOY_LOG_LEVEL") or "INFO"),
             config_file=config_path,
+            webhook_secret=env.get("POSTDEPLOY_WEBHOOK_SECRET") or None,
             environ=env,
         )
         repo = flags.get("repo") or env.get("POSTDEPLOY_REPO")

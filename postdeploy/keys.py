@@ -67,3 +67,13 @@ def check_failure(app: str) -> str:
 def check_errors(app: str) -> str:
     """Counter: failed commit checks of ``app`` (for metrics)."""
     return f"{PREFIX}app:{app}:check_errors"
+
+
+def last_push(app: str) -> str:
+    """String: Unix time the latest push webhook matching ``app`` arrived."""
+    return f"{PREFIX}app:{app}:last_push"
+
+
+def webhook_delivery(provider: str, delivery_id: str) -> str:
+    """String with expiry: a webhook delivery already received (replays are ignored)."""
+    return f"{PREFIX}webhook:delivery:{provider}:{delivery_id}"

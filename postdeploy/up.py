@@ -28,6 +28,8 @@ LOCK_FILE = "up.lock"  # in the state dir: one `up` per state dir
 DEFAULT_FLOWER_ADDRESS = "127.0.0.1"  # Flower can re-run jobs: not on the network by default
 DEFAULT_FLOWER_PORT = 5555
 FLOWER_MODULE = "postdeploy.flower"
+WEBHOOK_MODULE = "postdeploy.webhook"
+DEFAULT_WEBHOOK_ADDRESS = "127.0.0.1"  # a TLS proxy or tunnel in front brings pushes here
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class UpOptions:
     single_repo: bool = False  # the app came from --repo / POSTDEPLOY_REPO, not a config file
     flower_address: str = DEFAULT_FLOWER_ADDRESS
     flower_port: int = DEFAULT_FLOWER_PORT
+    webhook_port: int | None = None  # None: no webhook service
+    webhook_address: str = DEFAULT_WEBHOOK_ADDRESS
 
 
 def run_up(settings: Settings, options: UpOptions) -> int:
@@ -48,6 +52,9 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     if options.flower and importlib.util.find_spec(FLOWER_MODULE) is None:
         raise ConfigError(f"--flower needs the {FLOWER_MODULE} module, which this "
                           "installation lacks; run without --flower")
+    if options.webhook_port is not None:
+        from postdeploy.webhook import check_settings
+        check_settings(settings)  # no secret: refuse now, not after starting everything
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(settings.state_dir):
         embedded: EmbeddedRedis | None = None
@@ -69,6 +76,10 @@ def run_up(settings: Settings, options: UpOptions) -> int:
                 supervisor.start("flower", [python, "-m", FLOWER_MODULE,
                                             "--address", options.flower_address,
                                             "--port", str(options.flower_port)], env)
+            if options.webhook_port is not None:
+                supervisor.start("webhook", [python, "-m", WEBHOOK_MODULE,
+                                             "--address", options.webhook_address,
+                                             "--port", str(options.webhook_port)], env)
             supervisor.stream()
 
             def redis_alive() -> str | None:
@@ -121,6 +132,9 @@ def _banner(supervisor: Supervisor, settings: Settings, url: str,
     lines.append(f"  redis   {redact_url(url)} ({where})")
     if options.flower:
         lines.append(f"  flower  http://{options.flower_address}:{options.flower_port}/")
+    if options.webhook_port is not None:
+        lines.append(f"  webhook http://{options.webhook_address}:{options.webhook_port}"
+                     "/hooks/{github,gitlab,gitea,generic}")
     lines.append(f"  state   {settings.state_dir}")
     lines.append("Press Ctrl-C to stop.")
     supervisor.say("\n".join(lines))
