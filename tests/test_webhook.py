@@ -1,0 +1,536 @@
+"""The push trigger: a real `postdeploy webhook` process answering real HTTP requests.
+
+Payloads and headers are those GitHub, Gitea and GitLab send (tests/webhook_client.py);
+what the service queued is read back from the broker's queue in Redis, and the
+end-to-end tests run a real worker (and a real `postdeploy up`) behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from postdeploy import keys
+from postdeploy.celery_app import QUEUE
+from postdeploy.webhook_match import repo_key
+from tests.clirun import cli, cli_env, interrupt
+from tests.conftest import EXTERNAL_REDIS
+from tests.support import (
+    GitRemote,
+    RedisServer,
+    Service,
+    appspec_yaml,
+    finished_runs,
+    free_port,
+    runs,
+    wait_for,
+)
+from tests.webhook_client import (
+    gitea_push,
+    github_ping,
+    github_push,
+    gitlab_push,
+    hub_signature,
+    post,
+    post_concurrently,
+    raw_request,
+    signed,
+)
+
+SECRET = "d0c5-webhook-secret-4f1e"
+
+
+@dataclass
+class Hook:
+    """A running `postdeploy webhook` and what it was configured with."""
+
+    service: Service
+    port: int
+    env: dict[str, str]
+    state_dir: Path
+    local_repo: Path
+
+    def send(self, provider: str, payload: Any, event: str = "push",
+             delivery: str | None = None, query: str = "", **header_changes: str) -> Any:
+        body, headers = signed(provider, SECRET, payload, event, delivery)
+        headers.update(header_changes)
+        return post(self.port, f"/hooks/{provider}{query}", body, headers)
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def start_hook(env: dict[str, str], log: Path, port: int) -> Service:
+    service = Service(["-m", "postdeploy.cli", "webhook", "--port", str(port)], env, log)
+    wait_for(lambda: healthy(port) or not service.alive(), 30, what="the webhook service")
+    assert service.alive(), service.log()
+    return service
+
+
+def queued_checks(client: redis.Redis) -> list[str]:
+    """Apps of the postdeploy.check_app messages waiting in the broker's queue."""
+    names = []
+    for raw in client.lrange(keys.CELERY_PREFIX + QUEUE, 0, -1):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "postdeploy.check_app"
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        names.append(args[0])
+    return sorted(names)
+
+
+@pytest.fixture(scope="module")
+def hook(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hook]:
+    """One service for the protocol tests; each test gets the Redis flushed (rclient)."""
+    root = tmp_path_factory.mktemp("webhook")
+    bare = GitRemote(root / "git").bare
+    (root / "link").symlink_to(bare)  # the app names the repository through a symlink
+    (root / "site").mkdir()
+    config = root / "postdeploy.yaml"
+    config.write_text(yaml.safe_dump({"apps": [
+        # Credentials and case differ from what GitHub sends (Acme/Shop).
+        {"name": "shop", "repo": "https://deploy:t0ken@github.com/acme/shop.git",
+         "branch": "main"},
+        # No branch: follows the remote HEAD, GitLab's project.default_branch.
+        {"name": "blog", "repo": "git@gitlab.example.com:acme/blog.git"},
+        {"name": "wiki", "repo": "https://gitea.example.com/acme/wiki", "branch": "production"},
+        {"name": "local", "repo": str(root / "link"), "branch": "main"},
+        {"name": "site", "path": str(root / "site")},
+    ]}))
+    state_dir = root / "state"
+    env = cli_env(POSTDEPLOY_REDIS_URL=EXTERNAL_REDIS or redis_server.url,
+                  POSTDEPLOY_CONFIG=str(config), POSTDEPLOY_STATE_DIR=str(state_dir),
+                  POSTDEPLOY_WEBHOOK_SECRET=SECRET)
+    port = free_port()
+    service = start_hook(env, root / "webhook.log", port)
+    yield Hook(service, port, env, state_dir, bare)
+    service.stop(signal.SIGTERM)
+    assert service.proc.returncode == 0, service.log()[-2000:]
+    assert "Traceback" not in service.log()
+
+
+# -- start-up ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("secret", [None, ""])
+def test_refuses_to_start_without_a_secret(hook: Hook, secret: str | None) -> None:
+    env = {k: v for k, v in hook.env.items() if k != "POSTDEPLOY_WEBHOOK_SECRET"}
+    if secret is not None:
+        env["POSTDEPLOY_WEBHOOK_SECRET"] = secret
+    for command in (["-m", "postdeploy.cli", "webhook"], ["-m", "postdeploy.webhook"]):
+        result = cli_run(command + ["--port", str(free_port())], env)
+        assert result.returncode == 2, result
+        assert result.stderr.startswith("postdeploy: error: POSTDEPLOY_WEBHOOK_SECRET is not "
+                                        "set"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_refuses_a_port_in_use(hook: Hook) -> None:
+    result = cli_run(["-m", "postdeploy.cli", "webhook", "--port", str(hook.port)], hook.env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"postdeploy: error: cannot listen on 127.0.0.1:{hook.port}")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert healthy(hook.port)  # the running service is untouched
+
+
+def cli_run(args: list[str], env: dict[str, str]) -> Any:
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+# -- each provider's push -----------------------------------------------------------
+
+def test_github_push_queues_the_check_and_answers_202(hook: Hook, rclient: redis.Redis) -> None:
+    before = time.time()
+    reply = hook.send("github", github_push("Acme/Shop"))
+    assert (reply.status, reply.body["apps"], reply.body["status"]) == (202, ["shop"], "queued")
+    assert queued_checks(rclient) == ["shop"]
+    pushed = float(rclient.get(keys.last_push("shop")) or 0)
+    assert before <= pushed <= time.time()
+
+
+@pytest.mark.parametrize("field", ["clone_url", "ssh_url", "git_url", "html_url"])
+def test_any_of_the_payloads_urls_finds_the_app(hook: Hook, rclient: redis.Redis,
+                                                field: str) -> None:
+    payload = github_push("Acme/Shop")
+    repository = payload["repository"]
+    for other in ("clone_url", "ssh_url", "git_url", "html_url", "svn_url", "url"):
+        if other != field:
+            repository.pop(other)
+    assert hook.send("github", payload).body["apps"] == ["shop"]
+
+
+def test_gitea_push_with_its_signature(hook: Hook, rclient: redis.Redis) -> None:
+    reply = hook.send("gitea", gitea_push("acme/wiki", ref="refs/heads/production"))
+    assert (reply.status, reply.body["apps"]) == (202, ["wiki"])
+    assert queued_checks(rclient) == ["wiki"]
+    assert hook.send("gitea", gitea_push("acme/wiki", ref="refs/heads/main")).body["apps"] == []
+
+
+def test_gitlab_push_follows_the_default_branch_of_a_branchless_app(
+        hook: Hook, rclient: redis.Redis) -> None:
+    reply = hook.send("gitlab", gitlab_push("acme/blog"), event="Push Hook")
+    assert (reply.status, reply.body["apps"]) == (202, ["blog"])
+    other = hook.send("gitlab", gitlab_push("acme/blog", ref="refs/heads/feature"),
+                      event="Push Hook")
+    assert (other.status, other.body["apps"]) == (202, [])
+    # After the default branch changed on the host, that branch is what the app follows.
+    moved = hook.send("gitlab", gitlab_push("acme/blog", ref="refs/heads/main",
+                                            default_branch="main"), event="Push Hook")
+    assert moved.body["apps"] == ["blog"]
+    assert queued_checks(rclient) == ["blog", "blog"]
+
+
+def test_generic_hook_by_app_or_by_repository_and_ref(hook: Hook, rclient: redis.Redis) -> None:
+    assert hook.send("generic", {"app": "wiki"}).body["apps"] == ["wiki"]
+    # A local repository is matched by its real path (the app names it through a symlink).
+    by_repo = hook.send("generic", {"repository": str(hook.local_repo) + "/",
+                                    "ref": "refs/heads/main"})
+    assert (by_repo.status, by_repo.body["apps"]) == (202, ["local"])
+    site = hook.send("generic", {"repository": str(hook.local_repo.parent.parent / "site")})
+    assert site.body["apps"] == ["site"]
+    assert queued_checks(rclient) == ["local", "site", "wiki"]
+
+
+def test_query_app_names_the_app_whatever_the_payload(hook: Hook, rclient: redis.Redis) -> None:
+    reply = hook.send("github", github_push("someone/else"), query="?app=blog&app=shop")
+    assert (reply.status, reply.body["apps"]) == (202, ["blog", "shop"])
+    unknown = hook.send("github", github_push("Acme/Shop"), query="?app=nope")
+    assert unknown.status == 404 and "unknown app 'nope'" in unknown.body["error"]
+    assert "blog, local, shop, site, wiki" in unknown.body["error"]
+    bad_app = hook.send("generic", {"app": "nope"})
+    assert bad_app.status == 404
+    assert queued_checks(rclient) == ["blog", "shop"]
+
+
+# -- pushes that match nothing, pings, other events --------------------------------
+
+def test_other_branches_tags_and_unknown_repositories_match_no_app(
+        hook: Hook, rclient: redis.Redis) -> None:
+    for provider, payload, event in [
+        ("github", github_push("Acme/Shop", ref="refs/heads/develop"), "push"),
+        ("github", github_push("Acme/Shop", ref="refs/tags/v1.0"), "push"),
+        ("github", github_push("acme/shop", host="github.example.com"), "push"),
+        ("github", github_push("acme/shop-old"), "push"),
+        ("gitlab", gitlab_push("acme/blog", ref="refs/tags/v1.0", tag=True), "Tag Push Hook"),
+        ("gitea", gitea_push("acme/other", ref="refs/heads/production"), "push"),
+    ]:
+        reply = hook.send(provider, payload, event=event)
+        assert (reply.status, reply.body["apps"]) == (202, []), (provider, payload["ref"])
+    assert queued_checks(rclient) == []
+    assert rclient.get(keys.last_push("shop")) is None
+
+
+def test_ping_is_answered_200_and_other_events_are_ignored(hook: Hook,
+                                                           rclient: redis.Redis) -> None:
+    ping = hook.send("github", github_ping("Acme/Shop"), event="ping")
+    assert (ping.status, ping.body["status"]) == (200, "pong")
+    issue = hook.send("github", {"action": "opened", "repository":
+                                 github_push("Acme/Shop")["repository"]}, event="issues")
+    assert (issue.status, issue.body["apps"], issue.body["status"]) == (202, [], "ignored")
+    note = hook.send("gitlab", {"object_kind": "note"}, event="Note Hook")
+    assert (note.status, note.body["apps"]) == (202, [])
+    assert queued_checks(rclient) == []
+
+
+# -- replays ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider,payload,event", [
+    ("github", github_push("Acme/Shop"), "push"),
+    ("gitea", gitea_push("acme/wiki", ref="refs/heads/production"), "push"),
+    ("gitlab", gitlab_push("acme/blog"), "Push Hook"),
+    ("generic", {"app": "shop"}, "push"),
+])
+def test_a_replayed_delivery_is_answered_200_and_queues_nothing(
+        hook: Hook, rclient: redis.Redis, provider: str, payload: Any, event: str) -> None:
+    delivery = str(uuid.uuid4())
+    first = hook.send(provider, payload, event=event, delivery=delivery)
+    assert first.status == 202 and len(first.body["apps"]) == 1
+    again = hook.send(provider, payload, event=event, delivery=delivery)
+    assert (again.status, again.body["status"], again.body["apps"]) == (200, "duplicate", [])
+    assert queued_checks(rclient) == first.body["apps"]
+    ttl = rclient.ttl(keys.webhook_delivery(provider, delivery))
+    assert 0 < ttl <= 7 * 86_400
+
+
+def test_concurrent_copies_of_one_delivery_queue_one_check(hook: Hook,
+                                                           rclient: redis.Redis) -> None:
+    body, headers = signed("github", SECRET, github_push("Acme/Shop"), delivery="same-id")
+    answers = post_concurrently(hook.port, [raw_request("/hooks/github", body, headers)] * 20)
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200] * 19 + [202]
+    assert queued_checks(rclient) == ["shop"]
+
+
+# -- bad requests -------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider,header,payload", [
+    ("github", "X-Hub-Signature-256", github_push("Acme/Shop")),
+    ("gitea", "X-Gitea-Signature", gitea_push("acme/wiki", ref="refs/heads/production")),
+    ("gitlab", "X-Gitlab-Token", gitlab_push("acme/blog")),
+    ("generic", "X-Signature", {"app": "shop"}),
+])
+def test_bad_or_missing_signature_is_401_and_queues_nothing(
+        hook: Hook, rclient: redis.Redis, provider: str, header: str, payload: Any) -> None:
+    delivery = str(uuid.uuid4())
+    body, headers = signed(provider, "not-the-secret", payload, delivery=delivery)
+    wrong = post(hook.port, f"/hooks/{provider}", body, headers)
+    assert wrong.status == 401 and header in wrong.body["error"]
+    del headers[header]
+    missing = post(hook.port, f"/hooks/{provider}", body, headers)
+    assert missing.status == 401 and f"missing {header}" in missing.body["error"]
+    # A body changed on the way no longer matches a good signature.
+    good_body, good_headers = signed(provider, SECRET, payload, delivery=delivery)
+    if provider != "gitlab":  # GitLab's token does not sign the body
+        changed = post(hook.port, f"/hooks/{provider}", good_body + b" ", good_headers)
+        assert changed.status == 401
+    assert queued_checks(rclient) == []
+    assert rclient.keys(keys.PREFIX + "webhook:*") == []
+    # The rejected attempts did not burn the delivery id.
+    assert post(hook.port, f"/hooks/{provider}", good_body, good_headers).status == 202
+
+
+def test_wrong_content_type_is_400(hook: Hook, rclient: redis.Redis) -> None:
+    # GitHub's other content type: the JSON form-encoded in a `payload` field.
+    form = b"payload=" + json.dumps(github_push("Acme/Shop")).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded",
+               "X-GitHub-Event": "push", "X-Hub-Signature-256": hub_signature(SECRET, form)}
+    reply = post(hook.port, "/hooks/github", form, headers)
+    assert reply.status == 400
+    assert "application/x-www-form-urlencoded" in reply.body["error"]
+    assert "send application/json" in reply.body["error"]
+    assert queued_checks(rclient) == []
+
+
+@pytest.mark.parametrize("body,message", [
+    (json.dumps(github_push("Acme/Shop")).encode()[:300], "not valid JSON (truncated?)"),
+    (b"ref=refs/heads/main", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b'["refs/heads/main"]', "must be a JSON object, not list"),
+    (b'{"ref": "\xff\xfe"}', "not UTF-8 JSON"),
+])
+def test_truncated_or_non_json_body_is_400(hook: Hook, rclient: redis.Redis, body: bytes,
+                                           message: str) -> None:
+    _, headers = signed("github", SECRET, None, body=body)
+    reply = post(hook.port, "/hooks/github", body, headers)
+    assert reply.status == 400 and message in reply.body["error"], reply.body
+    assert queued_checks(rclient) == []
+
+
+def test_generic_body_of_the_wrong_shape_is_400(hook: Hook) -> None:
+    for payload in ({"name": "shop"}, {"app": 3}, {"repository": "x", "ref": "main"}):
+        reply = hook.send("generic", payload)
+        assert reply.status == 400 and "error" in reply.body, payload
+
+
+def test_oversized_body_is_413_before_it_is_read(hook: Hook, rclient: redis.Redis) -> None:
+    _, headers = signed("github", SECRET, github_push("Acme/Shop"))
+    head = raw_request("/hooks/github", b"", headers).replace(
+        b"Content-Length: 0", f"Content-Length: {1024 * 1024 + 1}".encode())
+    with socket.create_connection(("127.0.0.1", hook.port), timeout=10) as sock:
+        sock.sendall(head)  # headers only: the answer must not wait for the body
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"the limit is 1048576 bytes" in answer
+    # Without a Content-Length (chunked), the read stops keeping bytes at the limit.
+    chunk = b"x" * 65536
+    chunked = (b"POST /hooks/github HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               b"Transfer-Encoding: chunked\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n"
+               + (b"10000\r\n" + chunk + b"\r\n") * 24 + b"0\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", hook.port), timeout=10) as sock:
+        sock.sendall(chunked)
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert queued_checks(rclient) == []
+    assert healthy(hook.port)
+
+
+def test_a_body_cut_off_in_transit_queues_nothing(hook: Hook, rclient: redis.Redis) -> None:
+    body, headers = signed("github", SECRET, github_push("Acme/Shop"))
+    request = raw_request("/hooks/github", body, headers)
+    with socket.create_connection(("127.0.0.1", hook.port), timeout=10) as sock:
+        sock.sendall(request[:-200])  # the sender dies mid-body
+        sock.shutdown(socket.SHUT_WR)
+        assert _read_all(sock) == b""  # nothing to answer: the request never completed
+    assert queued_checks(rclient) == []
+    assert hook.service.alive() and healthy(hook.port)
+    assert hook.send("github", github_push("Acme/Shop")).status == 202
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_unknown_endpoint_and_method(hook: Hook) -> None:
+    body, headers = signed("github", SECRET, github_push("Acme/Shop"))
+    reply = post(hook.port, "/hooks/bitbucket", body, headers)
+    assert reply.status == 404 and "/hooks/github" in reply.body["error"]
+    request = urllib.request.Request(f"http://127.0.0.1:{hook.port}/hooks/github")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 405
+
+
+# -- status -------------------------------------------------------------------------
+
+def test_status_shows_when_the_last_push_arrived(hook: Hook, rclient: redis.Redis) -> None:
+    assert hook.send("github", github_push("Acme/Shop")).status == 202
+    env = {**hook.env}
+    result = cli(hook.state_dir, "status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = {row["app"]: row for row in json.loads(result.stdout)["apps"]}
+    assert time.time() - rows["shop"]["last_push_at"] < 60
+    assert rows["blog"]["last_push_at"] is None
+    table = cli(hook.state_dir, "status", env=env).stdout.splitlines()
+    assert table[0].split()[-2:] == ["LAST", "PUSH"]
+    shop = next(line for line in table if line.startswith("shop"))
+    assert shop.endswith("s ago"), shop
+    blog = next(line for line in table if line.startswith("blog"))
+    assert blog.endswith("-"), blog
+
+
+# -- URL normalisation --------------------------------------------------------------
+
+@pytest.mark.parametrize("a,b", [
+    ("https://github.com/acme/shop.git", "git@github.com:acme/shop.git"),
+    ("https://user:token@GitHub.com/acme/shop", "ssh://git@github.com:22/acme/shop.git/"),
+    ("git://github.com/Acme/Shop.git", "http://github.com/acme/shop/"),
+    ("ssh://git@gitea.example.com:2222/acme/wiki.git", "https://gitea.example.com/acme/wiki"),
+])
+def test_repository_urls_compare_without_scheme_credentials_suffix_or_case(a: str,
+                                                                           b: str) -> None:
+    assert repo_key(a) == repo_key(b) is not None
+
+
+@pytest.mark.parametrize("a,b", [
+    ("https://github.com/acme/shop.git", "https://github.com/acme/shop-api.git"),
+    ("https://github.com/acme/shop.git", "https://gitlab.com/acme/shop.git"),
+    ("https://github.com/acme/shop.git", "https://github.com/other/shop.git"),
+])
+def test_different_repositories_stay_different(a: str, b: str) -> None:
+    assert repo_key(a) != repo_key(b)
+
+
+def test_local_paths_compare_by_real_path(tmp_path: Path) -> None:
+    (tmp_path / "repo.git").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "repo.git")
+    assert repo_key(str(tmp_path / "alias")) == repo_key(f"file://{tmp_path}/repo.git/")
+    assert repo_key(str(tmp_path / "alias")) != repo_key(str(tmp_path / "repo"))
+
+
+# -- end to end: a real worker behind the service ------------------------------------
+
+def test_200_concurrent_deliveries_are_all_answered_and_the_commit_runs_once(
+        redis_url: str, rclient: redis.Redis, remote: GitRemote, tmp_path: Path,
+        services: Any, env_for: Any) -> None:
+    remote.commit({"appspec.yaml": appspec_yaml('echo "job for $COMMIT_SHA"')})
+    env = env_for(remote, interval=3600, POSTDEPLOY_WEBHOOK_SECRET=SECRET)
+    worker = services("worker", env)
+    wait_for(lambda: rclient.hexists(keys.APPS, "shop") or not worker.alive(), 60,
+             what="worker ready")
+    port = free_port()
+    hook_service = start_hook(env, tmp_path / "webhook.log", port)
+    try:
+        for round_ in range(2):
+            sha = remote.commit({"appspec.yaml": appspec_yaml('echo "job for $COMMIT_SHA"'),
+                                 "n": str(round_)})
+            payload = {"repository": remote.url, "ref": "refs/heads/main"}
+            requests = []
+            for _ in range(200):
+                body, headers = signed("generic", SECRET, payload)
+                requests.append(raw_request("/hooks/generic", body, headers))
+            answers = post_concurrently(port, requests)
+            assert [status for status, _ in answers] == [202] * 200
+            wait_for(lambda s=sha: [r for r in finished_runs(rclient, "shop") if r.sha == s],
+                     60, what=f"the run of round {round_}")
+        wait_for(lambda: rclient.llen(keys.CELERY_PREFIX + QUEUE) == 0, 30,
+                 what="the queue to drain")
+        history = runs(rclient, "shop")
+        # No beat runs and the interval is an hour: only the webhook started these.
+        assert [(r.sha, r.trigger, r.status) for r in history] == [
+            (r.sha, "auto", "succeeded") for r in history]
+        assert len(history) == 2 and len({r.sha for r in history}) == 2
+    finally:
+        hook_service.stop(signal.SIGTERM)
+    assert hook_service.proc.returncode == 0, hook_service.log()[-2000:]
+
+
+def test_redis_outage_is_503_and_the_service_recovers(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    env = cli_env(POSTDEPLOY_REDIS_URL=server.url, POSTDEPLOY_REPO="https://github.com/acme/shop",
+                  POSTDEPLOY_APP="shop", POSTDEPLOY_STATE_DIR=str(tmp_path / "state"),
+                  POSTDEPLOY_WEBHOOK_SECRET=SECRET)
+    port = free_port()
+    service = start_hook(env, tmp_path / "webhook.log", port)
+    try:
+        server.stop()
+        body, headers = signed("github", SECRET, github_push("acme/shop"), delivery="d-1")
+        down = post(port, "/hooks/github", body, headers)
+        assert down.status == 503 and "retry later" in down.body["error"]
+        assert service.alive()
+        server.start()
+        again = post(port, "/hooks/github", body, headers)  # the host's retry
+        assert (again.status, again.body["apps"]) == (202, ["shop"])
+        assert queued_checks(server.client()) == ["shop"]
+    finally:
+        service.stop(signal.SIGTERM)
+        server.stop()
+    assert "Traceback" not in service.log()
+
+
+def test_up_runs_the_webhook_service(tmp_path: Path, remote: GitRemote) -> None:
+    remote.commit({"appspec.yaml": appspec_yaml('echo "[POST-DEPLOY] at $COMMIT_SHA"')})
+    state_dir = tmp_path / "state"
+    port = free_port()
+    args = ["-m", "postdeploy.cli", "up", "--repo", remote.url, "--name", "shop",
+            "--interval", "3600", "--state-dir", str(state_dir), "--webhook-port", str(port)]
+    refused = cli_run(args, cli_env())
+    assert refused.returncode == 2 and "POSTDEPLOY_WEBHOOK_SECRET" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    up = Service(args, cli_env(POSTDEPLOY_WEBHOOK_SECRET=SECRET), tmp_path / "up.log",
+                 cwd=tmp_path)
+    try:
+        wait_for(lambda: healthy(port) or not up.alive(), 60, what="up's webhook service")
+        assert f"webhook http://127.0.0.1:{port}/hooks/" in up.log()
+        client = redis.Redis.from_url((state_dir / "redis.url").read_text().strip())
+        wait_for(lambda: finished_runs(client, "shop"), 60, what="the start-up run")
+        sha = remote.commit({"appspec.yaml": appspec_yaml('echo "[POST-DEPLOY] at $COMMIT_SHA"'),
+                             "v": "2"})
+        started = time.monotonic()
+        payload = github_push("acme/shop")
+        payload["repository"].update(clone_url=remote.url)
+        body, headers = signed("github", SECRET, payload)
+        assert post(port, "/hooks/github", body, headers).body["apps"] == ["shop"]
+        run = wait_for(lambda: [r for r in finished_runs(client, "shop") if r.sha == sha], 60,
+                       what="the pushed commit's run")[0]
+        # The interval is an hour: the push, not the poll, ran it.
+        assert run.status == "succeeded" and time.monotonic() - started < 60
+        assert f"[POST-DEPLOY] at {sha}" in up.log()
+    finally:
+        code = interrupt(up)
+    assert code == 0, up.log()[-3000:]
+    assert os.path.exists(state_dir) and "Traceback" not in up.log()
