@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from postdeploy.webhook_state import Delivery, WebhookState
@@ -89,13 +89,11 @@ class Dispatcher:
         except Exception as exc:
             log.warning("cannot queue the checks for %d push(es): %s", len(batch), exc)
             self._forget([d for d, new in zip(deliveries, fresh, strict=False) if new])
-            for item in batch:
-                _settle(item, exc)
+            _settle(batch, [exc] * len(batch))
             return
         if apps:
             log.debug("queued checks of %s for %d push(es)", ", ".join(apps), len(batch))
-        for item, new in zip(batch, fresh, strict=True):
-            _settle(item, new)
+        _settle(batch, fresh)
 
     def _forget(self, deliveries: list[Delivery]) -> None:
         try:
@@ -104,16 +102,23 @@ class Dispatcher:
             log.debug("cannot forget %d delivery mark(s): %s", len(deliveries), exc)
 
 
-def _settle(item: _Pending, outcome: bool | BaseException) -> None:
-    def settle() -> None:
-        if item.future.done():  # the client went away and the handler was cancelled
-            return
-        if isinstance(outcome, BaseException):
-            item.future.set_exception(outcome)
-        else:
-            item.future.set_result(outcome)
+def _settle(batch: list[_Pending], outcomes: Sequence[bool | BaseException]) -> None:
+    """Hand each waiting handler its outcome: one wake-up of each event loop per batch."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, bool | BaseException]]] = {}
+    for item, outcome in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(item.loop, []).append((item, outcome))
 
-    try:
-        item.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the event loop is already closed: nobody waits any more
-        pass
+    def settle(pairs: list[tuple[_Pending, bool | BaseException]]) -> None:
+        for item, outcome in pairs:
+            if item.future.done():  # the client went away and the handler was cancelled
+                continue
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(settle, pairs)
+        except RuntimeError:  # the event loop is already closed: nobody waits any more
+            pass

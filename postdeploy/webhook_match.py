@@ -8,6 +8,7 @@ ignores those differences, so any of the payload's URLs finds the app.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,14 @@ def repo_key(url: str) -> RepoKey | None:
         return None
     if text.lower().startswith("file://"):
         return _local(urlsplit(text).path)
+    if "://" not in text and not _SCP.match(text):
+        return _local(text)  # not cached: what a path leads to may change
+    return _remote_key(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _remote_key(text: str) -> RepoKey | None:
+    """A remote URL's key; cached, since every delivery of a repository repeats its URLs."""
     if "://" in text:
         try:
             parts = urlsplit(text)
@@ -48,7 +57,7 @@ def repo_key(url: str) -> RepoKey | None:
     elif scp := _SCP.match(text):
         host, path = scp.group("host").lower(), scp.group("path")
     else:
-        return _local(text)
+        return None
     path = path.strip("/")
     if path.endswith(".git"):
         path = path[:-4].rstrip("/")

@@ -13,14 +13,25 @@ from postdeploy import keys
 # press "Redeliver" on a recent delivery (GitHub keeps deliveries for 3 days).
 DELIVERY_TTL = 7 * 86_400
 
-# One round trip and atomic: a delivery seen before changes nothing; a new one is
-# remembered and stamps its apps' last push time.
+# One round trip for a whole batch, atomic: a delivery seen before changes nothing;
+# a new one is remembered and stamps its apps' last push time. KEYS holds, per
+# delivery, its mark's key (a placeholder when it has no id) and then its apps'
+# last-push keys; ARGV the mark's expiry, then per delivery: has an id, arrival, apps.
 _RECORD = """
-if ARGV[3] == '1' then
-  if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+local ttl, k, a, out = ARGV[1], 1, 2, {}
+while a <= #ARGV do
+  local has_id, arrived, apps = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local fresh = 1
+  if has_id == '1' and not redis.call('SET', KEYS[k], arrived, 'NX', 'EX', ttl) then
+    fresh = 0
+  end
+  if fresh == 1 then
+    for j = 1, apps do redis.call('SET', KEYS[k + j], arrived) end
+  end
+  out[#out + 1] = fresh
+  k, a = k + 1 + apps, a + 3
 end
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[1]) end
-return 1
+return out
 """
 
 
@@ -49,14 +60,16 @@ class WebhookState:
 
     def record(self, deliveries: Sequence[Delivery]) -> list[bool]:
         """For each delivery: True if it is new (and now remembered), False if a replay."""
-        pipe = self.client.pipeline(transaction=False)
+        if not deliveries:
+            return []
+        names: list[str] = []
+        args: list[str | int] = [DELIVERY_TTL]
         for item in deliveries:
-            # A delivery without an id still needs a key slot; it is never written.
-            first = item.key or keys.webhook_delivery(item.provider, "-")
-            self._record(keys=[first, *(keys.last_push(a) for a in item.apps)],
-                         args=[repr(item.arrived), DELIVERY_TTL, "1" if item.key else "0"],
-                         client=pipe)
-        return [bool(result) for result in pipe.execute()]
+            # A delivery without an id still takes a key slot; it is never written.
+            names.append(item.key or keys.webhook_delivery(item.provider, "-"))
+            names += [keys.last_push(app) for app in item.apps]
+            args += ["1" if item.key else "0", repr(item.arrived), len(item.apps)]
+        return [bool(flag) for flag in self._record(keys=names, args=args)]
 
     def forget(self, deliveries: Sequence[Delivery]) -> None:
         """Drop delivery marks, so that the host's retry of a failed delivery is not a replay."""

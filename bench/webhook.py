@@ -1,0 +1,134 @@
+"""6. The push trigger: commit -> job start through the webhook, and answers under load.
+
+Latency: a commit is pushed to a local repository, then its GitHub push event
+(signed, as GitHub sends it) is POSTed to a real `python -m postdeploy.webhook`
+in front of a real worker; measured from the POST to the job's process starting
+(it prints $EPOCHREALTIME). The baseline is what the poll alone gives at its
+default 30 s interval: a commit waits for the next check, on average half an
+interval (15 s), 28.5 s at the 95th percentile, before the same trigger path.
+Load: 200 deliveries (distinct ids, so none is a replay) sent on 200 open
+connections at once, each timed from its request leaving the client to its
+answer arriving, while the worker consumes the checks; against one delivery
+alone on an idle service.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+
+from bench.harness import GitRemote, Service, service_env, wait_for, wait_ready
+from bench.report import Row, median, percentile
+from postdeploy.state import StateStore
+from tests.support import appspec_yaml, free_port
+from tests.webhook_client import github_push, post, post_concurrently, raw_request, signed
+
+SECRET = "bench-webhook-secret"
+POLL_INTERVAL = 30.0  # seconds: the default check interval the poll is compared at
+LATENCY_TARGET_MS = 100.0
+ANSWER_TARGET_MS = 50.0
+
+
+def _healthy(port: int) -> bool:
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _push(port: int, remote: GitRemote) -> int:
+    payload = github_push("bench/app", after=remote.head())
+    payload["repository"]["clone_url"] = remote.url
+    body, headers = signed("github", SECRET, payload)
+    return post(port, "/hooks/github", body, headers).status
+
+
+def _job_start(store: StateStore, sha: str, timeout: float = 60) -> float:
+    """When the job of ``sha`` started, as it printed it ($EPOCHREALTIME)."""
+    def started() -> float | None:
+        latest = store.latest_run("bench")
+        if latest is None or latest.sha != sha or latest.status in ("queued", "running"):
+            return None
+        tail, _ = store.read_output(latest.id)
+        return float(tail.decode().split("START ", 1)[1].split()[0])
+    found: float = wait_for(started, timeout, 0.002, what=f"the run of {sha[:7]}")
+    return found
+
+
+def measure(root: Path, redis_url: str, commits: int, deliveries: int = 200,
+            rounds: int = 3) -> list[Row]:
+    root.mkdir(parents=True, exist_ok=True)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = StateStore(client)
+    remote = GitRemote(root / "git", "bench")
+    spec = {"appspec.yaml": appspec_yaml('echo "START $EPOCHREALTIME"')}
+    remote.commit(spec)
+    env = service_env(redis_url, root / "state", 3600, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="bench", POSTDEPLOY_LOG_LEVEL="WARNING",
+                      POSTDEPLOY_WEBHOOK_SECRET=SECRET)
+    worker = Service(["-m", "worker"], env, root / "worker.log")
+    port = free_port()
+    hook = Service(["-m", "postdeploy.webhook", "--port", str(port)], env, root / "webhook.log")
+    try:
+        wait_ready(worker, client)
+        wait_for(lambda: _healthy(port) or not hook.alive(), 60, what="the webhook service")
+        if not hook.alive():
+            raise RuntimeError(f"webhook service exited:\n{hook.log()[-2000:]}")
+        assert _push(port, remote) == 202
+        _job_start(store, remote.head())  # warm: the worker's first clone
+        latencies = []
+        for index in range(commits):
+            sha = remote.commit({**spec, "n": str(index)})
+            t0 = time.time()
+            assert _push(port, remote) == 202
+            latencies.append((_job_start(store, sha) - t0) * 1000)
+        alone, loaded, walls = _answer_times(port, remote, deliveries, rounds)
+    finally:
+        hook.stop()
+        worker.stop()
+    p50, p95 = median(latencies), percentile(latencies, 95)
+    wait_mean, wait_p95 = POLL_INTERVAL / 2 * 1000, POLL_INTERVAL * 0.95 * 1000
+    p99 = percentile(loaded, 99)
+    return [
+        Row("commit -> job start through the webhook p50", p50, wait_mean, "ms",
+            "poll at 30 s: mean wait", f"<= {LATENCY_TARGET_MS:g} ms",
+            p50 <= LATENCY_TARGET_MS),
+        Row("commit -> job start through the webhook p95", p95, wait_p95, "ms",
+            "poll at 30 s: p95 wait"),
+        Row(f"webhook answer time p99, {deliveries} concurrent deliveries", p99,
+            median(alone), "ms", "one delivery alone (median)",
+            f"<= {ANSWER_TARGET_MS:g} ms", p99 <= ANSWER_TARGET_MS),
+        Row(f"webhook answer time p50, {deliveries} concurrent deliveries", median(loaded),
+            median(alone), "ms", "one delivery alone (median)"),
+        Row(f"webhook: all {deliveries} concurrent deliveries answered (median of rounds)",
+            median(walls), None, "ms"),
+    ]
+
+
+def _answer_times(port: int, remote: GitRemote, deliveries: int,
+                  rounds: int) -> tuple[list[float], list[float], list[float]]:
+    payload = github_push("bench/app", after=remote.head())
+    payload["repository"]["clone_url"] = remote.url
+    alone = []
+    for _ in range(20):
+        body, headers = signed("github", SECRET, payload)
+        ((status, took),) = post_concurrently(port, [raw_request("/hooks/github", body,
+                                                                 headers)])
+        assert status == 202, status
+        alone.append(took * 1000)
+    loaded, walls = [], []
+    for _ in range(rounds):
+        requests = []
+        for _ in range(deliveries):
+            body, headers = signed("github", SECRET, payload)
+            requests.append(raw_request("/hooks/github", body, headers))
+        answers = post_concurrently(port, requests)
+        walls.append(max(took for _, took in answers) * 1000)  # first request to last answer
+        assert [status for status, _ in answers] == [202] * deliveries, answers
+        loaded += [took * 1000 for _, took in answers]
+    return alone, loaded, walls
