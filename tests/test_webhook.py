@@ -10,8 +10,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +34,7 @@ from postdeploy.webhook_match import repo_key
 from tests.clirun import cli, cli_env, interrupt
 from tests.conftest import EXTERNAL_REDIS
 from tests.support import (
+    REPO_ROOT,
     GitRemote,
     RedisServer,
     Service,
@@ -152,8 +156,6 @@ def test_refuses_a_port_in_use(hook: Hook) -> None:
 
 
 def cli_run(args: list[str], env: dict[str, str]) -> Any:
-    import subprocess
-    import sys
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=60)
 
@@ -534,3 +536,17 @@ def test_up_runs_the_webhook_service(tmp_path: Path, remote: GitRemote) -> None:
         code = interrupt(up)
     assert code == 0, up.log()[-3000:]
     assert os.path.exists(state_dir) and "Traceback" not in up.log()
+
+
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("curl")),
+                    reason="needs openssl and curl")
+def test_the_readmes_generic_hook_example_works(hook: Hook, rclient: redis.Redis) -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    example = readme.split("signed like GitHub's:\n\n```sh\n", 1)[1].split("```", 1)[0]
+    example = example.replace("127.0.0.1:9810", f"127.0.0.1:{hook.port}")
+    result = subprocess.run(["bash", "-c", example], capture_output=True, text=True,
+                            env={**hook.env}, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"status": "queued", "apps": ["shop"],
+                                         "delivery": None}
+    assert queued_checks(rclient) == ["shop"]
