@@ -48,7 +48,7 @@ BODY_TIMEOUT = 10.0  # seconds a client may take to send its body
 # Bodies over MAX_BODY are still read (and dropped) up to this size to answer 413;
 # a longer chunked body gets the connection closed instead.
 READ_LIMIT = 4 * MAX_BODY
-STOP_TIMEOUT = 5.0  # seconds open connections get to finish at shutdown
+STOP_TIMEOUT = 5.0  # seconds the requests in hand get to be answered at shutdown
 CHECK_TASK = "postdeploy.check_app"
 JSON_TYPE = "application/json"
 NO_SECRET = ("POSTDEPLOY_WEBHOOK_SECRET is not set; the webhook service only accepts signed "
@@ -69,9 +69,24 @@ class WebhookService:
         self.secret = secret
         self.index = index
         self.dispatcher = dispatcher
+        self.in_flight = 0  # requests between their body and their answer
 
     async def handle(self, provider: Provider, headers: Any, named: list[str],
                      body: bytes, peer: str) -> Answer:
+        self.in_flight += 1
+        try:
+            return await self._handle(provider, headers, named, body, peer)
+        finally:
+            self.in_flight -= 1
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) for the requests being handled to be answered."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def _handle(self, provider: Provider, headers: Any, named: list[str],
+                      body: bytes, peer: str) -> Answer:
         arrived = time.time()
         signature = headers.get(provider.signature_header)
         if not signature:
@@ -243,15 +258,14 @@ def serve(settings: Settings, address: str, port: int) -> int:
     service = WebhookService(secret, AppIndex(settings.apps), dispatcher)
     dispatcher.start()
     try:
-        return asyncio.run(_serve(make_app(service), address, port, len(settings.apps)))
+        return asyncio.run(_serve(service, address, port, len(settings.apps)))
     finally:
         dispatcher.stop()
 
 
-async def _serve(application: tornado.web.Application, address: str, port: int,
-                 apps: int) -> int:
+async def _serve(service: WebhookService, address: str, port: int, apps: int) -> int:
     server = tornado.httpserver.HTTPServer(
-        application, max_body_size=READ_LIMIT, max_buffer_size=READ_LIMIT,
+        make_app(service), max_body_size=READ_LIMIT, max_buffer_size=READ_LIMIT,
         body_timeout=BODY_TIMEOUT, idle_connection_timeout=60)
     try:
         server.listen(port, address)
@@ -266,7 +280,8 @@ async def _serve(application: tornado.web.Application, address: str, port: int,
              ",".join(PROVIDERS), apps)
     await stop.wait()
     log.info("webhook: stopping")
-    server.stop()
+    server.stop()  # no new connections; the requests in hand still get their answer
+    await service.drain(STOP_TIMEOUT)
     try:
         await asyncio.wait_for(server.close_all_connections(), STOP_TIMEOUT)
     except TimeoutError:
