@@ -29,6 +29,7 @@ DEFAULT_FLOWER_ADDRESS = "127.0.0.1"  # Flower can re-run jobs: not on the netwo
 DEFAULT_FLOWER_PORT = 5555
 FLOWER_MODULE = "postdeploy.flower"
 WEBHOOK_MODULE = "postdeploy.webhook"
+WEBHOOK_SECRET_VAR = "POSTDEPLOY_WEBHOOK_SECRET"
 DEFAULT_WEBHOOK_ADDRESS = "127.0.0.1"  # a TLS proxy or tunnel in front brings pushes here
 
 
@@ -69,6 +70,10 @@ def run_up(settings: Settings, options: UpOptions) -> int:
             _write_address(settings.state_dir, url)
             _banner(supervisor, settings, url, embedded, options)
             env = child_env(settings, url, options.single_repo)
+            webhook_env = dict(env)
+            # Only the webhook service needs the webhook secret; the processes that run
+            # jobs (and Flower, which can start them) never get it.
+            env.pop(WEBHOOK_SECRET_VAR, None)
             python = sys.executable
             supervisor.start("worker", [python, "-m", "worker"], env)
             supervisor.start("beat", [python, "-m", "beat"], env)
@@ -79,7 +84,8 @@ def run_up(settings: Settings, options: UpOptions) -> int:
             if options.webhook_port is not None:
                 supervisor.start("webhook", [python, "-m", WEBHOOK_MODULE,
                                              "--address", options.webhook_address,
-                                             "--port", str(options.webhook_port)], env)
+                                             "--port", str(options.webhook_port)],
+                                 webhook_env)
             supervisor.stream()
 
             def redis_alive() -> str | None:

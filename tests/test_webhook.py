@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 import yaml
@@ -31,7 +32,7 @@ import yaml
 from postdeploy import keys
 from postdeploy.celery_app import QUEUE
 from postdeploy.webhook_match import repo_key
-from tests.clirun import cli, cli_env, interrupt
+from tests.clirun import cli, cli_env, family, interrupt
 from tests.conftest import EXTERNAL_REDIS
 from tests.support import (
     REPO_ROOT,
@@ -504,6 +505,19 @@ def test_redis_outage_is_503_and_the_service_recovers(tmp_path: Path) -> None:
     assert "Traceback" not in service.log()
 
 
+def secret_holders(pids: list[int]) -> set[str]:
+    """The commands (module part) of the processes whose environment has the secret."""
+    found = set()
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            if process.environ().get("POSTDEPLOY_WEBHOOK_SECRET") == SECRET:
+                found.add(" ".join(process.cmdline()[1:3]))
+        except psutil.Error:  # a job that ended meanwhile
+            continue
+    return found
+
+
 def test_up_runs_the_webhook_service(tmp_path: Path, remote: GitRemote) -> None:
     remote.commit({"appspec.yaml": appspec_yaml('echo "[POST-DEPLOY] at $COMMIT_SHA"')})
     state_dir = tmp_path / "state"
@@ -518,6 +532,8 @@ def test_up_runs_the_webhook_service(tmp_path: Path, remote: GitRemote) -> None:
     try:
         wait_for(lambda: healthy(port) or not up.alive(), 60, what="up's webhook service")
         assert f"webhook http://127.0.0.1:{port}/hooks/" in up.log()
+        # Only the webhook service holds the secret, not the worker that runs jobs.
+        assert secret_holders(family(up.proc.pid)[1:]) == {"-m postdeploy.webhook"}
         client = redis.Redis.from_url((state_dir / "redis.url").read_text().strip())
         wait_for(lambda: finished_runs(client, "shop"), 60, what="the start-up run")
         sha = remote.commit({"appspec.yaml": appspec_yaml('echo "[POST-DEPLOY] at $COMMIT_SHA"'),
