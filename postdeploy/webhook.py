@@ -36,7 +36,7 @@ from postdeploy.logconfig import configure_logging
 from postdeploy.redaction import redact_url
 from postdeploy.webhook_dispatch import Dispatcher
 from postdeploy.webhook_match import AppIndex, Push
-from postdeploy.webhook_providers import PROVIDERS, HookRejected, Provider
+from postdeploy.webhook_providers import PROVIDERS, Headers, HookRejected, Provider
 from postdeploy.webhook_state import Delivery, WebhookState
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class WebhookService:
         self.dispatcher = dispatcher
         self.in_flight = 0  # requests between their body and their answer
 
-    async def handle(self, provider: Provider, headers: Any, named: list[str],
+    async def handle(self, provider: Provider, headers: Headers, named: list[str],
                      body: bytes, peer: str) -> Answer:
         self.in_flight += 1
         try:
@@ -85,7 +85,7 @@ class WebhookService:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    async def _handle(self, provider: Provider, headers: Any, named: list[str],
+    async def _handle(self, provider: Provider, headers: Headers, named: list[str],
                       body: bytes, peer: str) -> Answer:
         arrived = time.time()
         signature = headers.get(provider.signature_header)
@@ -114,7 +114,7 @@ class WebhookService:
         delivery = Delivery(provider.name, provider.delivery_id(headers), tuple(apps), arrived)
         if not apps and delivery.delivery_id is None:
             _log_unmatched(provider, push, peer)
-            return Answer(202, {"status": "queued", "apps": []})
+            return Answer(202, {"status": "unmatched", "apps": []})
         try:
             fresh = await self.dispatcher.submit(delivery)
         except Exception as exc:
@@ -125,13 +125,13 @@ class WebhookService:
                      provider.name, peer, delivery.delivery_id)
             return Answer(200, {"status": "duplicate", "apps": [],
                                 "delivery": delivery.delivery_id})
-        if apps:
-            log.info("%s push %s (delivery %s): check queued for %s", provider.name,
-                     push.ref or "", delivery.delivery_id or "-", ", ".join(apps))
-        else:
+        if not apps:
             _log_unmatched(provider, push, peer)
-        return Answer(202, {"status": "queued", "apps": apps,
-                            "delivery": delivery.delivery_id})
+            return Answer(202, {"status": "unmatched", "apps": [],
+                                "delivery": delivery.delivery_id})
+        log.info("%s push %s (delivery %s): check queued for %s", provider.name,
+                 push.ref or "", delivery.delivery_id or "-", ", ".join(apps))
+        return Answer(202, {"status": "queued", "apps": apps, "delivery": delivery.delivery_id})
 
 
 def _log_unmatched(provider: Provider, push: Push, peer: str) -> None:

@@ -239,7 +239,8 @@ def test_other_branches_tags_and_unknown_repositories_match_no_app(
         ("gitea", gitea_push("acme/other", ref="refs/heads/production"), "push"),
     ]:
         reply = hook.send(provider, payload, event=event)
-        assert (reply.status, reply.body["apps"]) == (202, []), (provider, payload["ref"])
+        assert (reply.status, reply.body["status"], reply.body["apps"]) == (
+            202, "unmatched", []), (provider, payload["ref"])
     assert queued_checks(rclient) == []
     assert rclient.get(keys.last_push("shop")) is None
 
