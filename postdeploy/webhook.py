@@ -21,11 +21,9 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import tornado.httpserver
-import tornado.web
 
 from postdeploy.celery_app import app as celery_app
 from postdeploy.celery_app import configure
@@ -35,6 +33,7 @@ from postdeploy.errors import ConfigError, PostdeployError
 from postdeploy.logconfig import configure_logging
 from postdeploy.redaction import redact_url
 from postdeploy.webhook_dispatch import Dispatcher
+from postdeploy.webhook_http import MAX_BODY, HookServer
 from postdeploy.webhook_match import AppIndex, Push
 from postdeploy.webhook_providers import PROVIDERS, Headers, HookRejected, Provider
 from postdeploy.webhook_state import Delivery, WebhookState
@@ -43,23 +42,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1"  # loopback unless asked: put a TLS proxy in front
 DEFAULT_PORT = 9810
-MAX_BODY = 1024 * 1024  # bytes; GitHub caps its payloads at 25 MB, pushes are far smaller
 BODY_TIMEOUT = 10.0  # seconds a client may take to send its body
 # Bodies over MAX_BODY are still read (and dropped) up to this size to answer 413;
 # a longer chunked body gets the connection closed instead.
 READ_LIMIT = 4 * MAX_BODY
 STOP_TIMEOUT = 5.0  # seconds the requests in hand get to be answered at shutdown
 CHECK_TASK = "postdeploy.check_app"
-JSON_TYPE = "application/json"
 NO_SECRET = ("POSTDEPLOY_WEBHOOK_SECRET is not set; the webhook service only accepts signed "
              "pushes: set it to a long random value (e.g. `openssl rand -hex 32`) and give the "
              "git host the same secret")
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    body: dict[str, Any]
 
 
 class WebhookService:
@@ -69,24 +60,10 @@ class WebhookService:
         self.secret = secret
         self.index = index
         self.dispatcher = dispatcher
-        self.in_flight = 0  # requests between their body and their answer
 
     async def handle(self, provider: Provider, headers: Headers, named: list[str],
-                     body: bytes, peer: str) -> Answer:
-        self.in_flight += 1
-        try:
-            return await self._handle(provider, headers, named, body, peer)
-        finally:
-            self.in_flight -= 1
-
-    async def drain(self, timeout: float) -> None:
-        """Wait (up to ``timeout``) for the requests being handled to be answered."""
-        deadline = time.monotonic() + timeout
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-
-    async def _handle(self, provider: Provider, headers: Headers, named: list[str],
-                      body: bytes, peer: str) -> Answer:
+                     body: bytes, peer: str) -> tuple[int, dict[str, Any]]:
+        """(status, JSON body) for one request whose size and type were checked."""
         arrived = time.time()
         signature = headers.get(provider.signature_header)
         if not signature:
@@ -101,9 +78,9 @@ class WebhookService:
         event = provider.classify(headers, _json_object(body))
         if event.kind == "ping":
             log.info("%s webhook from %s: ping answered", provider.name, peer)
-            return Answer(200, {"status": "pong", "apps": []})
+            return (200, {"status": "pong", "apps": []})
         if event.kind == "ignored" or event.push is None:
-            return Answer(202, {"status": "ignored", "apps": [],
+            return (202, {"status": "ignored", "apps": [],
                                 "reason": f"event {event.name!r} is not a push"})
         push = event.push
         unknown = self.index.unknown([*named, *push.apps])
@@ -114,7 +91,7 @@ class WebhookService:
         delivery = Delivery(provider.name, provider.delivery_id(headers), tuple(apps), arrived)
         if not apps and delivery.delivery_id is None:
             _log_unmatched(provider, push, peer)
-            return Answer(202, {"status": "unmatched", "apps": []})
+            return (202, {"status": "unmatched", "apps": []})
         try:
             fresh = await self.dispatcher.submit(delivery)
         except Exception as exc:
@@ -123,15 +100,15 @@ class WebhookService:
         if not fresh:
             log.info("%s webhook from %s: delivery %s seen before; nothing queued again",
                      provider.name, peer, delivery.delivery_id)
-            return Answer(200, {"status": "duplicate", "apps": [],
+            return (200, {"status": "duplicate", "apps": [],
                                 "delivery": delivery.delivery_id})
         if not apps:
             _log_unmatched(provider, push, peer)
-            return Answer(202, {"status": "unmatched", "apps": [],
+            return (202, {"status": "unmatched", "apps": [],
                                 "delivery": delivery.delivery_id})
         log.info("%s push %s (delivery %s): check queued for %s", provider.name,
                  push.ref or "", delivery.delivery_id or "-", ", ".join(apps))
-        return Answer(202, {"status": "queued", "apps": apps, "delivery": delivery.delivery_id})
+        return (202, {"status": "queued", "apps": apps, "delivery": delivery.delivery_id})
 
 
 def _log_unmatched(provider: Provider, push: Push, peer: str) -> None:
@@ -151,86 +128,6 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise HookRejected(400, f"the body must be a JSON object, not {type(payload).__name__}")
     return payload
-
-
-@tornado.web.stream_request_body
-class HookHandler(tornado.web.RequestHandler):
-    """POST /hooks/<provider>: size and type are checked before the body is read."""
-
-    SUPPORTED_METHODS = ("POST",)
-
-    def initialize(self, service: WebhookService) -> None:
-        self.service = service
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    def prepare(self) -> None:
-        provider = self.path_kwargs.get("provider", "")
-        if provider not in PROVIDERS:
-            raise HookRejected(404, f"no endpoint /hooks/{provider[:40]}; use "
-                                    f"{', '.join('/hooks/' + p for p in PROVIDERS)}")
-        length = self.request.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            raise HookRejected(413, f"body of {length[:20]} bytes; the limit is "
-                                    f"{MAX_BODY} bytes")
-        content_type = self.request.headers.get("Content-Type", "")
-        if content_type.split(";")[0].strip().lower() != JSON_TYPE:
-            raise HookRejected(400, f"content type {content_type[:60]!r}; send {JSON_TYPE} "
-                                    "(the webhook's 'Content type' setting)")
-
-    def data_received(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size <= MAX_BODY:  # past it, keep counting but stop keeping
-            self.chunks.append(chunk)
-
-    async def post(self, provider: str) -> None:
-        if self.size > MAX_BODY:
-            raise HookRejected(413, f"body of more than {MAX_BODY} bytes; the limit is "
-                                    f"{MAX_BODY} bytes")
-        named = [a.strip() for a in self.get_query_arguments("app") if a.strip()]
-        answer = await self.service.handle(PROVIDERS[provider], self.request.headers, named,
-                                           b"".join(self.chunks), self.request.remote_ip or "?")
-        self.set_status(answer.status)
-        self.finish(answer.body)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, HookRejected):
-            message = str(exc)
-        elif isinstance(exc, tornado.web.HTTPError):
-            message = exc.log_message or self._reason
-        else:
-            message = "internal error; see the webhook service's log"
-        self.finish({"error": message})
-
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, HookRejected):  # an answer, not a failure: no traceback in the log
-            if not self._finished:
-                self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
-            return
-        super()._handle_request_exception(e)
-
-
-class HealthHandler(tornado.web.RequestHandler):
-    """GET /healthz: the service is up (for container health checks)."""
-
-    def get(self) -> None:
-        self.finish({"status": "ok", "apps": len(self.settings["app_names"])})
-
-
-def make_app(service: WebhookService) -> tornado.web.Application:
-    return tornado.web.Application(
-        [(r"/hooks/(?P<provider>[^/]*)/?", HookHandler, {"service": service}),
-         (r"/healthz", HealthHandler)],
-        app_names=sorted(service.index.apps),
-        log_function=_access_log)
-
-
-def _access_log(handler: tornado.web.RequestHandler) -> None:
-    # The handler logs what matters (queued, rejected and why); this is for debugging.
-    request = handler.request
-    log.debug("%d %s %s (%s) %.1f ms", handler.get_status(), request.method, request.uri,
-              request.remote_ip, 1000 * request.request_time())
 
 
 def check_settings(settings: Settings) -> str:
@@ -264,8 +161,9 @@ def serve(settings: Settings, address: str, port: int) -> int:
 
 
 async def _serve(service: WebhookService, address: str, port: int, apps: int) -> int:
+    hooks = HookServer(service.handle, apps)
     server = tornado.httpserver.HTTPServer(
-        make_app(service), max_body_size=READ_LIMIT, max_buffer_size=READ_LIMIT,
+        hooks, max_body_size=READ_LIMIT, max_buffer_size=READ_LIMIT,
         body_timeout=BODY_TIMEOUT, idle_connection_timeout=60)
     try:
         server.listen(port, address)
@@ -281,7 +179,7 @@ async def _serve(service: WebhookService, address: str, port: int, apps: int) ->
     await stop.wait()
     log.info("webhook: stopping")
     server.stop()  # no new connections; the requests in hand still get their answer
-    await service.drain(STOP_TIMEOUT)
+    await hooks.drain(STOP_TIMEOUT)
     try:
         await asyncio.wait_for(server.close_all_connections(), STOP_TIMEOUT)
     except TimeoutError:
