@@ -8,6 +8,7 @@ end-to-end tests run a real worker (and a real `postdeploy up`) behind it.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import shutil
@@ -387,6 +388,20 @@ def _read_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+def test_deliveries_on_one_kept_alive_connection(hook: Hook, rclient: redis.Redis) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", hook.port, timeout=10)
+    try:
+        for payload in (github_push("Acme/Shop"), github_push("Acme/Shop", ref="refs/tags/v2")):
+            body, headers = signed("github", SECRET, payload)
+            connection.request("POST", "/hooks/github", body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 202 and not response.will_close
+    finally:
+        connection.close()
+    assert queued_checks(rclient) == ["shop"]
 
 
 def test_unknown_endpoint_and_method(hook: Hook) -> None:
