@@ -23,7 +23,15 @@ from pathlib import Path
 
 import redis
 
-from bench.harness import GitRemote, Service, service_env, wait_for, wait_ready
+from bench.harness import (
+    GitRemote,
+    Service,
+    process_tree,
+    service_env,
+    tree_cpu,
+    wait_for,
+    wait_ready,
+)
 from bench.report import Row, median, percentile
 from postdeploy.state import StateStore
 from tests.support import REPO_ROOT, appspec_yaml, free_port
@@ -98,7 +106,8 @@ def measure(root: Path, redis_url: str, commits: int, deliveries: int = 200,
             t0 = time.time()
             assert _push(port, remote) == 202
             latencies.append((_job_start(store, sha) - t0) * 1000)
-        loaded, bare, walls = _answer_times(port, floor_port, remote, deliveries, rounds)
+        loaded, bare, walls, cpu = _answer_times(port, floor_port, hook, floor, remote,
+                                                 deliveries, rounds)
     finally:
         floor.stop()
         hook.stop()
@@ -119,6 +128,8 @@ def measure(root: Path, redis_url: str, commits: int, deliveries: int = 200,
             median(bare), "ms", "bare Tornado server, same load"),
         Row(f"webhook: all {deliveries} concurrent deliveries answered (median of rounds)",
             median(walls), None, "ms"),
+        Row("webhook CPU per delivery under that load", cpu[0], cpu[1], "ms",
+            "bare Tornado server"),
     ]
 
 
@@ -132,8 +143,9 @@ def _burst(port: int, payload: dict[str, object], deliveries: int) -> list[float
     return [took * 1000 for _, took in answers]
 
 
-def _answer_times(port: int, floor_port: int, remote: GitRemote, deliveries: int,
-                  rounds: int) -> tuple[list[float], list[float], list[float]]:
+def _answer_times(port: int, floor_port: int, hook: Service, floor: Service,
+                  remote: GitRemote, deliveries: int, rounds: int
+                  ) -> tuple[list[float], list[float], list[float], tuple[float, float]]:
     payload = github_push("bench/app", after=remote.head())
     payload["repository"]["clone_url"] = remote.url
     _burst(floor_port, payload, deliveries)  # warm both: first connections, first publish
@@ -141,12 +153,18 @@ def _answer_times(port: int, floor_port: int, remote: GitRemote, deliveries: int
     loaded: list[float] = []
     bare: list[float] = []
     walls: list[float] = []
+    ours_cpu = floor_cpu = 0.0
     for _ in range(rounds):
+        before = tree_cpu(process_tree(hook))
         times = _burst(port, payload, deliveries)
+        ours_cpu += tree_cpu(process_tree(hook)) - before
         walls.append(max(times))  # from the first request sent to the last answer
         loaded += times
+        before = tree_cpu(process_tree(floor))
         bare += _burst(floor_port, payload, deliveries)
-    return loaded, bare, walls
+        floor_cpu += tree_cpu(process_tree(floor)) - before
+    per_delivery = 1000 / (rounds * deliveries)  # CPU seconds -> ms per delivery
+    return loaded, bare, walls, (ours_cpu * per_delivery, floor_cpu * per_delivery)
 
 
 def serve_floor(port: int) -> None:
