@@ -149,6 +149,16 @@ def test_refuses_to_start_without_a_secret(hook: Hook, secret: str | None) -> No
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_without_redis_it_says_where_to_point_it(hook: Hook, tmp_path: Path) -> None:
+    env = {k: v for k, v in hook.env.items() if k != "POSTDEPLOY_REDIS_URL"}
+    env["POSTDEPLOY_STATE_DIR"] = str(tmp_path / "no-up-here")
+    result = cli_run(["-m", "postdeploy.cli", "webhook", "--port", str(free_port())], env)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("postdeploy: error: no Redis configured")
+    assert "POSTDEPLOY_REDIS_URL" in line
+
+
 def test_refuses_a_port_in_use(hook: Hook) -> None:
     result = cli_run(["-m", "postdeploy.cli", "webhook", "--port", str(hook.port)], hook.env)
     assert result.returncode == 2
