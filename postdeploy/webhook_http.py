@@ -79,22 +79,26 @@ class Exchange(httputil.HTTPMessageDelegate):
         self.closed = False
         self.started = time.monotonic()
         self.request_line = ""
+        self.method = ""
+        self.allow = "POST"  # the methods of the route asked for
 
     def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
                          headers: httputil.HTTPHeaders) -> None:
         assert isinstance(start_line, httputil.RequestStartLine)
         self.headers = headers
+        self.method = start_line.method
         self.request_line = f"{start_line.method} {start_line.path}"
         try:
             self._route(start_line.method, start_line.path, headers)
         except HookRejected as exc:
             self.answer(exc.status, {"error": str(exc)},
-                        {"Allow": "POST"} if exc.status == 405 else None)
+                        {"Allow": self.allow} if exc.status == 405 else None)
 
     def _route(self, method: str, target: str, headers: httputil.HTTPHeaders) -> None:
         parts = urlsplit(target)
         path, self.query = parts.path, parts.query
         if path == "/healthz":
+            self.allow = "GET, HEAD"
             if method not in ("GET", "HEAD"):
                 raise HookRejected(405, "use GET /healthz")
             self.answer(200, {"status": "ok", "apps": self.server.apps})
@@ -159,7 +163,8 @@ class Exchange(httputil.HTTPMessageDelegate):
                                         "Content-Length": str(len(data)), **(extra or {})})
         line = httputil.ResponseStartLine("", status, HTTPStatus(status).phrase)
         try:
-            self.connection.write_headers(line, headers, data)
+            # A HEAD answer has the headers of the GET answer but no body.
+            self.connection.write_headers(line, headers, None if self.method == "HEAD" else data)
             self.connection.finish()
         except StreamClosedError:
             return

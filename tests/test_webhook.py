@@ -418,10 +418,16 @@ def test_unknown_endpoint_and_method(hook: Hook) -> None:
     body, headers = signed("github", SECRET, github_push("Acme/Shop"))
     reply = post(hook.port, "/hooks/bitbucket", body, headers)
     assert reply.status == 404 and "/hooks/github" in reply.body["error"]
-    request = urllib.request.Request(f"http://127.0.0.1:{hook.port}/hooks/github")
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(request, timeout=5)
-    assert info.value.code == 405
+    for method in ("GET", "HEAD", "PUT"):
+        request = urllib.request.Request(f"http://127.0.0.1:{hook.port}/hooks/github",
+                                         method=method)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=5)
+        assert info.value.code == 405 and info.value.headers["Allow"] == "POST"
+    head = urllib.request.Request(f"http://127.0.0.1:{hook.port}/healthz", method="HEAD")
+    with urllib.request.urlopen(head, timeout=5) as response:
+        assert response.status == 200 and response.read() == b""
+    assert hook.service.alive() and healthy(hook.port)
 
 
 # -- status -------------------------------------------------------------------------
