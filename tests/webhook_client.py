@@ -1,4 +1,5 @@
-"""Sending webhooks as the git hosts do: their payload shapes, headers and signatures.
+"""Sending webhooks as the git hosts do (payload shapes, headers, signatures), and
+running and watching a real webhook service.
 
 The payloads follow each host's documentation of its push event (GitHub
 "push" and "ping", Gitea "push", GitLab "Push Hook" / "Tag Push Hook"), with
@@ -8,14 +9,25 @@ the fields a real delivery has, not only those postdeploy reads.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import http.client
 import json
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import redis
+
+from postdeploy import keys
+from postdeploy.celery_app import QUEUE
+from tests.support import Service, wait_for
 
 SHA_BEFORE = "95790bf891e76fee5e1747ab589903a6a1f80f22"
 SHA_AFTER = "da1560886d4f094c3e6c9ef40349f7d38b5d27d7"
@@ -213,3 +225,34 @@ async def _send_all(port: int, requests: list[bytes]) -> list[tuple[int, float]]
 def post_concurrently(port: int, requests: list[bytes]) -> list[tuple[int, float]]:
     """(status, seconds to the full answer) of each raw request, all sent together."""
     return asyncio.run(_send_all(port, requests))
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def start_hook(env: dict[str, str], log: Path, port: int) -> Service:
+    service = Service(["-m", "postdeploy.cli", "webhook", "--port", str(port)], env, log)
+    wait_for(lambda: healthy(port) or not service.alive(), 30, what="the webhook service")
+    assert service.alive(), service.log()
+    return service
+
+
+def queued_checks(client: redis.Redis) -> list[str]:
+    """Apps of the postdeploy.check_app messages waiting in the broker's queue."""
+    names = []
+    for raw in client.lrange(keys.CELERY_PREFIX + QUEUE, 0, -1):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "postdeploy.check_app"
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        names.append(args[0])
+    return sorted(names)
+
+
+def cli_run(args: list[str], env: dict[str, str]) -> Any:
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=60)
