@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import footprint, idle_checks, jobs, output_capture
+from bench import footprint, idle_checks, jobs, output_capture, webhook
 from bench.harness import redis_server
 from bench.report import Row, render
 
@@ -18,13 +18,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes, under two minutes (the full run takes longer)")
     parser.add_argument("--only", choices=["checks", "latency", "overhead", "output",
-                                           "footprint"], action="append",
+                                           "footprint", "webhook"], action="append",
                         help="run only these measures (repeatable)")
     parser.add_argument("--apps", type=int, action="append",
                         help="fleet sizes for the idle check measure (repeatable)")
     parser.add_argument("--jobs", type=int, help="jobs for the per-job overhead measure")
     args = parser.parse_args()
-    only = set(args.only or ["checks", "latency", "overhead", "output", "footprint"])
+    only = set(args.only or ["checks", "latency", "overhead", "output", "footprint",
+                             "webhook"])
     rows: list[Row] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="postdeploy-bench-") as tmp:
@@ -40,6 +41,9 @@ def main() -> int:
                 print("... trigger latency", file=sys.stderr, flush=True)
                 rows += jobs.measure_latency(root / "latency", server.url,
                                              20 if args.quick else 60)
+            if "webhook" in only:
+                print("... push trigger (webhook)", file=sys.stderr, flush=True)
+                rows += webhook.measure(root / "webhook", server.url, 20 if args.quick else 60)
             if "overhead" in only:
                 print("... per-job overhead", file=sys.stderr, flush=True)
                 rows += jobs.measure_overhead(root / "overhead", server.url,

@@ -105,10 +105,15 @@ def open_store(settings: Settings) -> tuple[str, StateStore]:
 @click.option("--flower", is_flag=True, help="Also run Flower (task monitor).")
 @click.option("--flower-address", default=DEFAULT_LISTEN_ADDRESS, show_default=True)
 @click.option("--flower-port", type=PORT, default=DEFAULT_FLOWER_PORT, show_default=True)
+@click.option("--webhook-port", type=PORT, default=None,
+              help="Also run the push webhook service on this port "
+                   "(needs POSTDEPLOY_WEBHOOK_SECRET).")
+@click.option("--webhook-address", default=DEFAULT_LISTEN_ADDRESS, show_default=True)
 @common_options
 @click.pass_context
 def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | None,
        interval: float | None, flower: bool, flower_address: str, flower_port: int,
+       webhook_port: int | None, webhook_address: str,
        state_dir: str | None, config: str | None, redis_url: str | None) -> int:
     """All-in-one: Redis (embedded unless given), a worker, beat; Ctrl-C stops all."""
     from postdeploy.up import UpOptions, run_up
@@ -122,7 +127,9 @@ def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | Non
     configure_logging(settings.log_level)
     single_repo = bool(repo or settings.environ.get("POSTDEPLOY_REPO"))
     return run_up(settings, UpOptions(flower=flower, flower_address=flower_address,
-                                      flower_port=flower_port, single_repo=single_repo))
+                                      flower_port=flower_port, single_repo=single_repo,
+                                      webhook_port=webhook_port,
+                                      webhook_address=webhook_address))
 
 
 @cli.command()
@@ -132,13 +139,17 @@ def status(settings: Settings, as_json: bool) -> int:
     """Per app: last seen commit, latest run, its status, when, how long."""
     from postdeploy.manual import known_apps
     from postdeploy.views import AppStatus, status_json, status_table
+    from postdeploy.webhook_state import last_push_times
 
     _, store = open_store(settings)
     registered = store.registered_apps()
+    apps = known_apps(settings, store)
+    pushes = last_push_times(store.client, list(apps))
     rows = [AppStatus(name, (app.source if app else registered.get(name, {}).get("source")),
                       store.last_seen(name), store.latest_run(name),
-                      (store.check_failure(name) or {}).get("error"))
-            for name, app in known_apps(settings, store).items()]
+                      (store.check_failure(name) or {}).get("error"),
+                      last_push_at=pushes[name])
+            for name, app in apps.items()]
     if as_json:
         click.echo(json.dumps(status_json(rows), indent=2, sort_keys=True))
     elif not rows:
@@ -251,6 +262,20 @@ def check(settings: Settings, app: str | None, timeout: float) -> int:
         click.echo(line)
         ok = ok and good
     return 0 if ok else EXIT_FAILED
+
+
+@cli.command()
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback: put a TLS proxy in front).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9810, show_default=True)
+@with_settings
+def webhook(settings: Settings, address: str, port: int) -> int:
+    """Receive signed push webhooks (GitHub, GitLab, Gitea, generic); check those apps now."""
+    from postdeploy.webhook import check_settings, serve
+
+    check_settings(settings)  # refuse before anything else: no secret, no service
+    configure_logging(settings.log_level)
+    return serve(settings, address, port)
 
 
 @cli.command()

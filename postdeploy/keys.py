@@ -77,3 +77,13 @@ def notified(run_id: str, event: str) -> str:
 def notify_failing(app: str) -> str:
     """String (JSON): the failed run ``app``'s last notification was about, until it recovers."""
     return f"{PREFIX}app:{app}:notify_failing"
+
+
+def last_push(app: str) -> str:
+    """String: Unix time the latest push webhook matching ``app`` arrived."""
+    return f"{PREFIX}app:{app}:last_push"
+
+
+def webhook_delivery(provider: str, delivery_id: str) -> str:
+    """String with expiry: a webhook delivery already received (replays are ignored)."""
+    return f"{PREFIX}webhook:delivery:{provider}:{delivery_id}"
