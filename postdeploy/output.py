@@ -1,36 +1,88 @@
 """Job output: logged line by line with the [POST-DEPLOY] prefix, tail kept for Redis.
 
 Memory stays flat whatever the job prints: only the capped tail and one partial
-line are held. Secrets are masked before anything is logged or stored, and
-invalid UTF-8 is replaced, never fatal.
+line (at most MAX_LINE plus the longest secret) are held. Secrets are masked
+before anything is logged or stored, also where a long line is cut; invalid
+UTF-8 is replaced, never fatal. Log lines show control characters as escapes
+(``\\r``, ``\\x1b``), so a job cannot forge another app's line on a terminal;
+the stored tail keeps the bytes as printed.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from postdeploy.redaction import MASK
 
 log = logging.getLogger("postdeploy.job")
 
-MAX_LINE = 64 * 1024  # bytes; a longer line is cut into pieces of this size
+MAX_LINE = 64 * 1024  # bytes; a longer line is logged in pieces of about this size
 LOG_LINES_PER_SECOND = 1000  # beyond this the log gets a count, the tail keeps everything
 FLUSH_EVERY = 0.25  # seconds between writes of the tail to Redis
+JOB_PREFIX = "[POST-DEPLOY]"  # what the guide tells jobs to print; we add it ourselves
+# A multi-line secret (a PEM key) is masked line by line; lines shorter than this
+# ("}", "") would mask harmless text everywhere.
+MIN_SECRET_LINE = 4
+
+_MASK = MASK.encode()
+# C0 and C1 controls, DEL and the Unicode line separators; tab and newline stay.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """Show control characters (except tab and newline) visibly: ``\\r``, ``\\x1b``, ..."""
+    return _CONTROLS.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code == 0x0D:
+        return "\\r"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def for_terminal(output: bytes) -> str:
+    """Stored output as a terminal should show it: CRLF line ends kept, controls escaped."""
+    return escape_controls(output.decode("utf-8", "replace").replace("\r\n", "\n"))
+
+
+def secret_patterns(secrets: Iterable[str]) -> list[bytes]:
+    """The byte strings to mask, longest first (so no part of a longer one is left)."""
+    patterns: set[bytes] = set()
+    for secret in secrets:
+        if not secret:
+            continue
+        patterns.add(secret.encode())
+        if "\n" in secret:
+            patterns.update(line.encode() for line in secret.splitlines()
+                            if len(line) >= MIN_SECRET_LINE)
+    return sorted(patterns, key=len, reverse=True)
 
 
 class OutputCapture:
-    """Feed it bytes as they arrive; it logs lines and hands the tail to ``store``."""
+    """Feed it bytes as they arrive; it logs lines and hands the tail to ``store``.
+
+    ``secrets``: any strings to mask (the app's SECRET values and the executor's own).
+    """
 
     def __init__(self, label: str, limit: int, secrets: Iterable[str],
                  store: Callable[[bytes, int], None]) -> None:
         self.prefix = f"[POST-DEPLOY] {label} | "
         self.limit = limit
-        self.secrets = [s.encode() for s in secrets if s]
+        self.secrets = secret_patterns(secrets)
         self.store = store
         self.total = 0  # bytes kept so far (after masking), including trimmed ones
-        self._tail = bytearray()
+        # A partial line this long is cut: the bytes after the cut show whether a
+        # secret or a UTF-8 character crosses it, so the cut can be moved before it.
+        self._hold = MAX_LINE + max((len(s) for s in self.secrets), default=1)
+        # The tail as the chunks we were fed (no copying per read); joined only
+        # when written to Redis, a few times a second.
+        self._chunks: deque[bytes] = deque()
+        self._held = 0  # bytes in _chunks
         self._partial = b""
         self._dirty = False
         self._last_flush = 0.0
@@ -39,29 +91,32 @@ class OutputCapture:
         self._suppressed = 0
 
     def feed(self, data: bytes) -> None:
-        data = self._partial + data
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            if len(data) < MAX_LINE:
-                self._partial = data
-                return
-            complete, self._partial = data[:MAX_LINE] + b"\n", data[MAX_LINE:]
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        end = data.rfind(b"\n") + 1
+        if end == len(data):
+            self._keep(data, True)
         else:
-            complete, self._partial = data[:cut + 1], data[cut + 1:]
-        self._keep(complete)
+            if end:
+                self._keep(data[:end], True)
+            self._cut_long_line(data, end)
         self.flush_if_due()
 
     def close(self) -> None:
         """Keep the last unterminated line, report suppressed lines, write the tail."""
         if self._partial:
-            self._keep(self._partial + b"\n")
+            self._keep(self._partial + b"\n", True)
             self._partial = b""
         self._report_suppressed()
         self.flush()
 
     def note(self, text: str) -> None:
         """Add a line of our own (e.g. why the job was stopped) to log and tail."""
-        self._keep(f"{text}\n".encode())
+        if self._partial:  # the job's unfinished line ends here, before ours
+            self._keep(self._partial + b"\n", True)
+            self._partial = b""
+        self._keep(f"{text}\n".encode(), True)
 
     def flush_if_due(self) -> None:
         if self._dirty and time.monotonic() - self._last_flush >= FLUSH_EVERY:
@@ -71,34 +126,80 @@ class OutputCapture:
         self._last_flush = time.monotonic()
         if self._dirty:
             self._dirty = False
-            self.store(bytes(self._tail[-self.limit:]), self.total)
+            self.store(b"".join(self._chunks)[-self.limit:], self.total)
 
-    def _keep(self, complete: bytes) -> None:
+    def _cut_long_line(self, data: bytes, start: int) -> None:
+        """Keep pieces of the unterminated line from ``start``; hold back the rest."""
+        while len(data) - start >= self._hold:
+            cut = self._cut_point(data, start)
+            self._keep(data[start:cut], False)
+            start = cut
+        self._partial = data[start:]
+
+    def _cut_point(self, data: bytes, start: int) -> int:
+        """About MAX_LINE after ``start``, never inside a UTF-8 character or a secret."""
+        cut = start + MAX_LINE
+        for _ in range(3):  # back to the start of a character (at most 3 continuation bytes)
+            if data[cut] & 0xC0 != 0x80:
+                break
+            cut -= 1
+        moved = True
+        while moved:  # cuts only move left, so this ends
+            moved = False
+            for secret in self.secrets:
+                size = len(secret)
+                at = data.find(secret, max(start, cut - size + 1), cut + size - 1)
+                if at < 0 or at >= cut:
+                    continue
+                if at == start:  # a secret longer than a piece: the piece ends after it
+                    return at + size
+                cut, moved = at, True
+        return cut
+
+    def _keep(self, data: bytes, ends_line: bool) -> None:
         for secret in self.secrets:
-            complete = complete.replace(secret, MASK.encode())
-        self.total += len(complete)
-        self._tail += complete
-        if len(self._tail) > 2 * self.limit:  # trim in batches: amortised O(1) per byte
-            del self._tail[:-self.limit]
+            if secret in data:
+                data = data.replace(secret, _MASK)
+        self.total += len(data)
+        self._chunks.append(data)
+        self._held += len(data)
+        while self._held - len(self._chunks[0]) >= self.limit:
+            self._held -= len(self._chunks.popleft())
         self._dirty = True
-        self._log_lines(complete)
+        self._log_lines(data, ends_line)
 
-    def _log_lines(self, complete: bytes) -> None:
+    def _log_lines(self, data: bytes, ends_line: bool) -> None:
         now = time.monotonic()
         if now - self._window_start >= 1.0:
             self._report_suppressed()
             self._window_start, self._window_lines = now, 0
         budget = LOG_LINES_PER_SECOND - self._window_lines
-        if budget <= 0:
-            self._suppressed += complete.count(b"\n")
+        if not ends_line:  # a piece of a long line, itself without a newline
+            if budget > 0:
+                self._log_line(data)
+                self._window_lines += 1
+            else:
+                self._suppressed += 1
             return
-        lines = complete.split(b"\n", budget)
-        # `complete` ends with a newline, so the last piece is either empty (every
+        if budget <= 0:
+            self._suppressed += data.count(b"\n")
+            return
+        lines = data.split(b"\n", budget)
+        # `data` ends with a newline, so the last piece is either empty (every
         # line fits the budget) or the remainder holding the lines over it.
         self._suppressed += lines.pop().count(b"\n")
         for line in lines:
-            log.info("%s%s", self.prefix, line.decode("utf-8", "replace").rstrip("\r"))
-        self._window_lines += len(lines)
+            if line.endswith(b"\r"):  # a CRLF line end is a line end
+                line = line[:-1]
+            for begin in range(0, len(line) or 1, MAX_LINE):
+                self._log_line(line[begin:begin + MAX_LINE])
+                self._window_lines += 1
+
+    def _log_line(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if text.startswith(JOB_PREFIX):  # the job said it itself; say it once
+            text = text[len(JOB_PREFIX):].removeprefix(" ")
+        log.info("%s%s", self.prefix, escape_controls(text))
 
     def _report_suppressed(self) -> None:
         if self._suppressed:
