@@ -75,20 +75,27 @@ class OutputCapture:
         self.limit = limit
         self.secrets = secret_patterns(secrets)
         self.store = store
-        self.total = 0  # bytes kept so far (after masking), including trimmed ones
         # A partial line this long is cut: the bytes after the cut show whether a
         # secret or a UTF-8 character crosses it, so the cut can be moved before it.
         self._hold = MAX_LINE + max((len(s) for s in self.secrets), default=1)
-        # The tail as the chunks we were fed (no copying per read); joined only
-        # when written to Redis, a few times a second.
+        # The tail as the chunks we were fed, masked only when written to Redis (a few
+        # times a second): searching every byte for every secret would cost more than
+        # the pipe itself, and most bytes of a chatty job are trimmed unseen.
         self._chunks: deque[bytes] = deque()
+        self._unmasked = 0  # chunks at the right end of _chunks not masked yet
         self._held = 0  # bytes in _chunks
+        self._trimmed = 0  # bytes dropped from the left of _chunks
         self._partial = b""
         self._dirty = False
         self._last_flush = 0.0
         self._window_start = 0.0
         self._window_lines = 0
-        self._suppressed = 0
+        self._suppressed = 0  # bytes not logged in this window
+
+    @property
+    def total(self) -> int:
+        """Bytes of output so far; after a flush, counted with secrets masked."""
+        return self._trimmed + self._held
 
     def feed(self, data: bytes) -> None:
         if self._partial:
@@ -126,7 +133,24 @@ class OutputCapture:
         self._last_flush = time.monotonic()
         if self._dirty:
             self._dirty = False
+            self._mask_new_chunks()
             self.store(b"".join(self._chunks)[-self.limit:], self.total)
+
+    def _mask_new_chunks(self) -> None:
+        # Chunks end at a line end or at a cut moved before any secret, so masking
+        # them one by one finds every secret.
+        new = [self._chunks.pop() for _ in range(self._unmasked)]
+        for chunk in reversed(new):
+            masked = self._mask(chunk)
+            self._held += len(masked) - len(chunk)
+            self._chunks.append(masked)
+        self._unmasked = 0
+
+    def _mask(self, data: bytes) -> bytes:
+        for secret in self.secrets:
+            if secret in data:
+                data = data.replace(secret, _MASK)
+        return data
 
     def _cut_long_line(self, data: bytes, start: int) -> None:
         """Keep pieces of the unterminated line from ``start``; hold back the rest."""
@@ -157,14 +181,14 @@ class OutputCapture:
         return cut
 
     def _keep(self, data: bytes, ends_line: bool) -> None:
-        for secret in self.secrets:
-            if secret in data:
-                data = data.replace(secret, _MASK)
-        self.total += len(data)
         self._chunks.append(data)
+        self._unmasked += 1
         self._held += len(data)
         while self._held - len(self._chunks[0]) >= self.limit:
-            self._held -= len(self._chunks.popleft())
+            dropped = len(self._chunks.popleft())
+            self._held -= dropped
+            self._trimmed += dropped
+            self._unmasked = min(self._unmasked, len(self._chunks))
         self._dirty = True
         self._log_lines(data, ends_line)
 
@@ -174,23 +198,21 @@ class OutputCapture:
             self._report_suppressed()
             self._window_start, self._window_lines = now, 0
         budget = LOG_LINES_PER_SECOND - self._window_lines
-        if not ends_line:  # a piece of a long line, itself without a newline
-            if budget > 0:
-                self._log_line(data)
-                self._window_lines += 1
-            else:
-                self._suppressed += 1
+        if budget <= 0:  # counted in bytes: counting lines would cost a pass over them
+            self._suppressed += len(data)
             return
-        if budget <= 0:
-            self._suppressed += data.count(b"\n")
+        if not ends_line:  # a piece of a long line, itself without a newline
+            self._log_line(self._mask(data))
+            self._window_lines += 1
             return
         lines = data.split(b"\n", budget)
         # `data` ends with a newline, so the last piece is either empty (every
         # line fits the budget) or the remainder holding the lines over it.
-        self._suppressed += lines.pop().count(b"\n")
+        self._suppressed += len(lines.pop())
         for line in lines:
             if line.endswith(b"\r"):  # a CRLF line end is a line end
                 line = line[:-1]
+            line = self._mask(line)  # whole, before it is cut into pieces
             for begin in range(0, len(line) or 1, MAX_LINE):
                 self._log_line(line[begin:begin + MAX_LINE])
                 self._window_lines += 1
@@ -203,7 +225,7 @@ class OutputCapture:
 
     def _report_suppressed(self) -> None:
         if self._suppressed:
-            log.info("%s... %d lines not logged (output faster than %d lines/s); "
+            log.info("%s... %d bytes not logged (output faster than %d lines/s); "
                      "`postdeploy logs` shows the stored tail",
                      self.prefix, self._suppressed, LOG_LINES_PER_SECOND)
             self._suppressed = 0
