@@ -55,7 +55,7 @@ def test_a_secret_across_the_cut_of_a_long_line_is_masked(
     capture.feed(b"\n")
     capture.close()
     logged = "\n".join(job_lines(caplog))
-    assert "***" in logged and "***".encode() in stored.tail
+    assert "***" in logged and b"***" in stored.tail
     for piece in (secret, secret[:7], secret[7:]):  # neither half leaks anywhere
         assert piece not in logged
         assert piece.encode() not in b"".join(stored.writes)
