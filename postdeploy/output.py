@@ -10,11 +10,13 @@ the stored tail keeps the bytes as printed.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import TextIO
 
 from postdeploy.redaction import MASK
 
@@ -45,9 +47,28 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def for_terminal(output: bytes) -> str:
-    """Stored output as a terminal should show it: CRLF line ends kept, controls escaped."""
-    return escape_controls(output.decode("utf-8", "replace").replace("\r\n", "\n"))
+class TerminalOutput:
+    """A binary stream that writes job output to a terminal: UTF-8 decoded (invalid
+    bytes replaced), CRLF line ends kept, other controls escaped, however the bytes
+    are split between writes."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        # The last write ended with CR, which may be the first half of a CRLF: it is
+        # shown with the next write (a lone CR at the very end shows nothing anyway).
+        self._held_cr = False
+
+    def write(self, data: bytes) -> int:
+        text = ("\r" if self._held_cr else "") + self._decoder.decode(data)
+        self._held_cr = text.endswith("\r")
+        if self._held_cr:
+            text = text[:-1]
+        self.out.write(escape_controls(text.replace("\r\n", "\n")))
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def secret_patterns(secrets: Iterable[str]) -> list[bytes]:
