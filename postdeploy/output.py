@@ -33,6 +33,9 @@ MIN_SECRET_LINE = 4
 _MASK = MASK.encode()
 # C0 and C1 controls, DEL and the Unicode line separators; tab and newline stay.
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+# The ASCII ones as bytes: a line that is ASCII without them needs no escaping,
+# which bytes.translate tells several times faster than the regular expression.
+_ASCII_CONTROLS = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
 
 
 def escape_controls(text: str) -> str:
@@ -246,9 +249,11 @@ class OutputCapture:
 
     def _log_line(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace")
+        if not line.isascii() or len(line.translate(None, _ASCII_CONTROLS)) != len(line):
+            text = escape_controls(text)
         if text.startswith(JOB_PREFIX):  # the job said it itself; say it once
             text = text[len(JOB_PREFIX):].removeprefix(" ")
-        log.info("%s%s", self.prefix, escape_controls(text))
+        log.info("%s%s", self.prefix, text)
 
     def _report_suppressed(self) -> None:
         if self._suppressed:
