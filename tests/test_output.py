@@ -6,6 +6,7 @@ and are fed directly where the point is how reads are split.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tracemalloc
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from postdeploy.output import MAX_LINE, OutputCapture
+from postdeploy.output import MAX_LINE, OutputCapture, TerminalOutput
 from postdeploy.records import Status
 from postdeploy.runner import run_command
 
@@ -141,3 +142,13 @@ def test_secrets_from_any_iterable_are_masked_longest_first(tmp_path: Path) -> N
     run_job("echo token-with-more; echo a token; echo PEM-line-two", tmp_path,
             OutputCapture(LABEL, 4096, secrets, stored))
     assert stored.tail == b"***\na ***\n***\n"
+
+
+def test_terminal_output_escapes_however_the_bytes_are_split() -> None:
+    shown = io.StringIO()
+    out = TerminalOutput(shown)
+    data = "crlf\r\nlone\rcr é \x1b[31mred\n".encode()
+    for index in range(len(data)):  # one byte per write: CRLF and é are split too
+        out.write(data[index:index + 1])
+    out.flush()
+    assert shown.getvalue() == "crlf\nlone\\rcr é \\x1b[31mred\n"
