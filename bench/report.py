@@ -17,13 +17,23 @@ SPREAD = "–"  # between min and max
 
 @dataclass
 class Row:
+    """One measure. ``values``/``baselines``: one figure per round (a single float is
+    taken as one round); ``check`` says whether the target is met, judged on the
+    medians (a bool is taken as already judged)."""
+
     name: str
     values: list[float]  # postdeploy's figure, one per round
     baselines: list[float] | None  # the baseline's, same rounds; None: nothing to compare
     unit: str
     baseline_name: str = ""
     target: str = ""
-    check: Callable[[Row], bool] | None = None  # is the target met (on the medians)?
+    check: Callable[[Row], bool] | bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.values, int | float):
+            self.values = [float(self.values)]
+        if isinstance(self.baselines, int | float):
+            self.baselines = [float(self.baselines)]
 
     @property
     def value(self) -> float:
@@ -46,7 +56,9 @@ class Row:
 
     @property
     def met(self) -> bool | None:
-        return None if self.check is None else self.check(self)
+        if self.check is None or isinstance(self.check, bool):
+            return self.check
+        return self.check(self)
 
 
 def median(values: list[float]) -> float:
