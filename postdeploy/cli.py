@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import click
 import redis
@@ -160,12 +160,25 @@ def status(settings: Settings, as_json: bool) -> int:
     return 0
 
 
+RAW_HELP = "Write the job's bytes as they are, even to a terminal."
+
+
+def job_output_stream(raw: bool) -> BinaryIO:
+    """Where job output goes: a terminal gets control characters escaped (a job's
+    ESC sequences and CRs must not redraw the operator's screen), a pipe the bytes."""
+    if raw or not sys.stdout.isatty():
+        return sys.stdout.buffer
+    from postdeploy.output import TerminalOutput
+    return cast(BinaryIO, TerminalOutput(sys.stdout))
+
+
 @cli.command()
 @click.argument("app")
 @click.option("--sha", help="Commit to run (default: the last seen commit).")
 @click.option("--wait", is_flag=True, help="Follow the output; exit 0 only on success.")
+@click.option("--raw", is_flag=True, help=RAW_HELP)
 @with_settings
-def run(settings: Settings, app: str, sha: str | None, wait: bool) -> int:
+def run(settings: Settings, app: str, sha: str | None, wait: bool, raw: bool) -> int:
     """Re-run APP's job by hand (trigger `manual`)."""
     from postdeploy.follow import follow_run
     from postdeploy.manual import known_apps, pick_commit, queue_manual_run, require_app
@@ -179,7 +192,7 @@ def run(settings: Settings, app: str, sha: str | None, wait: bool) -> int:
     if not wait:
         return 0
     try:
-        final = follow_run(store, record.id, sys.stdout.buffer,
+        final = follow_run(store, record.id, job_output_stream(raw),
                            lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
         click.echo(f"\nstopped following; run {record.id} goes on "
@@ -188,16 +201,18 @@ def run(settings: Settings, app: str, sha: str | None, wait: bool) -> int:
     if final.status == "succeeded":
         click.echo(f"run {final.id} succeeded", err=True)
         return 0
-    exit_code = f", exit code {final.exit_code}" if final.exit_code is not None else ""
-    raise PostdeployError(f"run {final.id} {final.status}{exit_code}: "
-                          f"{final.reason or 'no reason recorded'}")
+    # The reason already names the exit code ("exited with code 3"); say it once.
+    reason = final.reason or (f"exit code {final.exit_code}" if final.exit_code is not None
+                              else "no reason recorded")
+    raise PostdeployError(f"run {final.id} {final.status}: {reason}")
 
 
 @cli.command()
 @click.argument("app")
 @click.argument("run_id", required=False)
+@click.option("--raw", is_flag=True, help=RAW_HELP)
 @with_settings
-def logs(settings: Settings, app: str, run_id: str | None) -> int:
+def logs(settings: Settings, app: str, run_id: str | None, raw: bool) -> int:
     """Stored output of APP's latest run (or RUN_ID)."""
     from postdeploy.manual import known_apps, require_app
 
@@ -214,8 +229,9 @@ def logs(settings: Settings, app: str, run_id: str | None) -> int:
                f"{record.status}", err=True)
     if total > len(tail):
         click.echo(f"... {total - len(tail)} earlier bytes not kept ...")
-    sys.stdout.buffer.write(tail)
-    sys.stdout.buffer.flush()
+    out = job_output_stream(raw)
+    out.write(tail)
+    out.flush()
     return 0
 
 
@@ -283,9 +299,9 @@ def webhook(settings: Settings, address: str, port: int) -> int:
                 type=click.Path(file_okay=False, path_type=Path))
 def validate(directory: Path) -> int:
     """Lint an app repo's appspec.yaml, folder, command and script."""
-    from postdeploy.lint import has_errors, lint_app_dir
+    from postdeploy.validate import has_errors, validate_app_dir
 
-    findings = lint_app_dir(directory)
+    findings = validate_app_dir(directory)
     for finding in findings:
         click.echo(str(finding))
     errors = sum(1 for f in findings if f.level == "error")
