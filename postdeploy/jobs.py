@@ -41,7 +41,11 @@ T = TypeVar("T")
 
 
 class LockBusy(Exception):
-    """Another run of this app holds its lock; the task retries later."""
+    """Another run of this app holds its lock; the task retries later, as run ``run_id``."""
+
+    def __init__(self, app: str, run_id: str) -> None:
+        super().__init__(app)
+        self.run_id = run_id
 
 
 def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_name: str,
@@ -79,7 +83,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
 
     lock = RunLock(store.client, keys.run_lock(app.name), settings.lock_ttl * 1000)
     if not lock.acquire():
-        raise LockBusy(app.name)
+        raise LockBusy(app.name, record.id)
     try:
         lost = store.take_active(app.name)
         if lost:

@@ -67,7 +67,9 @@ def move(store: StateStore, record: RunRecord, target: Status, **changes: object
     allowed from ``record``'s own, unfinished status.
     """
     if record.status.finished:
-        log.info("run %s is %s already; not moving it to %s", record.id, record.status, target)
+        if record.status != target:
+            log.info("run %s is %s already; not moving it to %s", record.id, record.status,
+                     target)
         return False
     if not allowed(record.status, target):
         raise InvalidTransition(f"run {record.id}: {record.status} cannot become {target}")
@@ -86,7 +88,9 @@ def move(store: StateStore, record: RunRecord, target: Status, **changes: object
     counter = f"{record.app}\t{record.trigger}\t{target}" if target.finished else None
     stored = store.replace_run(wanted, sources_of(target), counter)
     if stored is not None:
-        log.info("run %s is %s already; not moving it to %s", record.id, stored.status, target)
+        if stored.status != target:
+            log.info("run %s is %s already; not moving it to %s", record.id, stored.status,
+                     target)
         _assign(record, stored)
         return False
     _assign(record, wanted)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore
 from celery.signals import task_revoked
 
-from postdeploy.celery_app import app, current_settings, hard_limit
+from postdeploy.celery_app import UNSET_RUN_HARD_LIMIT, app, current_settings, hard_limit
 from postdeploy.checks import reconcile
 from postdeploy.connection import redis_client
 from postdeploy.errors import JobFailed
@@ -98,7 +100,8 @@ def _enqueue_auto(app_name: str, sha: str, trigger: str, run_id: str, timeout: i
     enqueue_run(app_name, sha, trigger, run_id, timeout)
 
 
-@app.task(name="postdeploy.run_job", bind=True, throws=(JobFailed,), acks_late=True)
+@app.task(name="postdeploy.run_job", bind=True, throws=(JobFailed,), acks_late=True,
+          time_limit=UNSET_RUN_HARD_LIMIT)
 def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual",
             run_id: str | None = None) -> dict[str, Any]:
     """Run ``app``'s POST_DEPLOY job at ``sha`` (default: its last seen commit).
@@ -112,9 +115,14 @@ def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual
         with JobClock(soft_limit=timelimit[1]) as clock:
             record = carry_out_run(current_settings(), state_store(), clock, app, sha, trigger,
                                    run_id, self.request.hostname, self.request.id)
-    except LockBusy:
-        # Another run of this app is going on: wait our turn without holding a worker.
-        raise self.retry(countdown=LOCK_RETRY_DELAY + random.random(), max_retries=None) from None
+    except LockBusy as busy:
+        # Another run of this app is going on: wait our turn without holding a worker,
+        # as the same run (a message sent without a run id got one on this attempt).
+        raise self.retry(kwargs={**self.request.kwargs, "run_id": busy.run_id},
+                         countdown=LOCK_RETRY_DELAY + random.random(), max_retries=None) from None
+    if clock.terminate_handled:
+        # Revoked with terminate: Celery recorded the task as REVOKED; leave it so.
+        raise Ignore()
     summary = {"run_id": record.id, "app": record.app, "sha": record.sha,
                "trigger": record.trigger, "status": record.status,
                "exit_code": record.exit_code, "reason": record.reason}
@@ -142,7 +150,7 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
         if expired:
             reason = "expired before a worker took it"
         elif terminated:
-            reason = f"revoked from Flower (or celery control), terminated with {signum}"
+            reason = f"revoked from Flower (or celery control), terminated with {_name(signum)}"
         else:
             reason = "revoked from Flower (or celery control) before it started"
         cancel_run(state_store(), record, reason)
@@ -157,3 +165,10 @@ def _revoked_run(store: StateStore, app_name: Any, run_id: Any,
     if isinstance(app_name, str) and app_name:  # sent without a run id (Flower's API)
         return next((r for r in store.history(app_name) if r.task_id == task_id), None)
     return None
+
+
+def _name(signum: Any) -> str:
+    try:
+        return signal.Signals(int(signum)).name
+    except (TypeError, ValueError):
+        return str(signum)
