@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from postdeploy.appspec import APPSPEC_FILE, DEFAULT_TIMEOUT, MAX_APPSPEC_BYTES, parse_appspec
+from postdeploy.appspec import DEFAULT_TIMEOUT, parse_appspec
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.gitsource import AppSource
@@ -70,7 +70,7 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
 
     timeout = DEFAULT_TIMEOUT
     try:
-        text = source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)
+        text = source.read_appspec(sha)
         spec = parse_appspec(text, settings.environ)
         if spec.command is None:
             log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",

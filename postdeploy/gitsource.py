@@ -18,8 +18,9 @@ from pathlib import Path
 
 import git
 
+from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES
 from postdeploy.config import AppConfig
-from postdeploy.errors import GitError
+from postdeploy.errors import AppSpecError, GitError
 from postdeploy.redaction import redact_url
 
 LS_REMOTE_TIMEOUT = 30.0  # seconds; a ref lookup that takes longer is a network problem
@@ -66,35 +67,31 @@ class AppSource:
         what = f"branch {self.app.branch!r}" if self.app.branch else "HEAD"
         raise GitError(f"{what} not found in {self.app.source}; check the branch name")
 
-    def read_file(self, sha: str, name: str, limit: int) -> bytes | None:
-        """Content of ``name`` at ``sha`` (None if absent); refuse files over ``limit``."""
+    def read_appspec(self, sha: str) -> bytes | None:
+        """appspec.yaml at ``sha`` (None if that commit has none): the one reader of it.
+
+        Fetches the commit if this host lacks it. Raises AppSpecError for a file
+        over MAX_APPSPEC_BYTES (refused by its size, before reading it), a symlink
+        or a directory; GitError when the commit cannot be had.
+        """
         with self._host_lock():
             self._ensure_commit(sha)
-            with git.Repo(self.workdir) as repo:
-                try:
-                    blob = repo.commit(sha).tree / name
-                except KeyError:
-                    return None
-                except (ValueError, git.BadName) as exc:
-                    raise GitError(f"commit {sha[:12]} not found in {self.app.source}") from exc
-                if blob.type != "blob":
-                    return None
-                if blob.size > limit:
-                    # Return just enough for the caller to report the size honestly.
-                    return b" " * (limit + 1)
-                data: bytes = blob.data_stream.read()
-                return data
+            return self._appspec_at(sha)
 
-    def prepare(self, sha: str, appspec: str, limit: int) -> tuple[Path, bytes | None]:
-        """A working tree at exactly ``sha`` and the content of ``appspec`` there.
+    def ensure_commit(self, sha: str) -> None:
+        """Make sure this host has ``sha`` (cloning or fetching); GitError if it cannot."""
+        with self._host_lock():
+            self._ensure_commit(sha)
 
-        A ``path`` app's tree is used as it is, its appspec read at ``sha``. For a
-        ``repo`` app the common case costs two git processes (checkout, clean): the
-        fetch happens only when the commit is missing, and the appspec is read from
-        the fresh checkout rather than through another git process.
+    def prepare(self, sha: str) -> tuple[Path, bytes | None]:
+        """A working tree at exactly ``sha`` and appspec.yaml there (see read_appspec).
+
+        A ``path`` app's tree is used as it is. For a ``repo`` app the common case
+        costs two git processes (checkout, clean): the fetch happens only when the
+        commit is missing.
         """
         if self.app.path:
-            return self.workdir, self.read_file(sha, appspec, limit)
+            return self.workdir, self.read_appspec(sha)
         with self._host_lock():
             checkout = ["checkout", "--quiet", "--force", "--detach", sha]
             try:
@@ -104,7 +101,24 @@ class AppSource:
                 self._git(self.clone_dir, checkout, timeout=FETCH_TIMEOUT)
             # Keep ignored files (installed dependencies); drop stray untracked leftovers.
             self._git(self.clone_dir, ["clean", "-ffdq"], timeout=FETCH_TIMEOUT)
-        return self.clone_dir, _read_regular_file(self.clone_dir / appspec, limit)
+            return self.clone_dir, self._appspec_at(sha)
+
+    def _appspec_at(self, sha: str) -> bytes | None:
+        with git.Repo(self.workdir) as repo:
+            try:
+                entry = repo.commit(sha).tree / APPSPEC_FILE
+            except KeyError:
+                return None
+            except (ValueError, git.BadName) as exc:
+                raise GitError(f"commit {sha[:12]} not found in {self.app.source}") from exc
+            if entry.type != "blob" or stat.S_ISLNK(entry.mode):
+                raise AppSpecError(f"{APPSPEC_FILE} must be a regular file in the repository, "
+                                   "not a symlink or directory")
+            if entry.size > MAX_APPSPEC_BYTES:
+                raise AppSpecError(f"{APPSPEC_FILE} is {entry.size} bytes; the limit is "
+                                   f"{MAX_APPSPEC_BYTES} bytes")
+            data: bytes = entry.data_stream.read()
+            return data
 
     def has_commit(self, sha: str) -> bool:
         try:
@@ -166,20 +180,6 @@ class AppSource:
         except OSError as exc:
             raise GitError(f"cannot run git: {exc}") from None
         return str(out)
-
-
-def _read_regular_file(path: Path, limit: int) -> bytes | None:
-    """The file's bytes (None if absent); a symlink could point anywhere, so refuse it."""
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(info.st_mode):
-        raise GitError(f"{path.name} must be a regular file in the repository, "
-                       "not a symlink or directory")
-    if info.st_size > limit:
-        return b" " * (limit + 1)  # enough for the caller to report the size honestly
-    return path.read_bytes()
 
 
 def _describe_failure(args: list[str], exc: git.GitCommandError, source: str) -> str:

@@ -18,7 +18,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from postdeploy import keys, lifecycle
-from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, parse_appspec, resolve_folder
+from postdeploy.appspec import parse_appspec, resolve_folder
 from postdeploy.config import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
@@ -126,7 +126,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
     secrets: frozenset[str] = frozenset()
     try:
         with clock.interruptible():
-            workdir, appspec_text = source.prepare(record.sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)
+            workdir, appspec_text = source.prepare(record.sha)
         spec = parse_appspec(appspec_text, settings.environ)
         secrets = spec.secrets
         for warning in spec.warnings:
