@@ -16,8 +16,10 @@ from typing import TypeVar
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
+from redis.exceptions import LockError, LockNotOwnedError
+from redis.lock import Lock
 
-from postdeploy import keys, lifecycle
+from postdeploy import lifecycle
 from postdeploy.appspec import parse_appspec, resolve_folder
 from postdeploy.config import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed
@@ -26,7 +28,6 @@ from postdeploy.jobclock import JobClock
 from postdeploy.output import OutputCapture
 from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.redaction import mask_secrets
-from postdeploy.runlock import RunLock
 from postdeploy.runner import JobOutcome, kill_run_processes, run_process
 from postdeploy.state import StateStore
 
@@ -81,8 +82,8 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
     if auto and (skipped := _skip_reason(store, app.name, sha)):
         return _finish(store, record, JobOutcome(Status.SUPERSEDED, None, skipped))
 
-    lock = RunLock(store.client, keys.run_lock(app.name), settings.lock_ttl * 1000)
-    if not lock.acquire():
+    lock = store.run_lock(app.name, settings.lock_ttl)
+    if not lock.acquire(blocking=False):
         raise LockBusy(app.name, record.id)
     try:
         lost = store.take_active(app.name)
@@ -97,7 +98,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
             return record
         return _run_locked(settings, store, source, clock, record, lock, worker, task_id)
     finally:
-        _patiently(lock.release, "release the run lock")
+        _patiently(lambda: _release(lock), "release the run lock")
 
 
 def cancel_run(store: StateStore, record: RunRecord, reason: str) -> bool:
@@ -112,7 +113,7 @@ def cancel_run(store: StateStore, record: RunRecord, reason: str) -> bool:
 
 
 def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock: JobClock,
-                record: RunRecord, lock: RunLock, worker: str | None,
+                record: RunRecord, lock: Lock, worker: str | None,
                 task_id: str | None) -> RunRecord:
     app = record.app
     store.set_active(app, record.id)
@@ -157,7 +158,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
 
 
 def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, record: RunRecord,
-                     lock: RunLock, command: str, cwd: Path, env: Mapping[str, str],
+                     lock: Lock, command: str, cwd: Path, env: Mapping[str, str],
                      secrets: frozenset[str], label: str) -> JobOutcome:
     def store_output(tail: bytes, total: int) -> None:
         record.output_bytes = total
@@ -174,9 +175,9 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
         capture.flush_if_due()
         if time.monotonic() >= next_renew:
             next_renew = time.monotonic() + renew_every
-            if _quietly(lock.renew) is False:
+            if _renew(lock) is False:
                 log.warning("%s: lost the run lock (Redis restarted?); finishing anyway", label)
-                _quietly(lock.acquire)
+                _quietly(lambda: lock.acquire(blocking=False))
             _quietly(lambda: store.hold_claim(record.app, record.sha, settings.lock_ttl))
 
     outcome = run_process(command, cwd, env, settings.kill_grace, record.id, capture.feed,
@@ -266,6 +267,24 @@ def _current_sha(source: AppSource) -> str:
         return source.current_sha()
     except GitError as exc:
         raise JobFailed(str(exc)) from None
+
+
+def _renew(lock: Lock) -> bool | None:
+    """Extend the lock to its full TTL; False if it is no longer ours, None if Redis is away."""
+    try:
+        return lock.reacquire()
+    except LockNotOwnedError:
+        return False
+    except redis.RedisError as exc:
+        log.debug("Redis unavailable during a run: %s", exc)
+        return None
+
+
+def _release(lock: Lock) -> None:
+    try:
+        lock.release()
+    except LockError:
+        pass  # it lapsed (and maybe another run holds it now): nothing of ours to release
 
 
 def _quietly(action: Callable[[], T]) -> T | None:

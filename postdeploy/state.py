@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from redis.lock import Lock
 
 from postdeploy import keys
 from postdeploy.config import AppConfig
@@ -157,6 +158,15 @@ class StateStore:
 
     def clear_active(self, app: str) -> None:
         self.client.delete(keys.active_run(app))
+
+    def run_lock(self, app: str, ttl: float) -> Lock:
+        """The app's run lock: one run of an app at a time, across every host.
+
+        redis-py's Lock: a random token per holder, renewed (``reacquire``) and
+        released only by its holder; a holder that dies lets it lapse after ``ttl``
+        seconds. Not thread-local: the job's ticks may renew it from anywhere.
+        """
+        return Lock(self.client, keys.run_lock(app), timeout=ttl, thread_local=False)
 
     # -- output -------------------------------------------------------------
     def write_output(self, run_id: str, tail: bytes, total: int) -> None:
