@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from postdeploy.output import OutputCapture
 from postdeploy.records import Status
@@ -77,15 +80,21 @@ def test_daemon_holding_stdout_does_not_block(tmp_path: Path) -> None:
         os.kill(daemon, 9)
 
 
-def test_binary_output_is_replaced_not_fatal(tmp_path: Path) -> None:
+def test_binary_output_is_replaced_not_fatal(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     stored: list[bytes] = []
     capture = OutputCapture("app@1234567", 1024, [], lambda tail, total: stored.append(tail))
-    outcome = run_process("printf 'ok\\n\\xff\\xfe\\x00bin\\n'", tmp_path,
-                          {**os.environ, "POST_DEPLOY_RUN_ID": "x"}, 1, "x",
-                          capture.feed, lambda: None, deadline(10))
-    capture.close()
-    assert outcome.status == Status.SUCCEEDED
-    assert stored[-1].startswith(b"ok\n")
+    with caplog.at_level(logging.INFO, "postdeploy.job"):
+        outcome = run_process("printf 'ok\\n\\xff\\xfe\\x00bin\\n'", tmp_path,
+                              {**os.environ, "POST_DEPLOY_RUN_ID": "x"}, 1, "x",
+                              capture.feed, lambda: None, deadline(10))
+        capture.close()
+    assert outcome == JobOutcome(Status.SUCCEEDED, 0)
+    # The stored tail keeps the bytes as printed; the log shows them replaced.
+    assert stored[-1] == b"ok\n\xff\xfe\x00bin\n"
+    assert [r.getMessage() for r in caplog.records if r.name == "postdeploy.job"] == [
+        "[POST-DEPLOY] app@1234567 | ok",
+        "[POST-DEPLOY] app@1234567 | \ufffd\ufffd\x00bin"]
 
 
 def test_output_tail_is_capped_and_secrets_masked() -> None:
