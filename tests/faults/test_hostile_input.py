@@ -19,12 +19,11 @@ import yaml
 from postdeploy.config import AppConfig
 from postdeploy.errors import GitError
 from postdeploy.gitsource import AppSource
-from tests.faults.conftest import FaultScope
-from tests.faults.harness import send_run_job, worker_ready
+from tests.faults.conftest import Executor, FaultScope
+from tests.faults.harness import send_run_job
 from tests.support import (
     GitRemote,
     RedisServer,
-    Service,
     appspec_yaml,
     runs,
     service_env,
@@ -116,18 +115,12 @@ def commit_row(remote: GitRemote, row: Row, touch: str, outside: Path) -> str:
     return remote.commit(files, row.name)
 
 
-def test_hostile_input(tmp_path: Path, remote: GitRemote,
-                       private_redis: Callable[..., RedisServer],
-                       services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis()
-    client = server.client()
+def test_hostile_input(tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+                       fault: FaultScope) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
-    worker = services("worker", env, "worker")
-    services("beat", env, "beat")
-    wait_for(lambda: worker_ready(worker), 30, what="worker ready")
+    started = executor(wait_ready=True)
+    server, client, worker = started.server, started.client, started.worker
 
     for index, row in enumerate(ROWS):
         marker = tmp_path / f"marker-{index}"
