@@ -84,7 +84,7 @@ def queue_manual_run(settings: Settings, url: str, store: StateStore, name: str,
     from postdeploy.tasks import enqueue_run  # imports Celery tasks: only when needed
 
     # The soft time limit is the commit's POST_DEPLOY_TIMEOUT when an earlier run read
-    # it; otherwise the worker's runner enforces the timeout it reads from appspec.yaml.
+    # it; otherwise the worker arms the same deadline once it reads appspec.yaml.
     timeout = next((r.timeout for r in store.history(name) if r.sha == sha and r.timeout),
                    None)
     record = RunRecord.new(name, sha, Trigger.MANUAL.value)

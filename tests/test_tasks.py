@@ -299,3 +299,23 @@ def test_revoke_from_flower_cancels_a_waiting_and_a_running_run(
     assert pool_pids(worker) == pools
     celery.control.revoke(third.id, terminate=True)
     wait_for(lambda: len(finished_runs(rclient, "shop")) == 3, 20, what="the third run's end")
+
+
+def test_sigterm_to_the_pool_process_that_is_no_revoke_loses_the_run_and_reruns_it(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
+    """As when the worker is stopped outright: the run is lost, and its commit runs again."""
+    sha = remote.commit({"appspec.yaml": appspec_yaml("echo started; sleep 3")})
+    worker, _ = start_pair(services, env_for(remote))
+    first = wait_for(lambda: next((r for r in runs(rclient, "shop") if r.status == "running"
+                                   and "started" in output_of(rclient, r.id)), None), 30,
+                     what="the job to start")
+    job_pid = wait_for(lambda: job_processes(first.id), 10, what="the job's process")[0]
+    pool = psutil.Process(job_pid).ppid()
+    os.kill(pool, signal.SIGTERM)
+    wait_for(lambda: not process_alive(pool), 15, what="the pool process to end")
+    done = wait_finished(rclient, 2, timeout=40)
+    assert [(r.id, r.sha, r.status) for r in done] == [(first.id, sha, "lost"),
+                                                        (done[1].id, sha, "succeeded")]
+    assert done[0].reason == "its worker was shut down mid-run; the commit is run again"
+    assert job_processes(first.id) == []
+    assert worker.alive()
