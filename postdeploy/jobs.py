@@ -137,9 +137,11 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                                "add it to appspec.yaml envs")
         cwd = resolve_folder(workdir, spec.folder)
         clock.arm(spec.timeout)
-        lifecycle.update(store, record, command=mask_secrets(spec.command, secrets),
-                         timeout=spec.timeout)
-        if (stop := clock.stop_request()) is not None:
+        if not lifecycle.update(store, record, command=mask_secrets(spec.command, secrets),
+                                timeout=spec.timeout):
+            # Ended meanwhile (cancelled while git worked): the job never starts.
+            outcome = JobOutcome(record.status, record.exit_code, record.reason)
+        elif (stop := clock.stop_request()) is not None:
             outcome = JobOutcome(stop.status, None, f"{stop.reason}, before the job started")
         else:
             log.info("%s: POST_DEPLOY job started (run %s, %s trigger, timeout %d s): %s",
@@ -200,7 +202,7 @@ def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
             return JobOutcome(Status.CANCELLED, outcome.exit_code, stored.reason)
         time.sleep(0.05)
     return JobOutcome(Status.LOST, outcome.exit_code,
-                      "its worker was shut down mid-run; the commit is run again")
+                      _lost_reason(record, "its worker was shut down mid-run"))
 def _job_env(environ: Mapping[str, str], app_env: Mapping[str, str],
              record: RunRecord) -> dict[str, str]:
     env = {k: v for k, v in environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
@@ -251,8 +253,7 @@ def _finish(store: StateStore, record: RunRecord, outcome: JobOutcome) -> RunRec
 def _mark_lost(store: StateStore, run_id: str) -> None:
     record = store.get_run(run_id)
     if record is not None and not record.status.finished and lifecycle.move(
-            store, record, Status.LOST,
-            reason="its worker stopped mid-run; the commit is run again"):
+            store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)
     # Belt and braces for the runner's job guard: if the lost attempt's processes
@@ -260,6 +261,12 @@ def _mark_lost(store: StateStore, run_id: str) -> None:
     # copies of a job at once).
     if killed := kill_run_processes(run_id):
         log.warning("stopped %d leftover process(es) of lost run %s", killed, run_id)
+
+
+def _lost_reason(record: RunRecord, what: str) -> str:
+    if record.trigger == Trigger.AUTO:
+        return f"{what}; the commit is run again"
+    return f"{what}; start it again by hand if it is still needed"
 
 
 def _current_sha(source: AppSource) -> str:
