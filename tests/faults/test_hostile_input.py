@@ -97,6 +97,9 @@ ROWS = [
         "invalid POST_DEPLOY_TIMEOUT: 'abc' is not a positive integer", 300),
     Row("POST_DEPLOY_TIMEOUT empty", spec(timeout=""), "succeeded",
         "POST_DEPLOY_TIMEOUT is empty; using the default 300 s", 300),
+    # Last: later rows could not write appspec.yaml through the link.
+    Row("appspec.yaml a symlink", lambda touch: {"appspec.yaml": "@symlink"}, "error",
+        "appspec.yaml must be a regular file in the repository, not a symlink or directory"),
 ]
 
 
@@ -109,7 +112,7 @@ def commit_row(remote: GitRemote, row: Row, touch: str, outside: Path) -> str:
         if content == "@symlink":
             del files[name]
             link = remote.work / name
-            if link.is_symlink():
+            if link.is_symlink() or link.is_file():
                 link.unlink()
             link.symlink_to(outside)
     return remote.commit(files, row.name)
