@@ -103,22 +103,33 @@ class AppSource:
                 self._git(self.clone_dir, checkout, timeout=FETCH_TIMEOUT)
             # Keep ignored files (installed dependencies); drop stray untracked leftovers.
             self._git(self.clone_dir, ["clean", "-ffdq"], timeout=FETCH_TIMEOUT)
-            return self.clone_dir, self._appspec_at(sha)
+            return self.clone_dir, self._appspec_at(sha, checked_out=True)
 
-    def _appspec_at(self, sha: str) -> bytes | None:
-        # ls-tree gives type, mode and size without reading the content, so a huge
-        # file is refused unread.
+    def _appspec_at(self, sha: str, checked_out: bool = False) -> bytes | None:
+        """The one place appspec.yaml is read and judged (size, symlink, directory).
+
+        ``checked_out``: our own clone was just forced to ``sha``, so its file is the
+        commit's; reading it there spares two git processes per run (about 3 ms of
+        CPU). Otherwise (a ``path`` app's working copy may differ from its commit,
+        and checks read before any checkout) it comes from git's objects.
+        """
+        if checked_out:
+            try:
+                info = (self.clone_dir / APPSPEC_FILE).lstat()
+            except FileNotFoundError:
+                return None
+            _judge_appspec(info.st_mode, info.st_size)
+            return (self.clone_dir / APPSPEC_FILE).read_bytes()
+        # ls-tree gives mode and size without reading the content: a huge file is
+        # refused unread.
         listing = self._git(self.workdir, ["ls-tree", "-l", sha, "--", APPSPEC_FILE],
                             timeout=LS_REMOTE_TIMEOUT).strip()
         if not listing:
             return None
         mode, kind, oid, size = listing.split("\t", 1)[0].split()
-        if kind != "blob" or stat.S_ISLNK(int(mode, 8)):
-            raise AppSpecError(f"{APPSPEC_FILE} must be a regular file in the repository, "
-                               "not a symlink or directory")
-        if int(size) > MAX_APPSPEC_BYTES:
-            raise AppSpecError(f"{APPSPEC_FILE} is {size} bytes; the limit is "
-                               f"{MAX_APPSPEC_BYTES} bytes")
+        if kind != "blob":  # a tree or a submodule
+            mode, size = oct(stat.S_IFDIR), "0"
+        _judge_appspec(int(mode, 8), int(size))
         return self._git_bytes(self.workdir, ["cat-file", "blob", oid], timeout=LS_REMOTE_TIMEOUT)
 
     def has_commit(self, sha: str) -> bool:
@@ -191,6 +202,15 @@ class AppSource:
             raise GitError(_describe_failure(args, done.stderr.decode(errors="replace"),
                                              done.returncode, self.app.source))
         return done.stdout
+
+
+def _judge_appspec(mode: int, size: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise AppSpecError(f"{APPSPEC_FILE} must be a regular file in the repository, "
+                           "not a symlink or directory")
+    if size > MAX_APPSPEC_BYTES:
+        raise AppSpecError(f"{APPSPEC_FILE} is {size} bytes; the limit is "
+                           f"{MAX_APPSPEC_BYTES} bytes")
 
 
 def _git_env() -> dict[str, str]:

@@ -151,3 +151,14 @@ def test_the_reader_gives_the_file_at_the_commit(tmp_path: Path, remote: GitRemo
     (remote.work / "appspec.yaml").unlink()
     gone = remote.commit({}, "no appspec")
     assert source.read_appspec(none) is not None and source.read_appspec(gone) is None
+
+
+def test_the_reader_refuses_an_appspec_directory(tmp_path: Path, remote: GitRemote) -> None:
+    sha = remote.commit({"appspec.yaml/inner.yaml": appspec_yaml("echo hi")}, "a directory")
+    for app in (AppConfig(name="shop", repo=remote.url),
+                AppConfig(name="shop", path=str(remote.work))):
+        source = AppSource(app, tmp_path / "state")
+        with pytest.raises(AppSpecError, match="must be a regular file"):
+            source.read_appspec(sha)
+        with pytest.raises(AppSpecError, match="must be a regular file"):
+            source.prepare(sha)
