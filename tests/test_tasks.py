@@ -319,3 +319,22 @@ def test_sigterm_to_the_pool_process_that_is_no_revoke_loses_the_run_and_reruns_
     assert done[0].reason == "its worker was shut down mid-run; the commit is run again"
     assert job_processes(first.id) == []
     assert worker.alive()
+
+
+def test_the_messages_soft_time_limit_is_the_one_clock(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
+    """Celery's soft limit stops the job, even below the appspec's timeout: no second timer."""
+    remote.commit({"appspec.yaml": appspec_yaml("echo started; sleep 300", timeout="60")})
+    env = env_for(remote)
+    worker = services("worker", env)
+    from postdeploy.tasks import run_job
+    celery_for(env)
+    run_job.apply_async(kwargs={"app": "shop", "sha": remote.head()}, soft_time_limit=2,
+                        time_limit=30)
+    done = wait_finished(rclient, 1, timeout=30)[0]
+    assert (done.status, done.reason) == ("timed_out",
+                                          "timed out after 2 s (POST_DEPLOY_TIMEOUT)")
+    assert done.timeout == 60  # what the appspec says; the message's limit ruled
+    assert done.finished_at and done.started_at and done.finished_at - done.started_at < 6
+    assert job_processes(done.id) == []
+    assert "Soft time limit (2s) exceeded" in worker.log() and worker.alive()
