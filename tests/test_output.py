@@ -16,7 +16,7 @@ import pytest
 
 from postdeploy.output import MAX_LINE, OutputCapture, TerminalOutput
 from postdeploy.records import Status
-from postdeploy.runner import run_command
+from postdeploy.runner import run_process
 
 LABEL = "app@1234567"
 PREFIX = f"[POST-DEPLOY] {LABEL} | "
@@ -40,8 +40,8 @@ def job_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def run_job(command: str, cwd: Path, capture: OutputCapture) -> None:
-    outcome = run_command(command, cwd, {**os.environ, "POST_DEPLOY_RUN_ID": "t-output"},
-                          10, 1, "t-output", capture.feed, lambda: None)
+    outcome = run_process(command, cwd, {**os.environ, "POST_DEPLOY_RUN_ID": "t-output"},
+                          1, "t-output", capture.feed, lambda: None, lambda: None)
     capture.close()
     assert outcome.status == Status.SUCCEEDED, outcome
 
