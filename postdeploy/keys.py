@@ -87,3 +87,13 @@ def last_push(app: str) -> str:
 def webhook_delivery(provider: str, delivery_id: str) -> str:
     """String with expiry: a webhook delivery already received (replays are ignored)."""
     return f"{PREFIX}webhook:delivery:{provider}:{delivery_id}"
+
+
+def cancel(run_id: str) -> str:
+    """String with expiry: who cancelled ``run_id`` and how; the job's guard stops it."""
+    return f"{PREFIX}run:{run_id}:cancel"
+
+
+def lost_attempts(app: str, sha: str) -> str:
+    """Counter with expiry: automatic attempts of ``sha`` that died with their worker."""
+    return f"{PREFIX}app:{app}:lost:{sha}"
