@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +18,25 @@ from tests.support import GitRemote, RedisServer, Service, run_git, service_env,
 
 __all__ = ["GitRemote", "RedisServer", "Service", "run_git", "service_env", "wait_for",
            "bare_repos", "celery_client", "tree_cpu", "tree_memory", "redis_server",
-           "process_tree"]
+           "process_tree", "Step", "in_rounds"]
+
+# One round of one side of a comparison: its figures by name ({"wall": 0.21, ...}).
+Step = Callable[[], dict[str, float]]
+
+
+def in_rounds(rounds: int, *steps: Step) -> dict[str, list[float]]:
+    """Run every step once per round; each figure's values, one per round.
+
+    Steps take turns going first (ours, baseline; then baseline, ours; ...), so a
+    machine that gets busier or quieter during the run favours neither side, and
+    each round's pair is measured under the same load.
+    """
+    figures: dict[str, list[float]] = defaultdict(list)
+    for index in range(rounds):
+        for step in (steps if index % 2 == 0 else steps[::-1]):
+            for name, value in step().items():
+                figures[name].append(value)
+    return dict(figures)
 
 
 @contextmanager

@@ -1,11 +1,14 @@
 """4. Output: a job writing 1 GiB through a real worker, against `cat` of the same bytes.
 
-Throughput is bytes over the run's own start-to-finish time; memory is the
+Throughput is bytes over the time from the job's start (its first command notes
+the time) to the run's end (output drained, tail and record stored); checkout and
+the other fixed costs of a run are the per-job overhead's row. Memory is the
 growth of the worker's main and pool processes together (RSS sampled every 20
 ms, each at its peak) over their size before the run. Baseline: the job's same
 bytes piped to `cat > /dev/null` instead of to postdeploy (a pipe is the floor
 of any capture). For scale, `cat FILE > /dev/null`
 is shown too: it copies nothing through a pipe, so no capture can approach it.
+Each round runs the job once and each baseline once, taking turns going first.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from bench.harness import (
     GitRemote,
     Service,
     celery_client,
+    in_rounds,
     service_env,
     wait_ready,
 )
-from bench.report import Row, median
+from bench.report import Row
 from postdeploy.state import StateStore
 from tests.support import RssSampler, appspec_yaml
 
@@ -40,45 +44,54 @@ def _write_file(path: Path, size: int) -> None:
             written += len(block)
 
 
-def measure(root: Path, redis_url: str, size: int) -> list[Row]:
+def measure(root: Path, redis_url: str, size: int, rounds: int) -> list[Row]:
     root.mkdir(parents=True, exist_ok=True)
     data = root / "output.txt"
     _write_file(data, size)
     size = data.stat().st_size
+    mib = size / MIB
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     store = StateStore(client)
     remote = GitRemote(root / "git", "bench")
-    sha = remote.commit({"appspec.yaml": appspec_yaml(f"cat {data}", timeout="3600")})
+    job_start = root / "job-start"
+    command = f"echo $EPOCHREALTIME > {job_start}; cat {data}"
+    sha = remote.commit({"appspec.yaml": appspec_yaml(command, timeout="3600")})
     env = service_env(redis_url, root / "state", 3600, POSTDEPLOY_REPO=remote.url,
                       POSTDEPLOY_APP="bench", POSTDEPLOY_LOG_LEVEL="WARNING")
     worker = Service(["-m", "worker"], env, root / "worker.log")
-    try:
-        wait_ready(worker, client)
-        celery_client(redis_url, root / "state", POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="bench")
-        from postdeploy.tasks import run_job
+    from postdeploy.tasks import run_job
+
+    def ours() -> dict[str, float]:
         with RssSampler(worker.proc.pid, every=0.02) as rss:
             result = run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=3600)
         record = store.get_run(result["run_id"])
         assert record and record.started_at and record.finished_at
-        elapsed = record.finished_at - record.started_at
         tail, total = store.read_output(record.id)
         assert total == size and len(tail) <= 1024 * 1024, (total, len(tail))
+        started = float(job_start.read_text())
+        return {"ours": mib / (record.finished_at - started),
+                "growth": rss.total_growth_mib}
+
+    def pipe() -> dict[str, float]:
+        return {"pipe": mib / _timed(f"cat {data} | cat > /dev/null"),
+                "no pipe": mib / _timed(f"cat {data} > /dev/null")}
+
+    try:
+        wait_ready(worker, client)
+        celery_client(redis_url, root / "state", POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="bench")
+        figures = in_rounds(rounds, ours, pipe)
     finally:
         worker.stop()
-    to_null = median([_timed(f"cat {data} > /dev/null") for _ in range(3)])
-    through_pipe = median([_timed(f"cat {data} | cat > /dev/null") for _ in range(3)])
-    ours = size / MIB / elapsed
-    growth = rss.total_growth_mib
-    pipe_rate = size / MIB / through_pipe
+    label = f"output {size // MIB} MiB"
     return [
-        Row(f"output {size // MIB} MiB: capture throughput", ours, pipe_rate, "MiB/s",
-            "job | cat > /dev/null", ">= 0.5x baseline", ours >= 0.5 * pipe_rate),
-        Row(f"output {size // MIB} MiB: vs reading the file, no pipe", ours,
-            size / MIB / to_null, "MiB/s", "cat FILE > /dev/null"),
-        Row(f"output {size // MIB} MiB: worker memory growth", growth, None, "MiB",
-            "", "<= 50 MiB", growth <= 50),
+        Row(f"{label}: capture throughput", figures["ours"], figures["pipe"], "MiB/s",
+            "job | cat > /dev/null", ">= 0.8x baseline", lambda r: (r.ratio or 0) >= 0.8),
+        Row(f"{label}: vs reading the file, no pipe", figures["ours"], figures["no pipe"],
+            "MiB/s", "cat FILE > /dev/null"),
+        Row(f"{label}: worker memory growth", figures["growth"], None, "MiB", "",
+            "<= 50 MiB", lambda r: r.value <= 50),
     ]
 
 

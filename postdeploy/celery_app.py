@@ -20,6 +20,9 @@ from postdeploy.config import Settings
 QUEUE = "postdeploy"
 HOST_QUEUE_PREFIX = "postdeploy.host."  # each worker also consumes its host's own queue
 HARD_LIMIT_MARGIN = 30  # seconds above soft limit + kill grace before Celery kills the task
+# Hard limit of a run sent without limits (Flower's async-apply): its deadline comes from
+# the appspec in the worker (see jobclock.py); this only bounds a pool process that hangs.
+UNSET_RUN_HARD_LIMIT = MAX_TIMEOUT + 600 + HARD_LIMIT_MARGIN
 # Redelivery of an unacknowledged job must never start while it may still be running.
 VISIBILITY_TIMEOUT = MAX_TIMEOUT + 3_600
 

@@ -14,18 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from postdeploy.appspec import (
-    APPSPEC_FILE,
-    DEFAULT_TIMEOUT,
-    MAX_APPSPEC_BYTES,
-    SCOPE_INSTANCE,
-    parse_appspec,
-)
+from postdeploy.appspec import DEFAULT_TIMEOUT, SCOPE_INSTANCE, parse_appspec
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.gitsource import AppSource
+from postdeploy.lifecycle import new_run
 from postdeploy.placement import INSTANCE_SCOPE_MARK, retire_stale
-from postdeploy.records import RunRecord, Trigger
+from postdeploy.records import Trigger
 from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -54,8 +49,9 @@ class CheckResult:
         return {"app": self.app, "sha": self.sha, "action": self.action, "detail": self.detail}
 
 
-def check_app(settings: Settings, store: StateStore, app: AppConfig,
+def reconcile(settings: Settings, store: StateStore, app: AppConfig,
               enqueue: Enqueue) -> CheckResult:
+    """Check one app's deployed commit; enqueue an automatic run if it has none."""
     source = AppSource(app, settings.state_dir)
     try:
         sha = source.current_sha()
@@ -75,7 +71,7 @@ def check_app(settings: Settings, store: StateStore, app: AppConfig,
 
     timeout = DEFAULT_TIMEOUT
     try:
-        text = source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)
+        text = source.read_appspec(sha)
         spec = parse_appspec(text, settings.environ)
         if spec.command is None:
             log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",
@@ -94,9 +90,7 @@ def check_app(settings: Settings, store: StateStore, app: AppConfig,
         log.debug("%s@%s: appspec problem left to the run: %s", app.name, sha[:7], exc)
 
     retire_stale(store, app.name, sha)  # a run a vanished worker held, if any
-    record = RunRecord.new(app.name, sha, Trigger.AUTO.value)
-    record.timeout = timeout
-    store.add_run(record)
+    record = new_run(store, app.name, sha, Trigger.AUTO, timeout)
     try:
         enqueue(app.name, sha, Trigger.AUTO.value, record.id, timeout)
     except Exception:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import click
 import redis
@@ -106,10 +106,15 @@ def open_store(settings: Settings) -> tuple[str, StateStore]:
 @click.option("--flower", is_flag=True, help="Also run Flower (task monitor).")
 @click.option("--flower-address", default=DEFAULT_LISTEN_ADDRESS, show_default=True)
 @click.option("--flower-port", type=PORT, default=DEFAULT_FLOWER_PORT, show_default=True)
+@click.option("--webhook-port", type=PORT, default=None,
+              help="Also run the push webhook service on this port "
+                   "(needs POSTDEPLOY_WEBHOOK_SECRET).")
+@click.option("--webhook-address", default=DEFAULT_LISTEN_ADDRESS, show_default=True)
 @common_options
 @click.pass_context
 def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | None,
        interval: float | None, flower: bool, flower_address: str, flower_port: int,
+       webhook_port: int | None, webhook_address: str,
        state_dir: str | None, config: str | None, redis_url: str | None) -> int:
     """All-in-one: Redis (embedded unless given), a worker, beat; Ctrl-C stops all."""
     from postdeploy.up import UpOptions, run_up
@@ -123,7 +128,9 @@ def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | Non
     configure_logging(settings.log_level)
     single_repo = bool(repo or settings.environ.get("POSTDEPLOY_REPO"))
     return run_up(settings, UpOptions(flower=flower, flower_address=flower_address,
-                                      flower_port=flower_port, single_repo=single_repo))
+                                      flower_port=flower_port, single_repo=single_repo,
+                                      webhook_port=webhook_port,
+                                      webhook_address=webhook_address))
 
 
 @cli.command()
@@ -134,15 +141,18 @@ def status(settings: Settings, as_json: bool) -> int:
     from postdeploy.instances import InstanceRegistry
     from postdeploy.manual import known_apps
     from postdeploy.views import AppStatus, status_json, status_table
+    from postdeploy.webhook_state import last_push_times
 
     _, store = open_store(settings)
     registered = store.registered_apps()
+    apps = known_apps(settings, store)
+    pushes = last_push_times(store.client, list(apps))
     registry = InstanceRegistry(store.client)
     rows = [AppStatus(name, (app.source if app else registered.get(name, {}).get("source")),
                       store.last_seen(name), store.latest_run(name),
                       (store.check_failure(name) or {}).get("error"),
-                      tuple(registry.live(name)))
-            for name, app in known_apps(settings, store).items()]
+                      last_push_at=pushes[name], instances=tuple(registry.live(name)))
+            for name, app in apps.items()]
     if as_json:
         click.echo(json.dumps(status_json(rows), indent=2, sort_keys=True))
     elif not rows:
@@ -153,15 +163,28 @@ def status(settings: Settings, as_json: bool) -> int:
     return 0
 
 
+RAW_HELP = "Write the job's bytes as they are, even to a terminal."
+
+
+def job_output_stream(raw: bool) -> BinaryIO:
+    """Where job output goes: a terminal gets control characters escaped (a job's
+    ESC sequences and CRs must not redraw the operator's screen), a pipe the bytes."""
+    if raw or not sys.stdout.isatty():
+        return sys.stdout.buffer
+    from postdeploy.output import TerminalOutput
+    return cast(BinaryIO, TerminalOutput(sys.stdout))
+
+
 @cli.command()
 @click.argument("app")
 @click.option("--sha", help="Commit to run (default: the last seen commit).")
 @click.option("--host", help="Run on this host's instance only (see `status`).")
 @click.option("--all-instances", is_flag=True, help="Run once on every live instance.")
 @click.option("--wait", is_flag=True, help="Follow the output; exit 0 only on success.")
+@click.option("--raw", is_flag=True, help=RAW_HELP)
 @with_settings
 def run(settings: Settings, app: str, sha: str | None, host: str | None, all_instances: bool,
-        wait: bool) -> int:
+        wait: bool, raw: bool) -> int:
     """Re-run APP's job by hand (trigger `manual`)."""
     from postdeploy.instances import InstanceRegistry
     from postdeploy.manual import (
@@ -193,23 +216,24 @@ def run(settings: Settings, app: str, sha: str | None, host: str | None, all_ins
     if not wait:
         return 0
     failed = [final for record in records
-              if (final := _follow(store, app, record.id)).status != "succeeded"]
+              if (final := _follow(store, app, record.id, raw)).status != "succeeded"]
     if not failed:
         click.echo(f"run{'s' if len(records) > 1 else ''} "
                    f"{', '.join(r.id for r in records)} succeeded", err=True)
         return 0
     final = failed[0]
-    exit_code = f", exit code {final.exit_code}" if final.exit_code is not None else ""
+    # The reason already names the exit code ("exited with code 3"); say it once.
+    reason = final.reason or (f"exit code {final.exit_code}" if final.exit_code is not None
+                              else "no reason recorded")
     where = f" on {final.host}" if final.host else ""
-    raise PostdeployError(f"run {final.id}{where} {final.status}{exit_code}: "
-                          f"{final.reason or 'no reason recorded'}")
+    raise PostdeployError(f"run {final.id}{where} {final.status}: {reason}")
 
 
-def _follow(store: StateStore, app: str, run_id: str) -> RunRecord:
+def _follow(store: StateStore, app: str, run_id: str, raw: bool) -> RunRecord:
     from postdeploy.follow import follow_run
 
     try:
-        return follow_run(store, run_id, sys.stdout.buffer,
+        return follow_run(store, run_id, job_output_stream(raw),
                           lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
         click.echo(f"\nstopped following; run {run_id} goes on "
@@ -220,8 +244,9 @@ def _follow(store: StateStore, app: str, run_id: str) -> RunRecord:
 @cli.command()
 @click.argument("app")
 @click.argument("run_id", required=False)
+@click.option("--raw", is_flag=True, help=RAW_HELP)
 @with_settings
-def logs(settings: Settings, app: str, run_id: str | None) -> int:
+def logs(settings: Settings, app: str, run_id: str | None, raw: bool) -> int:
     """Stored output of APP's latest run (or RUN_ID)."""
     from postdeploy.manual import known_apps, require_app
 
@@ -238,8 +263,9 @@ def logs(settings: Settings, app: str, run_id: str | None) -> int:
                f"{record.status}", err=True)
     if total > len(tail):
         click.echo(f"... {total - len(tail)} earlier bytes not kept ...")
-    sys.stdout.buffer.write(tail)
-    sys.stdout.buffer.flush()
+    out = job_output_stream(raw)
+    out.write(tail)
+    out.flush()
     return 0
 
 
@@ -289,13 +315,27 @@ def check(settings: Settings, app: str | None, timeout: float) -> int:
 
 
 @cli.command()
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback: put a TLS proxy in front).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9810, show_default=True)
+@with_settings
+def webhook(settings: Settings, address: str, port: int) -> int:
+    """Receive signed push webhooks (GitHub, GitLab, Gitea, generic); check those apps now."""
+    from postdeploy.webhook import check_settings, serve
+
+    check_settings(settings)  # refuse before anything else: no secret, no service
+    configure_logging(settings.log_level)
+    return serve(settings, address, port)
+
+
+@cli.command()
 @click.argument("directory", required=False, default=".",
                 type=click.Path(file_okay=False, path_type=Path))
 def validate(directory: Path) -> int:
     """Lint an app repo's appspec.yaml, folder, command and script."""
-    from postdeploy.lint import has_errors, lint_app_dir
+    from postdeploy.validate import has_errors, validate_app_dir
 
-    findings = lint_app_dir(directory)
+    findings = validate_app_dir(directory)
     for finding in findings:
         click.echo(str(finding))
     errors = sum(1 for f in findings if f.level == "error")

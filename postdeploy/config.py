@@ -97,6 +97,8 @@ class Settings:
     notify: tuple[str, ...] = ()
     notify_on: frozenset[str] = DEFAULT_NOTIFY_ON
     notify_backoff: float = DEFAULT_NOTIFY_BACKOFF
+    # Signs push webhooks (POSTDEPLOY_WEBHOOK_SECRET); never shown, hence no repr.
+    webhook_secret: str | None = field(default=None, repr=False)
     # The executor's own environment: the base of every job's environment and the
     # fallback for POST_DEPLOY_* keys an appspec leaves out.
     environ: Mapping[str, str] = field(default_factory=dict)
@@ -170,6 +172,7 @@ class Settings:
             notify_backoff=_positive_number(
                 pick("notify_backoff", "POSTDEPLOY_NOTIFY_BACKOFF"),
                 "POSTDEPLOY_NOTIFY_BACKOFF", DEFAULT_NOTIFY_BACKOFF),
+            webhook_secret=env.get("POSTDEPLOY_WEBHOOK_SECRET") or None,
             environ=env,
         )
         repo = flags.get("repo") or env.get("POSTDEPLOY_REPO")

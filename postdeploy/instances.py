@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from postdeploy import keys
-from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, JobSpec, parse_appspec
+from postdeploy.appspec import JobSpec, parse_appspec
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.gitsource import AppSource
@@ -212,7 +212,7 @@ class LocalSpecs:
             if app.repo and not ((source.clone_dir / ".git").exists()
                                  and source.has_commit(sha)):
                 return LocalSpec(sha, None, NOT_HERE)
-            text = source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)
+            text = source.read_appspec(sha)
             return LocalSpec(sha, parse_appspec(text, self.settings.environ))
         except (AppSpecError, GitError) as exc:
             log.debug("%s@%s: appspec not usable here: %s", app.name, sha[:7], exc)

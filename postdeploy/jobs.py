@@ -16,19 +16,21 @@ from typing import TypeVar
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
+from redis.exceptions import LockError, LockNotOwnedError
+from redis.lock import Lock
 
-from postdeploy import placement, waiting
-from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, parse_appspec, resolve_folder
+from postdeploy import lifecycle, placement, waiting
+from postdeploy.appspec import parse_appspec, resolve_folder
 from postdeploy.config import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
+from postdeploy.jobclock import JobClock
 from postdeploy.notify import notify_if_needed
 from postdeploy.output import OutputCapture
 from postdeploy.placement import RunPlace, claim_ttl
 from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.redaction import mask_secrets
-from postdeploy.runlock import RunLock
-from postdeploy.runner import JobOutcome, kill_run_processes, run_command
+from postdeploy.runner import JobOutcome, kill_run_processes, run_process
 from postdeploy.state import StateStore
 from postdeploy.waiting import GateWait
 
@@ -36,24 +38,29 @@ log = logging.getLogger(__name__)
 
 RENEW_EVERY = 0.25  # seconds between renewals of a running job's lock and claim
 REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
+REVOKE_WAIT = 2.0  # seconds a SIGTERMed run waits to learn it was revoked, not shut down
 HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's own settings, not the app's
 
 T = TypeVar("T")
 
 
 class LockBusy(Exception):
-    """Another run of this app holds its lock; the task retries later."""
+    """Another run of this app holds its lock; the task retries later, as run ``run_id``."""
+
+    def __init__(self, app: str, run_id: str) -> None:
+        super().__init__(app)
+        self.run_id = run_id
 
 
-def execute_run(settings: Settings, store: StateStore, app_name: str, sha: str | None,
-                trigger: str, run_id: str | None, worker: str | None = None,
-                place: RunPlace | None = None, waiting_since: float | None = None
-                ) -> RunRecord:
-    """Run the job once if it should run; return its record.
+def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_name: str,
+                  sha: str | None, trigger: str, run_id: str | None, worker: str | None = None,
+                  task_id: str | None = None, place: RunPlace | None = None,
+                  waiting_since: float | None = None) -> RunRecord:
+    """Carry out one requested run, if it should happen; return its record.
 
-    Raises LockBusy when the app is busy (retry later), GateWait when the app is
-    not ready yet (re-queue), JobFailed when the run did not succeed (LENIENT:
-    logged and recorded, never retried automatically).
+    Raises LockBusy when the app (or, scope instance, the instance) is busy and
+    GateWait while the app is not ready yet (both: retry later), JobFailed when
+    the request itself is wrong. A run that did not succeed is only recorded (LENIENT).
     """
     place = place or RunPlace()
     app = settings.app(app_name)
@@ -68,40 +75,54 @@ def execute_run(settings: Settings, store: StateStore, app_name: str, sha: str |
         raise JobFailed(f"invalid sha {sha[:50]!r}; give a full 40-character commit id")
 
     record = store.get_run(run_id) if run_id else None
-    if record is not None and record.status != Status.QUEUED.value:
-        if Status(record.status).finished:
-            log.info("run %s already ended as %s; ignoring a repeated message",
-                     record.id, record.status)
-            return record
-    if record is None:
-        record = RunRecord.new(app.name, sha, trigger)
-        store.add_run(record)
+    if record is not None and record.status.finished:
+        log.info("run %s already ended as %s; ignoring a repeated message",
+                 record.id, record.status)
+        return record
+    if record is None or record.status == Status.RUNNING:
+        # (Running: redelivered after its worker died. That attempt is lost when this
+        # one takes the app's lock; this attempt is a new run.)
+        record = lifecycle.new_run(store, app.name, sha, trigger)
 
-    auto = trigger == Trigger.AUTO.value
+    auto = record.trigger == Trigger.AUTO
     if auto and (skipped := placement.skip_reason(settings, store, app, sha, place)):
-        return _finish(store, record, Status.SUPERSEDED, None, skipped, place)
-    if (ended := _before_start(settings, store, source, record, place, waiting_since)):
+        return _finish(settings, store, record, JobOutcome(Status.SUPERSEDED, None, skipped),
+                       place)
+    if ended := _before_start(settings, store, source, record, place, waiting_since):
         return ended
 
-    lock = RunLock(store.client, place.lock_key(app.name), settings.lock_ttl * 1000)
-    if not lock.acquire():
-        raise LockBusy(app.name)
+    lock = store.run_lock(app.name, settings.lock_ttl, place.slot)
+    if not lock.acquire(blocking=False):
+        raise LockBusy(app.name, record.id)
     try:
         lost = store.take_active(app.name, place.slot)
         if lost:
             _mark_lost(store, lost)
             notify_if_needed(settings, store, lost)  # NOTIFY HOOK (issue 11): run found lost
         if auto and (skipped := placement.skip_reason(settings, store, app, sha, place)):
-            return _finish(store, record, Status.SUPERSEDED, None, skipped, place)
+            return _finish(settings, store, record,
+                           JobOutcome(Status.SUPERSEDED, None, skipped), place)
         current = store.get_run(record.id)
-        if current is not None and current.status not in (Status.QUEUED.value,
-                                                           Status.WAITING.value):
-            # Redelivered after its worker died: that attempt is lost, this is a new one.
-            record = RunRecord.new(app.name, sha, trigger)
-            store.add_run(record)
-        return _run_locked(settings, store, source, record, lock, worker, place)
+        if current is not None:  # it may have been cancelled while it waited
+            record = current
+        if record.status.finished:
+            return record
+        return _run_locked(settings, store, source, clock, record, lock, worker, task_id,
+                           place)
     finally:
-        _patiently(lock.release, "release the run lock")
+        _patiently(lambda: _release(lock), "release the run lock")
+
+
+def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason: str) -> bool:
+    """End an unfinished run as cancelled; its commit is not run again automatically."""
+    if record.status.finished or not lifecycle.move(store, record, Status.CANCELLED,
+                                                    reason=reason):
+        return False
+    if record.trigger == Trigger.AUTO:
+        store.mark_done(record.app, record.sha, record.id)
+    log.warning("%s@%s: run %s cancelled: %s", record.app, record.sha[:7], record.id, reason)
+    notify_if_needed(settings, store, record)
+    return True
 
 
 def _before_start(settings: Settings, store: StateStore, source: AppSource, record: RunRecord,
@@ -110,61 +131,53 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
 
     Raises GateWait while the app's readiness gate does not pass yet.
     """
-    auto = record.trigger == Trigger.AUTO.value
+    auto = record.trigger == Trigger.AUTO
     if problem := placement.working_copy_problem(settings, source.app, record.sha):
         if auto:  # not ours to run, nor to mark done: a host that has the commit runs it
-            placement.release_claim(store, record.app, record.sha, place)
-            return _finish(store, record, Status.SUPERSEDED, None,
-                           f"{problem}; left to a host that has it", place)
-        return _finish(store, record, Status.ERROR, None,
-                       f"{problem}; nothing was run (`postdeploy status` shows each host's "
-                       "commit; pick one with --host)", place)
+            return _finish(settings, store, record, JobOutcome(
+                Status.SUPERSEDED, None, f"{problem}; left to a host that has it"), place)
+        return _finish(settings, store, record, JobOutcome(
+            Status.ERROR, None, f"{problem}; nothing was run (`postdeploy status` shows each "
+            "host's commit; pick one with --host)"), place)
     try:
         verdict = waiting.look(settings, source, record.sha, waiting_since,
                                {"POST_DEPLOY_RUN_ID": record.id,
                                 "POST_DEPLOY_TRIGGER": record.trigger})
     except (AppSpecError, GitError) as exc:
-        return _end_auto(settings, store, record, Status.ERROR, str(exc), place)
+        return _finish(settings, store, record, JobOutcome(Status.ERROR, None, str(exc)), place)
     if verdict is None or verdict.ready:
         return None
     if verdict.timed_out:
-        return _end_auto(settings, store, record, Status.FAILED, verdict.failed_reason, place)
-    if record.status != Status.WAITING.value:
+        return _finish(settings, store, record,
+                       JobOutcome(Status.FAILED, None, verdict.failed_reason), place)
+    if record.status != Status.WAITING:
         log.info("%s@%s: waiting for the app to be ready (%s) before the job (run %s)",
                  record.app, record.sha[:7], verdict.url, record.id)
-    record.status = Status.WAITING.value
-    record.reason = verdict.waiting_reason
-    record.host = settings.host
-    store.save_run(record)
+    if not lifecycle.move(store, record, Status.WAITING, reason=verdict.waiting_reason,
+                          host=settings.host):
+        return record  # cancelled meanwhile: it never starts
     # The claim stays while we wait, and lapses soon if this host goes away.
     store.client.set(place.claim_key(record.app, record.sha), settings.host,
                      ex=claim_ttl(settings.check_interval))
     raise GateWait(record.id, waiting.next_look(), verdict.since)
 
 
-def _end_auto(settings: Settings, store: StateStore, record: RunRecord, status: Status,
-              reason: str, place: RunPlace) -> RunRecord:
-    finished = _finish(store, record, status, None, reason, place)
-    notify_if_needed(settings, store, finished)  # a gate that failed, a bad appspec
-    if record.trigger == Trigger.AUTO.value:
-        placement.mark_done(settings, store, record.app, record.sha, record.id, place)
-    return finished
-
-
-def _run_locked(settings: Settings, store: StateStore, source: AppSource, record: RunRecord,
-                lock: RunLock, worker: str | None, place: RunPlace) -> RunRecord:
+def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock: JobClock,
+                record: RunRecord, lock: Lock, worker: str | None,
+                task_id: str | None, place: RunPlace) -> RunRecord:
     app = record.app
     store.set_active(app, record.id, place.slot)
-    record.status = Status.RUNNING.value
-    record.started_at = time.time()
-    record.worker = worker or socket.gethostname()
-    record.host = settings.host
-    store.save_run(record)
+    if not lifecycle.move(store, record, Status.RUNNING, worker=worker or socket.gethostname(),
+                          task_id=task_id, host=settings.host):
+        # Cancelled (or otherwise ended) while it waited in the queue: it never starts.
+        _patiently(lambda: store.clear_active(app, place.slot), "clear the active run")
+        return record
     store.hold_claim(app, record.sha, settings.lock_ttl, place.slot)
     label = f"{app}@{record.sha[:7]}"
     secrets: frozenset[str] = frozenset()
     try:
-        workdir, appspec_text = source.prepare(record.sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)
+        with clock.interruptible():
+            workdir, appspec_text = source.prepare(record.sha)
         spec = parse_appspec(appspec_text, settings.environ)
         secrets = spec.secrets
         for warning in spec.warnings:
@@ -173,30 +186,31 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, record
             raise AppSpecError("POST_DEPLOY_COMMAND is not set at this commit; "
                                "add it to appspec.yaml envs")
         cwd = resolve_folder(workdir, spec.folder)
-        record.command = mask_secrets(spec.command, secrets)
-        record.timeout = spec.timeout
-        store.save_run(record)
-        log.info("%s: POST_DEPLOY job started (run %s, %s trigger, timeout %d s): %s",
-                 label, record.id, record.trigger, spec.timeout, record.command)
-        outcome = _run_job_process(settings, store, record, lock, spec.command, cwd,
-                                   _job_env(settings.environ, spec.env, record), spec.timeout,
-                                   secrets, label, place)
+        clock.arm(spec.timeout)
+        if not lifecycle.update(store, record, command=mask_secrets(spec.command, secrets),
+                                timeout=spec.timeout):
+            # Ended meanwhile (cancelled while git worked): the job never starts.
+            outcome = JobOutcome(record.status, record.exit_code, record.reason)
+        elif (stop := clock.stop_request()) is not None:
+            outcome = JobOutcome(stop.status, None, f"{stop.reason}, before the job started")
+        else:
+            log.info("%s: POST_DEPLOY job started (run %s, %s trigger, timeout %d s): %s",
+                     label, record.id, record.trigger, spec.timeout, record.command)
+            outcome = _run_job_process(settings, store, clock, record, lock, spec.command, cwd,
+                                       _job_env(settings.environ, spec.env, record), secrets,
+                                       label, place)
     except (AppSpecError, GitError) as exc:
         outcome = JobOutcome(Status.ERROR, None, mask_secrets(str(exc), secrets))
     except SoftTimeLimitExceeded:
-        outcome = JobOutcome(Status.TIMED_OUT, None, "timed out before the job started "
-                             "(checkout took longer than POST_DEPLOY_TIMEOUT)")
-    finished = _finish(store, record, outcome.status, outcome.exit_code, outcome.reason, place)
-    notify_if_needed(settings, store, finished)  # NOTIFY HOOK (issue 11): the run's final status
-    if record.trigger == Trigger.AUTO.value:
-        _patiently(lambda: placement.mark_done(settings, store, app, record.sha, record.id,
-                                               place), "mark the commit done")
-    _patiently(lambda: store.clear_active(app, place.slot), "clear the active run")
-    return finished
+        outcome = JobOutcome(Status.TIMED_OUT, None, f"{clock.timeout_reason()}, before the "
+                             "job started (the checkout took that long)")
+    if outcome.status == Status.CANCELLED and clock.terminated:
+        outcome = _revoked_or_shutdown(store, clock, record, outcome)
+    return _finish(settings, store, record, outcome, place)
 
 
-def _run_job_process(settings: Settings, store: StateStore, record: RunRecord, lock: RunLock,
-                     command: str, cwd: Path, env: Mapping[str, str], timeout: int,
+def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, record: RunRecord,
+                     lock: Lock, command: str, cwd: Path, env: Mapping[str, str],
                      secrets: frozenset[str], label: str, place: RunPlace) -> JobOutcome:
     def store_output(tail: bytes, total: int) -> None:
         record.output_bytes = total
@@ -213,20 +227,33 @@ def _run_job_process(settings: Settings, store: StateStore, record: RunRecord, l
         capture.flush_if_due()
         if time.monotonic() >= next_renew:
             next_renew = time.monotonic() + renew_every
-            if _quietly(lock.renew) is False:
+            if _renew(lock) is False:
                 log.warning("%s: lost the run lock (Redis restarted?); finishing anyway", label)
-                _quietly(lock.acquire)
+                _quietly(lambda: lock.acquire(blocking=False))
             _quietly(lambda: store.hold_claim(record.app, record.sha, settings.lock_ttl,
                                               place.slot))
 
-    outcome = run_command(command, cwd, env, timeout, settings.kill_grace,
-                          record.id, capture.feed, tick)
-    if outcome.status == Status.TIMED_OUT:
+    outcome = run_process(command, cwd, env, settings.kill_grace, record.id, capture.feed,
+                          tick, clock.stop_request)
+    if outcome.status in (Status.TIMED_OUT, Status.CANCELLED):
         capture.note(f"[postdeploy] {outcome.reason}; the job's processes were stopped")
     capture.close()
     return outcome
 
 
+def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
+                         outcome: JobOutcome) -> JobOutcome:
+    """SIGTERM stopped the job: a revoke (the worker's main process cancels the run), or
+    the worker shutting down (the run is lost and its commit is run again)."""
+    deadline = time.monotonic() + REVOKE_WAIT
+    while time.monotonic() < deadline:
+        stored = _quietly(lambda: store.get_run(record.id))
+        if stored is not None and stored.status == Status.CANCELLED:
+            clock.terminate_handled = True  # the pool process lives on
+            return JobOutcome(Status.CANCELLED, outcome.exit_code, stored.reason)
+        time.sleep(0.05)
+    return JobOutcome(Status.LOST, outcome.exit_code,
+                      _lost_reason(record, "its worker was shut down mid-run"))
 def _job_env(environ: Mapping[str, str], app_env: Mapping[str, str],
              record: RunRecord) -> dict[str, str]:
     env = {k: v for k, v in environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
@@ -236,34 +263,45 @@ def _job_env(environ: Mapping[str, str], app_env: Mapping[str, str],
     return env
 
 
-def _finish(store: StateStore, record: RunRecord, status: Status, exit_code: int | None,
-            reason: str | None, place: RunPlace) -> RunRecord:
-    record.status = status.value
-    record.exit_code = exit_code
-    record.reason = reason
-    record.finished_at = time.time()
+def _finish(settings: Settings, store: StateStore, record: RunRecord,
+            outcome: JobOutcome, place: RunPlace) -> RunRecord:
+    """Record the outcome (unless the run ended otherwise meanwhile) and tidy up."""
+    status = outcome.status
     label = f"{record.app}@{record.sha[:7]}"
-    _patiently(lambda: store.save_run(record), "record the run")
-    if status == Status.SUCCEEDED:
+    moved = _patiently(lambda: lifecycle.move(store, record, status, exit_code=outcome.exit_code,
+                                              reason=outcome.reason), "record the run")
+    if moved and status == Status.SUCCEEDED:
         log.info("%s: POST_DEPLOY job succeeded in %.1f s (run %s)",
                  label, record.duration or 0.0, record.id)
-    elif status == Status.SUPERSEDED:
-        _patiently(lambda: placement.release_claim(store, record.app, record.sha, place),
-                   "release the claim")
-        log.info("%s: skipped (%s) (run %s)", label, reason, record.id)
-    else:
+    elif moved and status == Status.SUPERSEDED:
+        log.info("%s: skipped (%s) (run %s)", label, outcome.reason, record.id)
+    elif moved:
         log.warning("%s: POST_DEPLOY job %s: %s (run %s); the app keeps running",
-                    label, status.value, reason, record.id)
+                    label, status, outcome.reason, record.id)
+    if moved:
+        notify_if_needed(settings, store, record)  # at most once per run and event
+    slot = place.slot
+    if record.status == Status.SUPERSEDED:
+        _patiently(lambda: store.release_claim(record.app, record.sha, slot),
+                   "release the claim")
+        return record
+    if record.status == Status.LOST:
+        if moved:  # our own worker's shutdown: let the next check enqueue the commit again
+            _patiently(lambda: store.release_claim(record.app, record.sha, slot),
+                       "release the claim")
+            _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
+        return record  # else declared lost by another worker, whose run owns the app now
+    if record.trigger == Trigger.AUTO:
+        _patiently(lambda: placement.mark_done(settings, store, record.app, record.sha,
+                                               record.id, place), "mark the commit done")
+    _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
     return record
 
 
 def _mark_lost(store: StateStore, run_id: str) -> None:
     record = store.get_run(run_id)
-    if record is not None and not Status(record.status).finished:
-        record.status = Status.LOST.value
-        record.reason = "its worker stopped mid-run; the commit is run again"
-        record.finished_at = time.time()
-        store.save_run(record)
+    if record is not None and not record.status.finished and lifecycle.move(
+            store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)
     # Belt and braces for the runner's job guard: if the lost attempt's processes
@@ -273,11 +311,35 @@ def _mark_lost(store: StateStore, run_id: str) -> None:
         log.warning("stopped %d leftover process(es) of lost run %s", killed, run_id)
 
 
+def _lost_reason(record: RunRecord, what: str) -> str:
+    if record.trigger == Trigger.AUTO:
+        return f"{what}; the commit is run again"
+    return f"{what}; start it again by hand if it is still needed"
+
+
 def _current_sha(source: AppSource) -> str:
     try:
         return source.current_sha()
     except GitError as exc:
         raise JobFailed(str(exc)) from None
+
+
+def _renew(lock: Lock) -> bool | None:
+    """Extend the lock to its full TTL; False if it is no longer ours, None if Redis is away."""
+    try:
+        return lock.reacquire()
+    except LockNotOwnedError:
+        return False
+    except redis.RedisError as exc:
+        log.debug("Redis unavailable during a run: %s", exc)
+        return None
+
+
+def _release(lock: Lock) -> None:
+    try:
+        lock.release()
+    except LockError:
+        pass  # it lapsed (and maybe another run holds it now): nothing of ours to release
 
 
 def _quietly(action: Callable[[], T]) -> T | None:

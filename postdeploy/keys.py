@@ -79,6 +79,26 @@ def notify_failing(app: str) -> str:
     return f"{PREFIX}app:{app}:notify_failing"
 
 
+def last_push(app: str) -> str:
+    """String: Unix time the latest push webhook matching ``app`` arrived."""
+    return f"{PREFIX}app:{app}:last_push"
+
+
+def webhook_delivery(provider: str, delivery_id: str) -> str:
+    """String with expiry: a webhook delivery already received (replays are ignored)."""
+    return f"{PREFIX}webhook:delivery:{provider}:{delivery_id}"
+
+
+def cancel(run_id: str) -> str:
+    """String with expiry: who cancelled ``run_id`` and how; the job's guard stops it."""
+    return f"{PREFIX}run:{run_id}:cancel"
+
+
+def lost_attempts(app: str, sha: str) -> str:
+    """Counter with expiry: automatic attempts of ``sha`` that died with their worker."""
+    return f"{PREFIX}app:{app}:lost:{sha}"
+
+
 # -- hosts and instances (an instance is one app on one host) ---------------------
 def instances(app: str) -> str:
     """Hash: host -> JSON report of ``app`` on that host (sha, ready, boot, seen_at)."""

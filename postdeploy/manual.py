@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES
 from postdeploy.celery_app import configure
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import GitError, PostdeployError, UnknownApp
@@ -139,7 +138,7 @@ def queue_manual_run(settings: Settings, url: str, store: StateStore, name: str,
     from postdeploy.tasks import enqueue_run  # imports Celery tasks: only when needed
 
     # The soft time limit is the commit's POST_DEPLOY_TIMEOUT when an earlier run read
-    # it; otherwise the worker's runner enforces the timeout it reads from appspec.yaml.
+    # it; otherwise the worker arms the same deadline once it reads appspec.yaml.
     timeout = next((r.timeout for r in store.history(name) if r.sha == sha and r.timeout),
                    None)
     record = RunRecord.new(name, sha, Trigger.MANUAL.value)
@@ -208,7 +207,7 @@ def _check_commit_exists(settings: Settings, app: AppConfig, sha: str) -> None:
     if app.repo and not (source.clone_dir / ".git").exists():
         return
     try:
-        source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES)  # fetches a newer commit
+        source.ensure_commit(sha)  # fetches a newer commit
     except GitError as exc:
         if "not found" in str(exc):
             raise UnknownCommit(f"commit {sha[:12]} is not in {app.source}; "

@@ -107,7 +107,7 @@ def _event_for(settings: Settings, store: StateStore,
     Runs of one app end one at a time (its run lock), so this per-app state is
     updated in order.
     """
-    status = record.status
+    status = str(record.status)
     wanted = settings.notify_on
     failing = keys.notify_failing(record.app)
     if status in FAILURES:
@@ -199,7 +199,7 @@ def compose(settings: Settings, store: StateStore, record: RunRecord, event: str
             previous: RunRecord | None = None) -> Message:
     """Title and text of ``record``'s ``event`` message; every secret the executor knows masked."""
     label = f"{record.app}@{record.sha[:7]}"
-    status = record.status
+    status = str(record.status)
     if record.exit_code is not None:
         status += f" (exit code {record.exit_code})"
     lines = [f"App: {record.app}", f"Commit: {record.sha}", f"Status: {status}"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
-from postdeploy import keys
+from postdeploy import keys, lifecycle
 from postdeploy.appspec import DEFAULT_TIMEOUT, SCOPE_APP, SCOPE_INSTANCE
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import GitError
@@ -215,12 +215,10 @@ def retire_stale(store: StateStore, app: str, sha: str, host: str | None = None)
             continue
         if host is not None and record.host != host:
             continue
-        if record.status in (Status.QUEUED.value, Status.WAITING.value):
-            record.status = Status.SUPERSEDED.value
-            record.reason = (f"{record.host or 'its host'} stopped before the run "
-                             "started; the commit was queued again")
-            record.finished_at = time.time()
-            store.save_run(record)
+        if record.status in (Status.QUEUED, Status.WAITING) and lifecycle.move(
+                store, record, Status.SUPERSEDED,
+                reason=f"{record.host or 'its host'} stopped before the run started; the "
+                       "commit was queued again"):
             log.warning("%s@%s: run %s given up: %s", app, sha[:7], record.id,
                         record.reason)
 

@@ -39,8 +39,8 @@ class RunRecord:
     id: str
     app: str
     sha: str
-    trigger: str
-    status: str = Status.QUEUED.value
+    trigger: Trigger
+    status: Status = Status.QUEUED
     exit_code: int | None = None
     reason: str | None = None
     queued_at: float | None = None
@@ -50,11 +50,17 @@ class RunRecord:
     timeout: int | None = None
     command: str | None = None
     output_bytes: int = 0
+    task_id: str | None = None  # the Celery task carrying it, once a worker took it
     host: str | None = None  # POSTDEPLOY_HOST of the worker that ran it (or must run it)
 
+    def __post_init__(self) -> None:
+        # JSON and callers give plain strings; keep the fields typed whatever came in.
+        self.trigger = Trigger(self.trigger)
+        self.status = Status(self.status)
+
     @classmethod
-    def new(cls, app: str, sha: str, trigger: str) -> RunRecord:
-        return cls(id=uuid.uuid4().hex[:16], app=app, sha=sha, trigger=trigger,
+    def new(cls, app: str, sha: str, trigger: Trigger | str) -> RunRecord:
+        return cls(id=uuid.uuid4().hex[:16], app=app, sha=sha, trigger=Trigger(trigger),
                    queued_at=time.time())
 
     @property

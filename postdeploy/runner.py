@@ -1,6 +1,8 @@
-"""Run one job: ``bash -c COMMAND`` in its own process group, with a deadline.
+"""Run one job process: ``bash -c COMMAND`` in its own process group, until it ends or must stop.
 
-On timeout the whole group gets SIGTERM, then SIGKILL after a grace period;
+The runner keeps no clock of its own: its caller says when the job must stop
+(the deadline, a revoke; see :mod:`postdeploy.jobclock`). Then the whole group
+gets SIGTERM, then SIGKILL after a grace period;
 processes that left the group but carry the run's id in their environment are
 stopped too, so nothing of a timed-out job survives. A job that exits leaving a
 daemon holding its stdout returns promptly: the pipe is handed to a detached
@@ -18,8 +20,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from celery.exceptions import SoftTimeLimitExceeded
 
 from postdeploy.processes import live_in_group, processes_with_env
 from postdeploy.records import Status
@@ -39,27 +39,35 @@ class JobOutcome:
     reason: str | None = None
 
 
-def run_command(command: str, cwd: Path, env: Mapping[str, str], timeout: float,
-                grace: float, run_id: str, on_output: Callable[[bytes], None],
-                on_tick: Callable[[], None]) -> JobOutcome:
-    """Run ``command``; ``on_output`` gets raw bytes, ``on_tick`` is called about every TICK.
+@dataclass(frozen=True)
+class StopRequest:
+    """Why a running job must stop now, and the status its run then ends with."""
 
-    ``env`` must contain POST_DEPLOY_RUN_ID=run_id: it is how stray processes are found.
+    status: Status
+    reason: str
+
+
+def run_process(command: str, cwd: Path, env: Mapping[str, str], grace: float, run_id: str,
+                on_output: Callable[[bytes], None], on_tick: Callable[[], None],
+                should_stop: Callable[[], StopRequest | None]) -> JobOutcome:
+    """Run ``command`` until it exits or ``should_stop`` (asked about every TICK) says why not.
+
+    ``on_output`` gets raw bytes. ``env`` must contain POST_DEPLOY_RUN_ID=run_id:
+    it is how stray processes are found.
     """
-    started = time.monotonic()
     proc = subprocess.Popen(
         ["bash", "-c", command], cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, bufsize=0)
     guard = _JobGuard(proc.pid)
     try:
-        return _supervise(proc, timeout, grace, run_id, on_output, on_tick, started)
+        return _supervise(proc, grace, run_id, on_output, on_tick, should_stop)
     finally:
         guard.dismiss()
 
 
-def _supervise(proc: subprocess.Popen[bytes], timeout: float, grace: float, run_id: str,
+def _supervise(proc: subprocess.Popen[bytes], grace: float, run_id: str,
                on_output: Callable[[bytes], None], on_tick: Callable[[], None],
-               started: float) -> JobOutcome:
+               should_stop: Callable[[], StopRequest | None]) -> JobOutcome:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     os.set_blocking(fd, False)
@@ -67,21 +75,17 @@ def _supervise(proc: subprocess.Popen[bytes], timeout: float, grace: float, run_
     selector.register(fd, selectors.EVENT_READ)
     pipe_open = True
     try:
-        try:
-            while True:
-                if pipe_open:
-                    pipe_open = _pump(selector, fd, on_output, TICK)
-                else:
-                    _wait_exit(proc, TICK)
-                on_tick()
-                if proc.poll() is not None:
-                    break
-                if time.monotonic() - started >= timeout:
-                    raise SoftTimeLimitExceeded()
-        except SoftTimeLimitExceeded:
-            _stop_group(proc, run_id, grace, selector, fd if pipe_open else None, on_output)
-            return JobOutcome(Status.TIMED_OUT, proc.returncode,
-                              f"timed out after {timeout:g} s (POST_DEPLOY_TIMEOUT)")
+        while True:
+            if pipe_open:
+                pipe_open = _pump(selector, fd, on_output, TICK)
+            else:
+                _wait_exit(proc, TICK)
+            on_tick()
+            if proc.poll() is not None:
+                break
+            if (stop := should_stop()) is not None:
+                _stop_group(proc, run_id, grace, selector, fd if pipe_open else None, on_output)
+                return JobOutcome(stop.status, proc.returncode, stop.reason)
         if pipe_open:
             _drain_after_exit(selector, fd, on_output)
     finally:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from redis.lock import Lock
 
 from postdeploy import keys
 from postdeploy.config import AppConfig
@@ -16,6 +17,27 @@ from postdeploy.records import RunRecord
 DONE_TTL = 90 * 86_400  # seconds; refreshed on every check while the commit is current
 QUEUED_CLAIM_TTL = 3_600  # seconds a queued automatic run blocks re-enqueueing its commit
 
+# KEYS: run record, runs counter hash. ARGV: new JSON, expected statuses (space
+# separated), counter field ('' for none). Returns {1} stored, {0, stored JSON}
+# refused, {-1} stored although the record was missing (Redis lost its data).
+_REPLACE_RUN = """
+local raw = redis.call('GET', KEYS[1])
+local result = {1}
+if raw then
+  local status = cjson.decode(raw)['status']
+  if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. tostring(status) .. ' ', 1, true) then
+    return {0, raw}
+  end
+else
+  result = {-1}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
+return result
+"""
+_STORED_ANEW = -1
+_REFUSED = 0
+
 
 class StateStore:
     """Typed access to postdeploy's Redis keys; every key comes from :mod:`keys`."""
@@ -23,6 +45,7 @@ class StateStore:
     def __init__(self, client: redis.Redis, history_limit: int = 50) -> None:
         self.client = client
         self.history_limit = history_limit
+        self._replace = client.register_script(_REPLACE_RUN)
 
     # -- apps ---------------------------------------------------------------
     def register_apps(self, apps: Iterable[AppConfig]) -> None:
@@ -81,21 +104,36 @@ class StateStore:
     # -- runs ---------------------------------------------------------------
     def add_run(self, record: RunRecord) -> None:
         """Store a new run and push it on the app's capped history."""
-        history = keys.history(record.app)
+        self.client.set(keys.run(record.id), record.to_json())
+        self._push_history(record.app, record.id)
+
+    def _push_history(self, app: str, run_id: str) -> None:
+        history = keys.history(app)
         pipe = self.client.pipeline()
-        pipe.set(keys.run(record.id), record.to_json())
-        pipe.lpush(history, record.id)
+        pipe.lpush(history, run_id)
         pipe.lrange(history, self.history_limit, -1)
         pipe.ltrim(history, 0, self.history_limit - 1)
-        dropped = pipe.execute()[2]
+        dropped = pipe.execute()[1]
         if dropped:
             names = [_text(d) for d in dropped]
             self.client.delete(*[keys.run(n) for n in names], *[keys.output(n) for n in names])
 
-    def save_run(self, record: RunRecord) -> None:
-        """Update a stored run; one lost with Redis' data (no persistence) is stored anew."""
-        if not self.client.set(keys.run(record.id), record.to_json(), xx=True):
-            self.add_run(record)
+    def replace_run(self, record: RunRecord, expected: Iterable[str],
+                    counter: str | None = None) -> RunRecord | None:
+        """Store ``record`` if the stored run's status is one of ``expected``.
+
+        One Lua call: the check, the write and, for a finished run, the count in
+        ``keys.RUNS_TOTAL`` (field ``counter``). Returns None when stored, else the
+        stored run that refused the change. Only :mod:`postdeploy.lifecycle` calls it.
+        """
+        answer = self._replace(keys=[keys.run(record.id), keys.RUNS_TOTAL],
+                               args=[record.to_json(), " ".join(expected), counter or ""])
+        if int(answer[0]) == _REFUSED:
+            return RunRecord.from_json(answer[1])
+        if int(answer[0]) == _STORED_ANEW:
+            # Redis lost its data (no persistence): the run goes back on its history.
+            self._push_history(record.app, record.id)
+        return None
 
     def get_run(self, run_id: str) -> RunRecord | None:
         raw = self.client.get(keys.run(run_id))
@@ -123,6 +161,17 @@ class StateStore:
 
     def clear_active(self, app: str, host: str | None = None) -> None:
         self.client.delete(_active(app, host))
+
+    def run_lock(self, app: str, ttl: float, host: str | None = None) -> Lock:
+        """The app's run lock: one run of an app at a time, across every host.
+
+        redis-py's Lock: a random token per holder, renewed (``reacquire``) and
+        released only by its holder; a holder that dies lets it lapse after ``ttl``
+        seconds. Not thread-local: the job's ticks may renew it from anywhere.
+        ``host``: the lock of that instance (scope instance: one run per instance).
+        """
+        key = keys.instance_lock(app, host) if host else keys.run_lock(app)
+        return Lock(self.client, key, timeout=ttl, thread_local=False)
 
     # -- output -------------------------------------------------------------
     def write_output(self, run_id: str, tail: bytes, total: int) -> None:

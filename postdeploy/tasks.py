@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore
+from celery.signals import task_revoked
 
 from postdeploy.appspec import SCOPE_APP
-from postdeploy.celery_app import app, current_settings, hard_limit, host_queue
-from postdeploy.checks import check_app as reconcile_app
+from postdeploy.celery_app import (
+    UNSET_RUN_HARD_LIMIT,
+    app,
+    current_settings,
+    hard_limit,
+    host_queue,
+)
+from postdeploy.checks import reconcile
 from postdeploy.connection import redis_client
 from postdeploy.errors import JobFailed
-from postdeploy.jobs import LockBusy, execute_run
+from postdeploy.jobclock import JobClock
+from postdeploy.jobs import LockBusy, cancel_run, carry_out_run
 from postdeploy.placement import HostPlacement, RunPlace, RunRequest, forward_host
-from postdeploy.records import Status, Trigger
+from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.state import StateStore
 from postdeploy.waiting import GateWait
 
@@ -86,7 +96,7 @@ def _check_batch(app_names: list[str]) -> None:
             log.warning("check: unknown app %r (configurations differ between hosts?)", name)
             continue
         try:
-            reconcile_app(settings, state_store(), app_config, _enqueue_auto)
+            reconcile(settings, state_store(), app_config, _enqueue_auto)
         except Exception:
             log.exception("check of %s failed unexpectedly", name)
 
@@ -107,7 +117,7 @@ def check_app(app_name: str) -> dict[str, str | None]:
         sha = reports[0][1].sha if reports else None
         return {"app": app_name, "sha": sha, "action": "enqueued" if queued else "unchanged",
                 "detail": queued[0].run_id if queued else None}
-    result = reconcile_app(settings, state_store(), app_config, _enqueue_auto)
+    result = reconcile(settings, state_store(), app_config, _enqueue_auto)
     return result.as_dict()
 
 
@@ -137,14 +147,16 @@ def _enqueue_auto(app_name: str, sha: str, trigger: str, run_id: str, timeout: i
     enqueue_run(app_name, sha, trigger, run_id, timeout)
 
 
-@app.task(name="postdeploy.run_job", bind=True, throws=(JobFailed,), acks_late=True)
+@app.task(name="postdeploy.run_job", bind=True, throws=(JobFailed,), acks_late=True,
+          time_limit=UNSET_RUN_HARD_LIMIT)
 def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual",
             run_id: str | None = None, host: str | None = None,
             scope: str | None = None, waiting_since: float | None = None) -> dict[str, Any]:
     """Run ``app``'s POST_DEPLOY job at ``sha`` (default: its last seen commit).
 
     Ends as FAILURE (JobFailed with the reason) unless the job succeeded or was
-    skipped; failures are never retried automatically.
+    skipped; failures are never retried automatically. The message's soft time
+    limit, when it has one, is the job's deadline (see :mod:`postdeploy.jobclock`).
     """
     settings = current_settings()
     app_config = settings.app(app)
@@ -159,27 +171,76 @@ def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual
         enqueue_run(app, sha, trigger, run_id, None, host=host, scope=scope)
         return {"run_id": run_id, "app": app, "sha": sha, "trigger": trigger,
                 "status": "forwarded", "host": host}
+    timelimit = self.request.timelimit or (None, None)
     try:
-        record = execute_run(settings, state_store(), app, sha, trigger, run_id,
-                             self.request.hostname, RunPlace(host, scope or SCOPE_APP),
-                             waiting_since)
-    except LockBusy:
-        # Another run of this app is going on: wait our turn without holding a worker.
-        raise self.retry(countdown=LOCK_RETRY_DELAY + random.random(), max_retries=None) from None
+        with JobClock(soft_limit=timelimit[1]) as clock:
+            record = carry_out_run(settings, state_store(), clock, app, sha, trigger, run_id,
+                                   self.request.hostname, self.request.id,
+                                   RunPlace(host, scope or SCOPE_APP), waiting_since)
+    except LockBusy as busy:
+        # Another run of this app is going on: wait our turn without holding a worker,
+        # as the same run (a message sent without a run id got one on this attempt).
+        raise self.retry(kwargs={**self.request.kwargs, "run_id": busy.run_id},
+                         countdown=LOCK_RETRY_DELAY + random.random(), max_retries=None) from None
     except GateWait as wait:
-        # The app is not ready: look again later, holding no worker process meanwhile
-        # (the message goes back to this host's queue with a countdown).
+        # The app is not ready: look again later, holding no worker process meanwhile.
         # Always this host's queue: the gate is about the app on the host that runs it.
         queue = host_queue(settings.host)
         raise self.retry(kwargs={**self.request.kwargs, "run_id": wait.run_id,
                                  "waiting_since": wait.since, "host": settings.host},
                          countdown=wait.countdown, max_retries=None, queue=queue) from None
+    if clock.terminate_handled:
+        # Revoked with terminate: Celery recorded the task as REVOKED; leave it so.
+        raise Ignore()
     summary = {"run_id": record.id, "app": record.app, "sha": record.sha,
                "trigger": record.trigger, "status": record.status,
                "exit_code": record.exit_code, "reason": record.reason}
-    if record.status not in (Status.SUCCEEDED.value, Status.SUPERSEDED.value):
+    if record.status not in (Status.SUCCEEDED, Status.SUPERSEDED):
         raise JobFailed(f"{record.app}@{record.sha[:7]} {record.status}: {record.reason}")
     return summary
+
+
+@task_revoked.connect
+def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
+                signum: Any = None, expired: bool = False, **_: Any) -> None:
+    """A revoked run_job (Flower, `celery control revoke`) ends as cancelled, not queued.
+
+    Runs in the worker's main process; a job still running is stopped by its pool
+    process, which gets SIGTERM from Celery and sees the run cancelled here.
+    """
+    if getattr(sender, "name", None) != run_job.name or request is None:
+        return
+    kwargs = request.kwargs or {}
+    try:
+        record = _revoked_run(state_store(), kwargs.get("app"), kwargs.get("run_id"),
+                              request.id)
+        if record is None:
+            return
+        if expired:
+            reason = "expired before a worker took it"
+        elif terminated:
+            reason = f"revoked from Flower (or celery control), terminated with {_name(signum)}"
+        else:
+            reason = "revoked from Flower (or celery control) before it started"
+        cancel_run(current_settings(), state_store(), record, reason)
+    except Exception:  # a signal handler must never take the worker down
+        log.exception("could not record the revoke of task %s", request.id)
+
+
+def _revoked_run(store: StateStore, app_name: Any, run_id: Any,
+                 task_id: str) -> RunRecord | None:
+    if isinstance(run_id, str) and run_id:
+        return store.get_run(run_id)
+    if isinstance(app_name, str) and app_name:  # sent without a run id (Flower's API)
+        return next((r for r in store.history(app_name) if r.task_id == task_id), None)
+    return None
+
+
+def _name(signum: Any) -> str:
+    try:
+        return signal.Signals(int(signum)).name
+    except (TypeError, ValueError):
+        return str(signum)
 
 
 # -- notifications (issue 11): all logic in postdeploy.notify --------------------------

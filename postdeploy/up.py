@@ -30,6 +30,9 @@ from postdeploy.supervisor import ChildDied, Supervisor, die_with_parent
 
 LOCK_FILE = "up.lock"  # in the state dir: one `up` per state dir
 FLOWER_MODULE = "postdeploy.flower"
+WEBHOOK_MODULE = "postdeploy.webhook"
+WEBHOOK_SECRET_VAR = "POSTDEPLOY_WEBHOOK_SECRET"
+DEFAULT_WEBHOOK_ADDRESS = DEFAULT_LISTEN_ADDRESS  # a TLS proxy in front brings pushes here
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class UpOptions:
     single_repo: bool = False  # the app came from --repo / POSTDEPLOY_REPO, not a config file
     flower_address: str = DEFAULT_LISTEN_ADDRESS
     flower_port: int = DEFAULT_FLOWER_PORT
+    webhook_port: int | None = None  # None: no webhook service
+    webhook_address: str = DEFAULT_WEBHOOK_ADDRESS
 
 
 def run_up(settings: Settings, options: UpOptions) -> int:
@@ -50,6 +55,9 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     if options.flower and importlib.util.find_spec(FLOWER_MODULE) is None:
         raise ConfigError(f"--flower needs the {FLOWER_MODULE} module, which this "
                           "installation lacks; run without --flower")
+    if options.webhook_port is not None:
+        from postdeploy.webhook import check_settings
+        check_settings(settings)  # no secret: refuse now, not after starting everything
     make_state_dir(settings.state_dir)
     with _exclusive(settings.state_dir):
         embedded: EmbeddedRedis | None = None
@@ -64,6 +72,10 @@ def run_up(settings: Settings, options: UpOptions) -> int:
             _write_address(settings.state_dir, url)
             _banner(supervisor, settings, url, embedded, options)
             env = child_env(settings, url, options.single_repo)
+            webhook_env = dict(env)
+            # Only the webhook service needs the webhook secret; the processes that run
+            # jobs (and Flower, which can start them) never get it.
+            env.pop(WEBHOOK_SECRET_VAR, None)
             python = sys.executable
             supervisor.start("worker", [python, "-m", "worker"], env)
             supervisor.start("beat", [python, "-m", "beat"], env)
@@ -71,6 +83,11 @@ def run_up(settings: Settings, options: UpOptions) -> int:
                 supervisor.start("flower", [python, "-m", FLOWER_MODULE,
                                             "--address", options.flower_address,
                                             "--port", str(options.flower_port)], env)
+            if options.webhook_port is not None:
+                supervisor.start("webhook", [python, "-m", WEBHOOK_MODULE,
+                                             "--address", options.webhook_address,
+                                             "--port", str(options.webhook_port)],
+                                 webhook_env)
             supervisor.stream()
 
             def redis_alive() -> str | None:
@@ -137,6 +154,9 @@ def _banner(supervisor: Supervisor, settings: Settings, url: str,
                      f"(on {', '.join(sorted(settings.notify_on))})")
     if options.flower:
         lines.append(f"  flower  http://{options.flower_address}:{options.flower_port}/")
+    if options.webhook_port is not None:
+        lines.append(f"  webhook http://{options.webhook_address}:{options.webhook_port}"
+                     "/hooks/{github,gitlab,gitea,generic}")
     lines.append(f"  state   {settings.state_dir}")
     lines.append("Press Ctrl-C to stop.")
     supervisor.say("\n".join(lines))

@@ -28,6 +28,7 @@ class AppStatus:
     last_seen_sha: str | None
     latest_run: RunRecord | None
     check_error: str | None = None  # why the latest commit checks fail, while they do
+    last_push_at: float | None = None  # when the latest push webhook for the app arrived
     instances: tuple[Instance, ...] = ()  # the app on each host that reports it
 
 
@@ -51,6 +52,7 @@ def status_json(rows: Sequence[AppStatus]) -> dict[str, Any]:
                       "last_seen_sha": row.last_seen_sha,
                       "latest_run": run_json(row.latest_run) if row.latest_run else None,
                       "check_error": row.check_error,
+                      "last_push_at": row.last_push_at,
                       "instances": [i.public() for i in row.instances]}
                      for row in rows]}
 
@@ -61,14 +63,16 @@ def history_json(app: str, runs: Sequence[RunRecord]) -> dict[str, Any]:
 
 def status_table(rows: Sequence[AppStatus], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    lines = [("APP", "COMMIT", "LATEST RUN", "TRIGGER", "STATUS", "WHEN", "TOOK")]
+    lines = [("APP", "COMMIT", "LATEST RUN", "TRIGGER", "STATUS", "WHEN", "TOOK",
+              "LAST PUSH")]
     for row in rows:
         run = row.latest_run
         lines.append((row.app, short(row.last_seen_sha),
                       run.id if run else "-", run.trigger if run else "-",
                       _status_text(run) if run else "no runs yet",
                       ago(_when(run), now) if run else "-",
-                      took(run.duration) if run else "-"))
+                      took(run.duration) if run else "-",
+                      ago(row.last_push_at, now)))
     failing = [f"{row.app}: commit check failing: {row.check_error}"
                for row in rows if row.check_error]
     return "\n".join([table(lines), *failing, *instance_lines(rows, now)])

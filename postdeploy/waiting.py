@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES, JobSpec, parse_appspec
+from postdeploy.appspec import JobSpec, parse_appspec
 from postdeploy.config import Settings
 from postdeploy.gitsource import AppSource
 from postdeploy.instances import job_environment
@@ -81,8 +81,7 @@ def _spec(settings: Settings, source: AppSource, sha: str) -> JobSpec:
     key = (source.app.name, sha)
     spec = _SPECS.get(key)
     if spec is None:
-        spec = parse_appspec(source.read_file(sha, APPSPEC_FILE, MAX_APPSPEC_BYTES),
-                             settings.environ)
+        spec = parse_appspec(source.read_appspec(sha), settings.environ)
         if len(_SPECS) >= _SPECS_KEPT:
             _SPECS.clear()
         _SPECS[key] = spec

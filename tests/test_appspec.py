@@ -1,4 +1,4 @@
-"""appspec.yaml parsing: the contract's rules for command, folder, timeout, envs."""
+"""appspec.yaml: reading it at a commit, and the rules for command, folder, timeout, envs."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from postdeploy.appspec import (
     parse_appspec,
     resolve_folder,
 )
+from postdeploy.config import AppConfig
 from postdeploy.errors import AppSpecError
-from tests.support import appspec_yaml
+from postdeploy.gitsource import AppSource
+from tests.support import GitRemote, appspec_yaml
 
 
 def spec(text: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -105,3 +107,58 @@ def test_malformed_appspec_is_an_error(text: str, message: str) -> None:
 def test_oversized_appspec_is_refused() -> None:
     with pytest.raises(AppSpecError, match="bytes; the limit"):
         parse_appspec(b"# " + b"x" * (10 * 1024 * 1024), {})
+
+
+@pytest.mark.parametrize("kind", ["repo", "path"])
+def test_the_reader_refuses_an_oversized_appspec_by_its_size(
+        kind: str, tmp_path: Path, remote: GitRemote) -> None:
+    big = remote.commit({"appspec.yaml": b"# " + b"x" * (2 * 1024 * 1024)}, "huge")
+    size = 2 + 2 * 1024 * 1024
+    app = (AppConfig(name="shop", repo=remote.url) if kind == "repo"
+           else AppConfig(name="shop", path=str(remote.work)))
+    source = AppSource(app, tmp_path / "state")
+    expected = f"appspec.yaml is {size} bytes; the limit is 1048576 bytes"
+    with pytest.raises(AppSpecError) as info:
+        source.read_appspec(big)
+    assert str(info.value) == expected
+    with pytest.raises(AppSpecError) as info:
+        source.prepare(big)
+    assert str(info.value) == expected
+
+
+def test_the_reader_refuses_an_appspec_symlink_for_every_kind_of_app(
+        tmp_path: Path, remote: GitRemote) -> None:
+    (remote.work / "real.yaml").write_text(appspec_yaml("echo hi"))
+    (remote.work / "appspec.yaml").symlink_to("real.yaml")
+    linked = remote.commit({}, "appspec is a symlink")
+    for app in (AppConfig(name="shop", repo=remote.url),
+                AppConfig(name="shop", path=str(remote.work))):
+        source = AppSource(app, tmp_path / "state")
+        for read in (lambda s=source: s.read_appspec(linked),
+                     lambda s=source: s.prepare(linked)):
+            with pytest.raises(AppSpecError, match="must be a regular file"):
+                read()
+
+
+def test_the_reader_gives_the_file_at_the_commit(tmp_path: Path, remote: GitRemote) -> None:
+    first = remote.commit({"appspec.yaml": appspec_yaml("echo one")})
+    remote.commit({"appspec.yaml": appspec_yaml("echo two")})
+    source = AppSource(AppConfig(name="shop", repo=remote.url), tmp_path / "state")
+    assert source.read_appspec(first) == appspec_yaml("echo one").encode()
+    workdir, text = source.prepare(first)
+    assert text == (workdir / "appspec.yaml").read_bytes()
+    none = remote.commit({}, "nothing changes")
+    (remote.work / "appspec.yaml").unlink()
+    gone = remote.commit({}, "no appspec")
+    assert source.read_appspec(none) is not None and source.read_appspec(gone) is None
+
+
+def test_the_reader_refuses_an_appspec_directory(tmp_path: Path, remote: GitRemote) -> None:
+    sha = remote.commit({"appspec.yaml/inner.yaml": appspec_yaml("echo hi")}, "a directory")
+    for app in (AppConfig(name="shop", repo=remote.url),
+                AppConfig(name="shop", path=str(remote.work))):
+        source = AppSource(app, tmp_path / "state")
+        with pytest.raises(AppSpecError, match="must be a regular file"):
+            source.read_appspec(sha)
+        with pytest.raises(AppSpecError, match="must be a regular file"):
+            source.prepare(sha)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from postdeploy.checks import check_app
+from postdeploy.checks import reconcile
 from postdeploy.config import AppConfig, Settings
 from postdeploy.state import StateStore
 from tests.support import GitRemote, appspec_yaml
@@ -22,7 +22,7 @@ def checker(tmp_path: Path, client: redis.Redis, repo: str):  # type: ignore[no-
     store, app, queued = StateStore(client), AppConfig(name="shop", repo=repo), []
 
     def check():  # type: ignore[no-untyped-def]
-        return check_app(settings, store, app, lambda *args: queued.append(args))
+        return reconcile(settings, store, app, lambda *args: queued.append(args))
     return check, store, queued
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
+import pty
+import select
 import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ import pytest
 import redis
 
 from postdeploy.config import AppConfig
+from postdeploy.records import RunRecord
 from postdeploy.state import StateStore
 from tests.clirun import (
     JOB_SCRIPT,
@@ -25,13 +30,11 @@ from tests.clirun import (
     cli_env,
     family,
     interrupt,
-    latest_run,
     marker_of,
     start_up,
     wait_succeeded,
 )
 from tests.support import (
-    REPO_ROOT,
     GitRemote,
     Service,
     appspec_yaml,
@@ -78,17 +81,27 @@ def one_error_line(result: object) -> str:
     return lines[0]
 
 
+def history_of(running: Running) -> list[dict[str, object]]:
+    runs: list[dict[str, object]] = json.loads(
+        cli(running.state_dir, "history", "shop", "--json").stdout)["runs"]
+    return runs
+
+
 def test_first_job_runs_and_status_json_shows_it_succeeded(running: Running) -> None:
     data = json.loads(cli(running.state_dir, "status", "--json").stdout)
     (row,) = data["apps"]
     assert row["app"] == "shop"
     assert row["last_seen_sha"] == running.sha
-    run = row["latest_run"]
-    assert run["status"] == "succeeded" and run["trigger"] == "auto"
-    assert run["sha"] == running.sha and run["exit_code"] == 0
+    runs = history_of(running)
+    assert row["latest_run"] == runs[0]  # whatever other tests ran meanwhile
+    auto = [r for r in runs if r["trigger"] == "auto"]
+    assert len(auto) == 1, auto
+    run = auto[0]
+    assert run["status"] == "succeeded" and run["sha"] == running.sha and run["exit_code"] == 0
     assert isinstance(run["duration"], float)
-    # The job's lines reach the operator's terminal.
-    wait_for(lambda: "[POST-DEPLOY] hello from auto run" in running.up.log(), 10,
+    # The job's lines reach the operator's terminal, prefixed once.
+    line = f"[POST-DEPLOY] shop@{running.sha[:7]} | hello from auto run"
+    wait_for(lambda: line in running.up.log(), 10,
              what="job output in up's output")
     assert "postdeploy up: watching 1 app(s)" in running.up.log()
     assert "redis://***@127.0.0.1:" in running.up.log()
@@ -100,7 +113,7 @@ def test_status_table_is_readable(running: Running) -> None:
     header, row = result.stdout.strip().splitlines()[:2]
     assert header.split()[:3] == ["APP", "COMMIT", "LATEST"]
     assert row.split()[:2] == ["shop", running.sha[:7]]
-    assert "succeeded" in row
+    assert str(history_of(running)[0]["status"]) in row
 
 
 def test_run_wait_follows_a_manual_run_and_exits_zero(running: Running) -> None:
@@ -111,8 +124,7 @@ def test_run_wait_follows_a_manual_run_and_exits_zero(running: Running) -> None:
 
 
 def test_logs_and_history_show_auto_and_manual_runs(running: Running) -> None:
-    if latest_run(running.state_dir)["trigger"] != "manual":  # type: ignore[index]
-        assert cli(running.state_dir, "run", "shop", "--wait").returncode == 0
+    assert cli(running.state_dir, "run", "shop", "--wait").returncode == 0
     history = json.loads(cli(running.state_dir, "history", "shop", "--json").stdout)
     assert history["app"] == "shop"
     triggers = [r["trigger"] for r in history["runs"]]
@@ -175,65 +187,77 @@ def test_up_needs_apps_and_a_free_state_dir(running: Running, tmp_path: Path) ->
 
 
 def test_a_failing_manual_run_exits_nonzero_with_its_reason(running: Running) -> None:
-    # Last in the module: the new commit makes every later run fail.
-    sha = running.remote.commit({"scripts/job.sh": 'echo "[POST-DEPLOY] oops"; exit 3\n'})
-    wait_for(lambda: (latest_run(running.state_dir) or {}).get("sha") == sha, 30,
-             what="the new commit's automatic run")
+    # On a branch of its own: the watched branch, and so every other test, is untouched.
+    work = running.remote.work
+    run_git(work, "checkout", "-q", "-b", "failing")
+    try:
+        (work / "scripts" / "job.sh").write_text('echo "[POST-DEPLOY] oops"; exit 3\n')
+        run_git(work, "commit", "-q", "-am", "a failing job")
+        run_git(work, "push", "-q", "origin", "failing")
+        sha = run_git(work, "rev-parse", "HEAD").strip()
+    finally:
+        run_git(work, "checkout", "-q", running.remote.branch)
     result = cli(running.state_dir, "run", "shop", "--sha", sha, "--wait")
     assert result.returncode != 0
     assert "[POST-DEPLOY] oops" in result.stdout
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("postdeploy: error: run ") and "failed, exit code 3" in last
+    assert last.startswith("postdeploy: error: run ") and "failed: exited with code 3" in last
+    assert last.count("code 3") == 1, last  # said once
 
 
-# -- validate (no Redis needed) -----------------------------------------------
+# -- job output on a terminal ---------------------------------------------------
 
-def app_repo(root: Path, folder: str = "scripts/post-deploy",
-             command: str = "bash seed.sh") -> Path:
-    repo = root / "app"
-    (repo / "scripts" / "post-deploy").mkdir(parents=True)
-    (repo / "scripts" / "post-deploy" / "seed.sh").write_text("echo hi\n")
-    (repo / "appspec.yaml").write_text(appspec_yaml(command=command, folder=folder))
-    run_git(repo, "init", "-q")
-    return repo
+CONTROL_OUTPUT = b"x\r2026-01-01 INFO [POST-DEPLOY] billing@1234567 | FORGED\n\x1b[2J\x07\x00ok\r\n"
 
 
-def test_validate_accepts_the_demo_app(tmp_path: Path) -> None:
-    repo = tmp_path / "demo"
-    shutil.copytree(REPO_ROOT / "examples" / "demo-app", repo)
-    result = cli(tmp_path, "validate", str(repo))
-    assert result.returncode == 0, result.stdout
-    assert "0 error(s)" in result.stdout
+def on_a_terminal(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, bytes]:
+    """Run the CLI with its stdout on a pseudo-terminal; its exit code and what it showed."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "postdeploy.cli", *args], cwd=cwd, env=env,
+                            stdin=subprocess.DEVNULL, stdout=follower,
+                            stderr=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([leader], [], [], 0.5)[0]:
+                continue
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the program closed the terminal
+                break
+            if not data:
+                break
+            shown += data
+    finally:
+        os.close(leader)
+    # The terminal itself turns "\n" into "\r\n" on output.
+    return proc.wait(timeout=30), shown.replace(b"\r\n", b"\n")
 
 
-def test_validate_rejects_a_folder_that_escapes_the_repo(tmp_path: Path) -> None:
-    repo = app_repo(tmp_path, folder="outside")
-    os.symlink(tmp_path, repo / "outside")
-    result = cli(tmp_path, "validate", str(repo))
-    assert result.returncode == 1
-    assert "error: POST_DEPLOY_FOLDER 'outside' leads out of the repository" in result.stdout
+def test_logs_escapes_control_characters_on_a_terminal_unless_raw(
+        tmp_path: Path, redis_url: str) -> None:
+    store = StateStore(redis.Redis.from_url(redis_url))
+    store.register_apps([AppConfig(name="shop", repo="https://git.example.com/shop.git")])
+    record = RunRecord.new("shop", "a" * 40, "auto")
+    record.status = "succeeded"
+    store.add_run(record)
+    store.write_output(record.id, CONTROL_OUTPUT, len(CONTROL_OUTPUT))
+    env = cli_env(POSTDEPLOY_REDIS_URL=redis_url)
+    args = ["--state-dir", str(tmp_path / "state"), "logs", "shop"]
 
-    (repo / "appspec.yaml").write_text(appspec_yaml(command="bash seed.sh", folder="../x"))
-    result = cli(tmp_path, "validate", str(repo))
-    assert result.returncode == 1 and "leaves the repository" in result.stdout
+    code, shown = on_a_terminal(args, env, tmp_path)
+    assert code == 0
+    assert shown == (b"x\\r2026-01-01 INFO [POST-DEPLOY] billing@1234567 | FORGED\n"
+                     b"\\x1b[2J\\x07\\x00ok\n")
 
+    code, shown = on_a_terminal([*args, "--raw"], env, tmp_path)
+    assert code == 0 and b"\x1b[2J\x07\x00ok" in shown
 
-def test_validate_names_a_missing_script_and_a_bad_timeout(tmp_path: Path) -> None:
-    repo = app_repo(tmp_path, command="bash missing.sh")
-    (repo / "appspec.yaml").write_text(appspec_yaml(command="bash missing.sh",
-                                                    folder="scripts/post-deploy",
-                                                    timeout="5m"))
-    result = cli(tmp_path, "validate", str(repo))
-    assert result.returncode == 1
-    assert "error: script scripts/post-deploy/missing.sh does not exist" in result.stdout
-    assert "warning: invalid POST_DEPLOY_TIMEOUT: '5m'" in result.stdout
-
-
-def test_validate_without_a_command(tmp_path: Path) -> None:
-    repo = app_repo(tmp_path)
-    (repo / "appspec.yaml").write_text("envs: []\n")
-    result = cli(tmp_path, "validate", str(repo))
-    assert result.returncode == 1 and "POST_DEPLOY_COMMAND is not set" in result.stdout
+    piped = subprocess.run([sys.executable, "-m", "postdeploy.cli", *args], cwd=tmp_path,
+                           env=env, capture_output=True, timeout=60)
+    assert piped.returncode == 0 and piped.stdout == CONTROL_OUTPUT
 
 
 # -- stopping and restarting `up` ------------------------------------------------

@@ -32,6 +32,7 @@ from tests.support import (
     free_port,
     wait_for,
 )
+from tests.webhook_client import post, signed
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
@@ -128,6 +129,21 @@ def test_compose_flower_needs_auth_keeps_state_and_stays_on_localhost() -> None:
     assert all(port.startswith("127.0.0.1:") for port in metrics["ports"])
 
 
+def test_compose_webhook_is_optional_signed_and_stays_on_localhost() -> None:
+    webhook = SERVICES["webhook"]
+    assert webhook["profiles"] == ["webhook"]
+    assert webhook["command"][:3] == ["python", "-m", "postdeploy.webhook"]
+    assert all(port.startswith("127.0.0.1:") for port in webhook["ports"])
+    assert [p.rsplit(":", 1)[1] for p in webhook["ports"]] == [
+        webhook["command"][webhook["command"].index("--port") + 1]]
+    # The secret reaches the webhook service only, not the workers that run jobs.
+    assert "POSTDEPLOY_WEBHOOK_SECRET" in webhook["environment"]
+    assert "POSTDEPLOY_WEBHOOK_SECRET" not in SERVICES["worker"]["environment"]
+    # Unset, it must not break `docker compose up` of the other services.
+    assert interpolate(webhook["environment"]["POSTDEPLOY_WEBHOOK_SECRET"], {}) == ""
+    assert "/healthz" in " ".join(webhook["healthcheck"]["test"])
+
+
 def test_env_example_documents_every_compose_variable() -> None:
     example = env_example()
     assert example["POSTDEPLOY_REDIS_URL"] == "redis://redis:6379/0"
@@ -135,7 +151,8 @@ def test_env_example_documents_every_compose_variable() -> None:
     documented = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", text, flags=re.M))
     missing = compose_variables() - documented
     assert not missing, f"not in .env.example: {sorted(missing)}"
-    for name in ("POSTDEPLOY_REPO", "POSTDEPLOY_CHECK_INTERVAL", "FLOWER_BASIC_AUTH"):
+    for name in ("POSTDEPLOY_REPO", "POSTDEPLOY_CHECK_INTERVAL", "FLOWER_BASIC_AUTH",
+                 "POSTDEPLOY_WEBHOOK_SECRET"):
         assert example.get(name), name
 
 
@@ -200,15 +217,16 @@ def test_compose_commands_run_the_service(redis_url: str, rclient: redis.Redis,
     sha = remote.commit({"appspec.yaml": appspec_yaml("echo migrated $COMMIT_SHA")})
     variables = {**env_example(), "POSTDEPLOY_REDIS_URL": redis_url,
                  "POSTDEPLOY_REPO": remote.url, "POSTDEPLOY_APP": "shop",
-                 "POSTDEPLOY_CHECK_INTERVAL": "60", "FLOWER_BASIC_AUTH": "ops:pw"}
-    flower_port, metrics_port = free_port(), free_port()
+                 "POSTDEPLOY_CHECK_INTERVAL": "60", "FLOWER_BASIC_AUTH": "ops:pw",
+                 "POSTDEPLOY_WEBHOOK_SECRET": "compose-secret"}
+    flower_port, metrics_port, webhook_port = free_port(), free_port(), free_port()
     started: list[Service] = []
     try:
         for name, port in (("flower", flower_port), ("metrics", metrics_port),
-                           ("worker", None), ("beat", None)):
+                           ("webhook", webhook_port), ("worker", None), ("beat", None)):
             started.append(service_process(name, variables, tmp_path / f"state-{name}",
                                            tmp_path, port))
-        flower, metrics, worker, beat = started
+        flower, metrics, webhook, worker, beat = started
         # beat checks at start-up, the worker runs the job of the current commit.
         run = wait_for(lambda: next(iter(finished_runs(rclient, "shop")), None), 60,
                        what="the job run by the compose worker")
@@ -221,12 +239,37 @@ def test_compose_commands_run_the_service(redis_url: str, rclient: redis.Redis,
         assert http_status(f"{base}/api/workers", auth="ops:pw") == 200
         scrape = f"http://127.0.0.1:{metrics_port}/metrics"
         wait_for(lambda: http_status(scrape) == 200, 30, what="the metrics endpoint")
+        # A signed push runs the next commit long before the 60 s check would.
+        wait_for(lambda: http_status(f"http://127.0.0.1:{webhook_port}/healthz") == 200, 30,
+                 what="the webhook service")
+        pushed = remote.commit({"appspec.yaml": appspec_yaml("echo migrated $COMMIT_SHA"),
+                                "v": "2"})
+        body, headers = signed("generic", "compose-secret",
+                               {"repository": remote.url, "ref": "refs/heads/main"})
+        assert post(webhook_port, "/hooks/generic", body, headers).body["apps"] == ["shop"]
+        second = wait_for(lambda: [r for r in finished_runs(rclient, "shop") if r.sha == pushed],
+                          30, what="the pushed commit's run")[0]
+        assert second.status == "succeeded", webhook.log() + worker.log()
     finally:
         for service in reversed(started):
             service.stop(signal.SIGTERM)
     # SIGTERM (the image's STOPSIGNAL) is a clean stop for every service.
     for service in started:
         assert service.proc.returncode == 0, service.log()[-2000:]
+
+
+def test_compose_webhook_refuses_to_start_without_its_secret(redis_url: str,
+                                                             tmp_path: Path) -> None:
+    variables = {**env_example(), "POSTDEPLOY_REDIS_URL": redis_url,
+                 "POSTDEPLOY_WEBHOOK_SECRET": ""}
+    service = service_process("webhook", variables, tmp_path / "state", tmp_path, free_port())
+    try:
+        code = service.proc.wait(60)
+    finally:
+        service.stop()
+    assert code == 2
+    (line,) = service.log().strip().splitlines()
+    assert line.startswith("postdeploy: error: POSTDEPLOY_WEBHOOK_SECRET is not set")
 
 
 def test_compose_command_starts_without_optional_settings(tmp_path: Path) -> None:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from postdeploy.output import OutputCapture
 from postdeploy.records import Status
-from postdeploy.runner import JobOutcome, job_processes, run_command
+from postdeploy.runner import JobOutcome, StopRequest, job_processes, run_process
 from tests.support import process_alive, wait_for
+
+
+def deadline(seconds: float) -> Callable[[], StopRequest | None]:
+    """A stand-in for the job clock: asks the runner to stop after ``seconds``."""
+    end = time.monotonic() + seconds
+    return lambda: (StopRequest(Status.TIMED_OUT, f"timed out after {seconds:g} s")
+                    if time.monotonic() >= end else None)
 
 
 def run(command: str, tmp_path: Path, timeout: float = 30, grace: float = 2,
@@ -17,8 +28,8 @@ def run(command: str, tmp_path: Path, timeout: float = 30, grace: float = 2,
     chunks: list[bytes] = []
     env = {**os.environ, "POST_DEPLOY_RUN_ID": run_id}
     started = time.monotonic()
-    outcome = run_command(command, tmp_path, env, timeout, grace, run_id, chunks.append,
-                          lambda: None)
+    outcome = run_process(command, tmp_path, env, grace, run_id, chunks.append,
+                          lambda: None, deadline(timeout))
     return outcome, b"".join(chunks), time.monotonic() - started
 
 
@@ -69,15 +80,21 @@ def test_daemon_holding_stdout_does_not_block(tmp_path: Path) -> None:
         os.kill(daemon, 9)
 
 
-def test_binary_output_is_replaced_not_fatal(tmp_path: Path) -> None:
+def test_binary_output_is_replaced_not_fatal(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     stored: list[bytes] = []
     capture = OutputCapture("app@1234567", 1024, [], lambda tail, total: stored.append(tail))
-    outcome = run_command("printf 'ok\\n\\xff\\xfe\\x00bin\\n'", tmp_path,
-                          {**os.environ, "POST_DEPLOY_RUN_ID": "x"}, 10, 1, "x",
-                          capture.feed, lambda: None)
-    capture.close()
-    assert outcome.status == Status.SUCCEEDED
-    assert stored[-1].startswith(b"ok\n")
+    with caplog.at_level(logging.INFO, "postdeploy.job"):
+        outcome = run_process("printf 'ok\\n\\xff\\xfe\\x00bin\\n'", tmp_path,
+                              {**os.environ, "POST_DEPLOY_RUN_ID": "x"}, 1, "x",
+                              capture.feed, lambda: None, deadline(10))
+        capture.close()
+    assert outcome == JobOutcome(Status.SUCCEEDED, 0)
+    # The stored tail keeps the bytes as printed; the log shows them replaced.
+    assert stored[-1] == b"ok\n\xff\xfe\x00bin\n"
+    assert [r.getMessage() for r in caplog.records if r.name == "postdeploy.job"] == [
+        "[POST-DEPLOY] app@1234567 | ok",
+        "[POST-DEPLOY] app@1234567 | \ufffd\ufffd\x00bin"]
 
 
 def test_output_tail_is_capped_and_secrets_masked() -> None:

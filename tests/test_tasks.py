@@ -10,8 +10,11 @@ from pathlib import Path
 
 import psutil
 import redis
+from celery import Celery
 
 from postdeploy import keys
+from postdeploy.celery_app import configure
+from postdeploy.config import Settings
 from postdeploy.records import RunRecord
 from postdeploy.runner import job_processes
 from postdeploy.state import StateStore
@@ -229,3 +232,109 @@ def test_long_lived_worker_leaks_no_git_processes(
     tree = psutil.Process(worker.proc.pid).children(recursive=True)
     git_children = [p.cmdline() for p in tree if p.name() == "git"]
     assert git_children == []
+
+
+def celery_for(env: dict[str, str]) -> Celery:
+    """This test process's handle on the workers' Celery app, as Flower has."""
+    return configure(Settings.load(env), env["POSTDEPLOY_REDIS_URL"])
+
+
+def pool_pids(worker: Service) -> set[int]:
+    return {p.pid for p in psutil.Process(worker.proc.pid).children()}
+
+
+def test_run_sent_without_a_time_limit_still_ends_at_its_timeout(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
+    """Flower's async-apply with only kwargs: no soft limit on the message."""
+    remote.commit({"appspec.yaml": appspec_yaml("echo started; sleep 300", timeout="2")})
+    env = env_for(remote)
+    services("worker", env)  # no beat: the run is sent by hand
+    from postdeploy.tasks import run_job
+    celery_for(env)
+    result = run_job.apply_async(kwargs={"app": "shop", "sha": remote.head()})
+    done = wait_finished(rclient, 1, timeout=30)[0]
+    assert (done.status, done.trigger, done.task_id) == ("timed_out", "manual", result.id)
+    assert done.reason == "timed out after 2 s (POST_DEPLOY_TIMEOUT)"
+    assert done.finished_at and done.started_at
+    # The clock runs from the task's start: 2 s, then at most the 2 s grace and a little.
+    assert done.finished_at - done.started_at < 2 + 2 + 2
+    assert job_processes(done.id) == []
+
+
+def test_revoke_from_flower_cancels_a_waiting_and_a_running_run(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
+    remote.commit({"appspec.yaml": appspec_yaml("echo started; sleep 300", timeout="600")})
+    env = env_for(remote)
+    worker = services("worker", env)
+    wait_for(lambda: "ready." in worker.log(), 20, what="the worker")
+    pools = pool_pids(worker)
+    from postdeploy.tasks import run_job
+    celery = celery_for(env)
+    sha = remote.head()
+    first = run_job.apply_async(kwargs={"app": "shop", "sha": sha})
+    running = wait_for(lambda: next((r for r in runs(rclient, "shop")
+                                     if r.task_id == first.id and r.status == "running"
+                                     and "started" in output_of(rclient, r.id)), None), 30,
+                       what="the first run to start")
+    # The second waits for the app's lock (retrying with a countdown): revoke it there.
+    second = run_job.apply_async(kwargs={"app": "shop", "sha": sha})
+    wait_for(lambda: len(runs(rclient, "shop")) == 2, 20, what="the second run's record")
+    celery.control.revoke(second.id)
+    celery.control.revoke(first.id, terminate=True)
+
+    cancelled = wait_for(lambda: (r := finished_runs(rclient, "shop")) and len(r) == 2 and r,
+                         20, what="both runs to end")
+    assert [(r.id, r.status) for r in cancelled] == [(running.id, "cancelled"),
+                                                      (cancelled[1].id, "cancelled")]
+    assert "terminated" in (cancelled[0].reason or "")
+    assert "before it started" in (cancelled[1].reason or "")
+    assert cancelled[1].started_at is None
+    wait_for(lambda: job_processes(running.id) == [], 10, what="the job's processes to stop")
+    # The pool process took SIGTERM as a stop request and lives on to run the next job.
+    assert pool_pids(worker) == pools and worker.alive()
+    assert len(runs(rclient, "shop")) == 2  # a retried message did not add records
+    third = run_job.apply_async(kwargs={"app": "shop", "sha": sha, "trigger": "manual"})
+    wait_for(lambda: any(r.task_id == third.id and r.status == "running"
+                         for r in runs(rclient, "shop")), 20, what="a third run to start")
+    assert pool_pids(worker) == pools
+    celery.control.revoke(third.id, terminate=True)
+    wait_for(lambda: len(finished_runs(rclient, "shop")) == 3, 20, what="the third run's end")
+
+
+def test_sigterm_to_the_pool_process_that_is_no_revoke_loses_the_run_and_reruns_it(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
+    """As when the worker is stopped outright: the run is lost, and its commit runs again."""
+    sha = remote.commit({"appspec.yaml": appspec_yaml("echo started; sleep 3")})
+    worker, _ = start_pair(services, env_for(remote))
+    first = wait_for(lambda: next((r for r in runs(rclient, "shop") if r.status == "running"
+                                   and "started" in output_of(rclient, r.id)), None), 30,
+                     what="the job to start")
+    job_pid = wait_for(lambda: job_processes(first.id), 10, what="the job's process")[0]
+    pool = psutil.Process(job_pid).ppid()
+    os.kill(pool, signal.SIGTERM)
+    wait_for(lambda: not process_alive(pool), 15, what="the pool process to end")
+    done = wait_finished(rclient, 2, timeout=40)
+    assert [(r.id, r.sha, r.status) for r in done] == [(first.id, sha, "lost"),
+                                                        (done[1].id, sha, "succeeded")]
+    assert done[0].reason == "its worker was shut down mid-run; the commit is run again"
+    assert job_processes(first.id) == []
+    assert worker.alive()
+
+
+def test_the_messages_soft_time_limit_is_the_one_clock(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
+    """Celery's soft limit stops the job, even below the appspec's timeout: no second timer."""
+    remote.commit({"appspec.yaml": appspec_yaml("echo started; sleep 300", timeout="60")})
+    env = env_for(remote)
+    worker = services("worker", env)
+    from postdeploy.tasks import run_job
+    celery_for(env)
+    run_job.apply_async(kwargs={"app": "shop", "sha": remote.head()}, soft_time_limit=2,
+                        time_limit=30)
+    done = wait_finished(rclient, 1, timeout=30)[0]
+    assert (done.status, done.reason) == ("timed_out",
+                                          "timed out after 2 s (POST_DEPLOY_TIMEOUT)")
+    assert done.timeout == 60  # what the appspec says; the message's limit ruled
+    assert done.finished_at and done.started_at and done.finished_at - done.started_at < 6
+    assert job_processes(done.id) == []
+    assert "Soft time limit (2s) exceeded" in worker.log() and worker.alive()

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 
-from tests.faults.harness import Audit
-from tests.support import RedisServer
+from tests.faults.harness import Audit, worker_ready
+from tests.support import GitRemote, RedisServer, Service, service_env, wait_for
 
 
 @dataclass
@@ -84,6 +85,66 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+@dataclass
+class Executor:
+    """A private Redis (a test may stop, start or wipe it) and the worker and beat on it."""
+
+    server: RedisServer
+    client: redis.Redis
+    env: dict[str, str]
+    services: Callable[..., Service]
+    workers: list[Service] = field(default_factory=list)
+    beats: list[Service] = field(default_factory=list)
+
+    @property
+    def worker(self) -> Service:
+        """The worker started last."""
+        return self.workers[-1]
+
+    @property
+    def beat(self) -> Service:
+        return self.beats[-1]
+
+    def start(self, tag: str = "", beat: bool = True, wait_ready: bool = False,
+              **overrides: str) -> Service:
+        """Start a worker (and a beat) on this Redis; ``overrides`` change its settings."""
+        env = {**self.env, **overrides}
+        worker = self.services("worker", env, f"worker{tag}")
+        self.workers.append(worker)
+        if beat:
+            self.beats.append(self.services("beat", env, f"beat{tag}"))
+        if wait_ready:
+            wait_for(lambda: worker_ready(worker), 30, what="worker ready")
+        return worker
+
+
+@pytest.fixture
+def executor(tmp_path: Path, request: pytest.FixtureRequest,
+             private_redis: Callable[..., RedisServer],
+             services: Callable[..., Service]) -> Callable[..., Executor]:
+    """``executor(...)``: a private Redis, settings for app ``shop`` (the ``remote``
+    fixture's repo unless ``repo`` or POSTDEPLOY_CONFIG is given) and, unless
+    ``start=False``, a worker and a beat. Commit what the first check must see first."""
+
+    def make(interval: float = 1.0, persistent: bool = True, password: str | None = None,
+             repo: str | None = None, start: bool = True, wait_ready: bool = False,
+             **settings: str) -> Executor:
+        server = private_redis(persistent=persistent, password=password)
+        app: dict[str, str] = {}
+        if "POSTDEPLOY_CONFIG" not in settings:
+            if repo is None:
+                remote: GitRemote = request.getfixturevalue("remote")
+                repo = remote.url
+            app = {"POSTDEPLOY_REPO": repo, "POSTDEPLOY_APP": "shop"}
+        env = service_env(server.url, tmp_path / "state", interval, **app, **settings)
+        made = Executor(server, server.client(), env, services)
+        if start:
+            made.start(wait_ready=wait_ready)
+        return made
+
+    return make
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

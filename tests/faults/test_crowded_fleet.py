@@ -5,37 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults.conftest import FaultScope
+from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import audit, journal_job, journal_lines, overlapping
-from tests.support import (
-    GitRemote,
-    RedisServer,
-    Service,
-    appspec_yaml,
-    runs,
-    service_env,
-    wait_for,
-)
+from tests.support import GitRemote, appspec_yaml, runs, wait_for
 
 COMMITS = 20
 
 
-def test_crowded_fleet(tmp_path: Path, remote: GitRemote,
-                       private_redis: Callable[..., RedisServer],
-                       services: Callable[..., Service], fault: FaultScope,
-                       report: Callable[[str], None]) -> None:
-    server = private_redis()
-    client = server.client()
+def test_crowded_fleet(tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+                       fault: FaultScope, report: Callable[[str], None]) -> None:
     journal = tmp_path / "journal"
     job = appspec_yaml(journal_job(journal, "sleep 0.3"))
     shas = [remote.commit({"appspec.yaml": job}, "c0")]
     # One concurrency slot per worker: eight Python processes already share two cores.
+    fleet = executor(interval=1.0, start=False, POSTDEPLOY_CONCURRENCY="1")
+    client = fleet.client
     for n in range(4):
-        env = service_env(server.url, tmp_path / f"state-{n}", 1.0, POSTDEPLOY_REPO=remote.url,
-                          POSTDEPLOY_APP="shop", POSTDEPLOY_CONCURRENCY="1")
-        services("worker", env, f"worker-{n}")
-        if n < 3:
-            services("beat", env, f"beat-{n}")
+        fleet.start(f"-{n}", beat=n < 3, POSTDEPLOY_STATE_DIR=str(tmp_path / f"state-{n}"))
 
     with fault(f"crowded fleet: 3 beats, 4 workers, {COMMITS} fast commits") as f:
         wait_for(lambda: any(r.sha == shas[0] for r in runs(client, "shop")), 60,

@@ -16,16 +16,14 @@ import yaml
 from postdeploy.config import AppConfig
 from postdeploy.gitsource import AppSource
 from postdeploy.state import StateStore
-from tests.faults.conftest import FaultScope
+from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import GitHttpServer, audit, serve_dumb
 from tests.support import (
     GitRemote,
-    RedisServer,
     Service,
     appspec_yaml,
     run_git,
     runs,
-    service_env,
     wait_for,
 )
 
@@ -61,11 +59,8 @@ def git_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def test_git_remote_trouble(tmp_path: Path, private_redis: Callable[..., RedisServer],
-                            services: Callable[..., Service], fault: FaultScope,
-                            report: Callable[[str], None]) -> None:
-    server = private_redis()
-    client = server.client()
+def test_git_remote_trouble(tmp_path: Path, executor: Callable[..., Executor],
+                            fault: FaultScope, report: Callable[[str], None]) -> None:
     root = tmp_path / "git"
     remotes = {name: GitRemote(root, name) for name in ("net", "auth", "gone", "force", "big")}
     for name in ("net", "auth"):
@@ -90,9 +85,8 @@ def test_git_remote_trouble(tmp_path: Path, private_redis: Callable[..., RedisSe
     ]
     config = tmp_path / "postdeploy.yaml"
     config.write_text(yaml.safe_dump({"apps": apps}))
-    env = service_env(server.url, tmp_path / "state", INTERVAL, POSTDEPLOY_CONFIG=str(config))
-    worker = services("worker", env, "worker")
-    beat = services("beat", env, "beat")
+    stack = executor(interval=INTERVAL, POSTDEPLOY_CONFIG=str(config))
+    client, worker, beat = stack.client, stack.worker, stack.beat
     try:
         for name in ("gone", "force", "big"):
             wait_ran(client, name, shas[name], 90)

@@ -19,12 +19,11 @@ import yaml
 from postdeploy.config import AppConfig
 from postdeploy.errors import GitError
 from postdeploy.gitsource import AppSource
-from tests.faults.conftest import FaultScope
-from tests.faults.harness import send_run_job, worker_ready
+from tests.faults.conftest import Executor, FaultScope
+from tests.faults.harness import send_run_job
 from tests.support import (
     GitRemote,
     RedisServer,
-    Service,
     appspec_yaml,
     runs,
     service_env,
@@ -98,6 +97,9 @@ ROWS = [
         "invalid POST_DEPLOY_TIMEOUT: 'abc' is not a positive integer", 300),
     Row("POST_DEPLOY_TIMEOUT empty", spec(timeout=""), "succeeded",
         "POST_DEPLOY_TIMEOUT is empty; using the default 300 s", 300),
+    # Last: later rows could not write appspec.yaml through the link.
+    Row("appspec.yaml a symlink", lambda touch: {"appspec.yaml": "@symlink"}, "error",
+        "appspec.yaml must be a regular file in the repository, not a symlink or directory"),
 ]
 
 
@@ -110,24 +112,18 @@ def commit_row(remote: GitRemote, row: Row, touch: str, outside: Path) -> str:
         if content == "@symlink":
             del files[name]
             link = remote.work / name
-            if link.is_symlink():
+            if link.is_symlink() or link.is_file():
                 link.unlink()
             link.symlink_to(outside)
     return remote.commit(files, row.name)
 
 
-def test_hostile_input(tmp_path: Path, remote: GitRemote,
-                       private_redis: Callable[..., RedisServer],
-                       services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis()
-    client = server.client()
+def test_hostile_input(tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+                       fault: FaultScope) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
-    worker = services("worker", env, "worker")
-    services("beat", env, "beat")
-    wait_for(lambda: worker_ready(worker), 30, what="worker ready")
+    started = executor(wait_ready=True)
+    server, client, worker = started.server, started.client, started.worker
 
     for index, row in enumerate(ROWS):
         marker = tmp_path / f"marker-{index}"

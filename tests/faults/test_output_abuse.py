@@ -7,19 +7,15 @@ the stored tail stays within its cap, and the service keeps going.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from postdeploy.state import StateStore
-from tests.faults.conftest import FaultScope
-from tests.faults.harness import audit, worker_ready
+from tests.faults.conftest import Executor, FaultScope
+from tests.faults.harness import audit
 from tests.support import (
     GitRemote,
-    RedisServer,
     RssSampler,
-    Service,
     appspec_yaml,
     runs,
-    service_env,
     wait_for,
 )
 
@@ -37,20 +33,13 @@ CASES = [
 ]
 
 
-def test_output_abuse(tmp_path: Path, remote: GitRemote,
-                      private_redis: Callable[..., RedisServer],
-                      services: Callable[..., Service], fault: FaultScope,
-                      report: Callable[[str], None]) -> None:
-    server = private_redis()
-    client = server.client()
-    store = StateStore(client)
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop", POSTDEPLOY_OUTPUT_LIMIT=str(LIMIT),
-                      POSTDEPLOY_CONCURRENCY="1")
+def test_output_abuse(remote: GitRemote, executor: Callable[..., Executor],
+                      fault: FaultScope, report: Callable[[str], None]) -> None:
     shas = [remote.commit({"appspec.yaml": appspec_yaml("echo warm-up")})]
-    worker = services("worker", env, "worker")
-    services("beat", env, "beat")
-    wait_for(lambda: worker_ready(worker), 30, what="worker ready")
+    started = executor(wait_ready=True, POSTDEPLOY_OUTPUT_LIMIT=str(LIMIT),
+                       POSTDEPLOY_CONCURRENCY="1")
+    client, worker = started.client, started.worker
+    store = StateStore(client)
     wait_for(lambda: any(r.status == "succeeded" for r in runs(client, "shop")), 40,
              what="the warm-up run")
 

@@ -9,15 +9,12 @@ from pathlib import Path
 import redis
 
 from postdeploy.state import StateStore
-from tests.faults.conftest import FaultScope
+from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import audit, journal_job, journal_lines
 from tests.support import (
     GitRemote,
-    RedisServer,
-    Service,
     appspec_yaml,
     runs,
-    service_env,
     wait_for,
 )
 
@@ -51,18 +48,13 @@ def checks_resume(client: redis.Redis, count: int = 2) -> None:
 
 
 def test_redis_restarts_with_persistence(
-        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
-        services: Callable[..., Service], fault: FaultScope,
-        report: Callable[[str], None]) -> None:
-    server = private_redis(persistent=True)
-    client = server.client()
+        tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+        fault: FaultScope, report: Callable[[str], None]) -> None:
     journal = tmp_path / "journal"
-    env = service_env(server.url, tmp_path / "state", INTERVAL, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
     quick = appspec_yaml(journal_job(journal, "echo quick"))
     shas = [remote.commit({"appspec.yaml": quick}, "c1")]
-    worker = services("worker", env, "worker")
-    beat = services("beat", env, "beat")
+    started = executor(interval=INTERVAL, persistent=True)
+    server, client, worker, beat = started.server, started.client, started.worker, started.beat
     pids = (worker.proc.pid, beat.proc.pid)
     succeeded(client, shas[0])
 
@@ -118,16 +110,12 @@ def test_redis_restarts_with_persistence(
 
 
 def test_redis_restart_without_persistence(
-        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
-        services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis(persistent=False)
-    client = server.client()
+        tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+        fault: FaultScope) -> None:
     journal = tmp_path / "journal"
-    env = service_env(server.url, tmp_path / "state", INTERVAL, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
     sha = remote.commit({"appspec.yaml": appspec_yaml(journal_job(journal, "echo once"))})
-    worker = services("worker", env, "worker")
-    beat = services("beat", env, "beat")
+    started = executor(interval=INTERVAL, persistent=False)
+    server, client, worker, beat = started.server, started.client, started.worker, started.beat
     succeeded(client, sha)
     first = runs(client, "shop")[0].id
 

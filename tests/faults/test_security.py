@@ -14,22 +14,18 @@ from celery import Celery
 
 from postdeploy import keys
 from postdeploy.celery_app import QUEUE
-from tests.faults.conftest import FaultScope
+from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import (
     GitHttpServer,
     dump_redis,
     leaks,
     send_run_job,
     serve_dumb,
-    worker_ready,
 )
 from tests.support import (
     GitRemote,
-    RedisServer,
-    Service,
     appspec_yaml,
     runs,
-    service_env,
     wait_for,
 )
 
@@ -54,16 +50,10 @@ def succeeded(client: object, sha: str) -> Callable[[], bool]:
 
 
 def test_pickle_message_is_refused(tmp_path: Path, remote: GitRemote,
-                                   private_redis: Callable[..., RedisServer],
-                                   services: Callable[..., Service],
+                                   executor: Callable[..., Executor],
                                    fault: FaultScope) -> None:
-    server = private_redis()
-    client = server.client()
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
-    worker = services("worker", env, "worker")
-    services("beat", env, "beat")
-    wait_for(lambda: worker_ready(worker), 30, what="worker ready")
+    started = executor(wait_ready=True)
+    server, client, worker = started.server, started.client, started.worker
     marker = tmp_path / "pwned"
 
     with fault("pickle message on the job queue"):
@@ -79,11 +69,8 @@ def test_pickle_message_is_refused(tmp_path: Path, remote: GitRemote,
         wait_for(succeeded(client, sha), 40, what="a normal job after the pickle message")
 
 
-def test_secrets_never_leak(tmp_path: Path, private_redis: Callable[..., RedisServer],
-                            services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis(password=REDIS_PASSWORD)
-    client = server.client()
-    remote = GitRemote(tmp_path / "git")
+def test_secrets_never_leak(tmp_path: Path, remote: GitRemote,
+                            executor: Callable[..., Executor], fault: FaultScope) -> None:
     serve_dumb(remote)
     http = GitHttpServer(tmp_path / "git", accept=("deploy", REPO_TOKEN)).start()
     envdump = tmp_path / "job-env"
@@ -92,10 +79,9 @@ def test_secrets_never_leak(tmp_path: Path, private_redis: Callable[..., RedisSe
                        secrets={"DATABASE_URL": f"postgres://app:{DB_SECRET}@db/app"})
     sha = remote.commit({"appspec.yaml": job})
     repo_url = http.url("shop.git", "deploy", REPO_TOKEN)
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=repo_url,
-                      POSTDEPLOY_BRANCH="main", POSTDEPLOY_APP="shop")
-    worker = services("worker", env, "worker")
-    beat = services("beat", env, "beat")
+    started = executor(password=REDIS_PASSWORD, repo=repo_url, POSTDEPLOY_BRANCH="main")
+    server, client, env = started.server, started.client, started.env
+    worker, beat = started.worker, started.beat
     try:
         with fault("secrets in logs, status, history, Redis, task args and results"):
             wait_for(succeeded(client, sha), 60, what="the automatic run")

@@ -15,15 +15,12 @@ import psutil
 import redis
 
 from postdeploy.runner import job_processes
-from tests.faults.conftest import FaultScope
+from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import audit, crash_host, journal_job, journal_lines, worker_ready
 from tests.support import (
     GitRemote,
-    RedisServer,
-    Service,
     appspec_yaml,
     runs,
-    service_env,
     wait_for,
 )
 
@@ -51,24 +48,19 @@ def completed(client: redis.Redis, sha: str) -> list[str]:
 
 
 def test_worker_dies_mid_job(tmp_path: Path, remote: GitRemote,
-                             private_redis: Callable[..., RedisServer],
-                             services: Callable[..., Service], fault: FaultScope,
+                             executor: Callable[..., Executor], fault: FaultScope,
                              report: Callable[[str], None]) -> None:
-    server = private_redis()
-    client = server.client()
     journal = tmp_path / "journal"
     job = journal_job(journal, f"sleep {JOB_SECONDS}")
-    env = service_env(server.url, tmp_path / "state", INTERVAL, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
     sha1 = remote.commit({"appspec.yaml": appspec_yaml(job)}, "one")
-    worker = services("worker", env, "worker-a")
-    services("beat", env, "beat")
+    started = executor(interval=INTERVAL)
+    client, worker = started.client, started.worker
 
     with fault("host crash mid-job (SIGKILL worker group and job)") as f:
         lost_id = running_job(client, sha1, journal)
         crash_host(worker, [lost_id])
         crashed_at = time.monotonic()
-        worker = services("worker", env, "worker-b")
+        worker = started.start("-b", beat=False)
         wait_for(lambda: "succeeded" in completed(client, sha1), RERUN_BOUND + 30,
                  what="the crashed commit's job to run again")
         took = time.monotonic() - crashed_at
@@ -111,8 +103,7 @@ def test_worker_dies_mid_job(tmp_path: Path, remote: GitRemote,
         worker.proc.wait(JOB_SECONDS + 20)
         assert completed(client, sha3) == ["succeeded"]
         assert run_id in journal_lines(journal, "end")
-        worker = services("worker", env, "worker-c")
-        wait_for(lambda: worker_ready(worker), 30, what="worker ready")
+        worker = started.start("-c", beat=False, wait_ready=True)
         checked = float(client.get("postdeploy:app:shop:checked_at") or 0)
         wait_for(lambda: float(client.get("postdeploy:app:shop:checked_at") or 0)
                  > checked + 3 * INTERVAL, 30, what="three more checks")

@@ -1,4 +1,4 @@
-"""`postdeploy validate`: lint an app repository's POST_DEPLOY set-up before deploying.
+"""`postdeploy validate`: check an app repository's POST_DEPLOY set-up before deploying.
 
 Checks what a run would trip over: appspec.yaml syntax and shapes, the
 folder (exists, stays inside the repo, symlinks included), the command, the
@@ -25,6 +25,7 @@ from postdeploy.errors import AppSpecError
 from postdeploy.readiness import gate_url
 
 ERROR, WARNING, OK = "error", "warning", "ok"
+EXECUTABLE_MODE, SYMLINK_MODE = "100755", "120000"  # git's file modes
 # Commands that take a script file as their first non-option argument.
 INTERPRETERS = {"bash", "sh", "zsh", "dash", "python", "python3", "node", "ruby", "perl",
                 "php", "deno", "bun", "tsx", "ts-node"}
@@ -39,7 +40,7 @@ class Finding:
         return f"{self.level}: {self.message}"
 
 
-def lint_app_dir(directory: Path) -> list[Finding]:
+def validate_app_dir(directory: Path) -> list[Finding]:
     """Everything wrong (and right) with ``directory``'s POST_DEPLOY set-up."""
     if not directory.is_dir():
         return [Finding(ERROR, f"{directory} is not a directory; give the app repository's "
@@ -131,10 +132,40 @@ def _script_findings(command: str, workdir: Path, root: Path) -> list[Finding]:
                                "(paths are relative to POST_DEPLOY_FOLDER)")]
     if not os.access(path, os.R_OK):
         return [Finding(ERROR, f"script {shown} is not readable")]
-    if direct and not os.access(path, os.X_OK):
-        return [Finding(ERROR, f"script {shown} is run directly but is not executable; "
-                               f"chmod +x it (and commit) or run it with 'bash {script}'")]
-    return [Finding(OK, f"script {shown} exists")]
+    mode = committed_mode(root, path)
+    if mode is None:  # not a git repository: the files are all we have
+        if direct and not os.access(path, os.X_OK):
+            return [Finding(ERROR, f"script {shown} is run directly but is not executable; "
+                                   f"chmod +x it (and commit) or run it with 'bash {script}'")]
+        return [Finding(OK, f"script {shown} exists")]
+    if not mode:
+        return [Finding(WARNING, f"script {shown} is not committed; the executor runs what "
+                                 "is committed, so add and commit it before deploying")]
+    # The executor runs the commit's file mode, whatever this working copy says
+    # (with core.fileMode false git ignores the working copy's x bit altogether).
+    if direct and mode not in (EXECUTABLE_MODE, SYMLINK_MODE):
+        return [Finding(ERROR, f"script {shown} is run directly but is not executable in the "
+                               f"commit (mode {mode}); run `git update-index --chmod=+x "
+                               f"{shown}` and commit, or run it with 'bash {script}'")]
+    return [Finding(OK, f"script {shown} exists" + (" and is executable in the commit"
+                                                    if direct else ""))]
+
+
+def committed_mode(root: Path, path: Path) -> str | None:
+    """Git's mode of ``path`` at HEAD (else in the index): '100755', ...; '' when not
+    committed, None when ``root`` is not in a git repository."""
+    for command in (["ls-tree", "HEAD", "--"], ["ls-files", "--stage", "--"]):
+        try:
+            result = subprocess.run(["git", "-C", str(root), *command,
+                                     os.path.relpath(path, root.resolve())],
+                                    capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if result.returncode == 0 and result.stdout:
+            return result.stdout.split(maxsplit=1)[0]
+        if result.returncode != 0 and command[0] == "ls-files":
+            return None  # not a repository
+    return ""
 
 
 def _git_findings(directory: Path) -> list[Finding]:

@@ -1,0 +1,206 @@
+"""6. The push trigger: commit -> job start through the webhook, and answers under load.
+
+Latency: a commit is pushed to a local repository, then its GitHub push event
+(signed, as GitHub sends it) is POSTed to a real `python -m postdeploy.webhook`
+in front of a real worker; measured from the POST to the job's process starting
+(it prints $EPOCHREALTIME). The baseline is what the poll alone gives at its
+default 30 s interval: a commit waits for the next check, on average half an
+interval (15 s), 28.5 s at the 95th percentile, before the same trigger path.
+Load: 200 deliveries (distinct ids, so none is a replay) sent on 200 open
+connections at once, each timed from its request leaving the client to its
+answer arriving, while the worker consumes the checks; against the floor of
+the server library: Tornado's HTTP server with the service's settings
+answering 202 to each request without looking at it, under the same load
+(rounds alternate between the two so both see the same machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from bench.harness import (
+    GitRemote,
+    Service,
+    process_tree,
+    service_env,
+    tree_cpu,
+    wait_for,
+    wait_ready,
+)
+from bench.report import Row, median, percentile
+from postdeploy.state import StateStore
+from tests.support import REPO_ROOT, appspec_yaml, free_port
+from tests.webhook_client import github_push, post, post_concurrently, raw_request, signed
+
+SECRET = "bench-webhook-secret"
+POLL_INTERVAL = 30.0  # seconds: the default check interval the poll is compared at
+LATENCY_TARGET_MS = 100.0
+ANSWER_TARGET_MS = 50.0
+
+
+def _answers(port: int) -> bool:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True  # an answer all the same (the floor answers 202 to anything)
+    except OSError:
+        return False
+
+
+def _push(port: int, remote: GitRemote) -> int:
+    payload = github_push("bench/app", after=remote.head())
+    payload["repository"]["clone_url"] = remote.url
+    body, headers = signed("github", SECRET, payload)
+    return post(port, "/hooks/github", body, headers).status
+
+
+def _job_start(store: StateStore, sha: str, timeout: float = 60) -> float:
+    """When the job of ``sha`` started, as it printed it ($EPOCHREALTIME)."""
+    def started() -> float | None:
+        latest = store.latest_run("bench")
+        if latest is None or latest.sha != sha or latest.status in ("queued", "running"):
+            return None
+        tail, _ = store.read_output(latest.id)
+        return float(tail.decode().split("START ", 1)[1].split()[0])
+    found: float = wait_for(started, timeout, 0.002, what=f"the run of {sha[:7]}")
+    return found
+
+
+def measure(root: Path, redis_url: str, commits: int, deliveries: int = 200,
+            rounds: int = 3) -> list[Row]:
+    root.mkdir(parents=True, exist_ok=True)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = StateStore(client)
+    remote = GitRemote(root / "git", "bench")
+    spec = {"appspec.yaml": appspec_yaml('echo "START $EPOCHREALTIME"')}
+    remote.commit(spec)
+    env = service_env(redis_url, root / "state", 3600, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="bench", POSTDEPLOY_LOG_LEVEL="WARNING",
+                      POSTDEPLOY_WEBHOOK_SECRET=SECRET)
+    worker = Service(["-m", "worker"], env, root / "worker.log")
+    port, floor_port = free_port(), free_port()
+    hook = Service(["-m", "postdeploy.webhook", "--port", str(port)], env, root / "webhook.log")
+    floor = Service(["-m", "bench.webhook", str(floor_port)], env, root / "floor.log",
+                    cwd=REPO_ROOT)
+    try:
+        wait_ready(worker, client)
+        for service, at in ((hook, port), (floor, floor_port)):
+            wait_for(lambda s=service, p=at: _answers(p) or not s.alive(), 60,
+                     what="the webhook service")
+            if not service.alive():
+                raise RuntimeError(f"{service.log_path.name} exited:\n{service.log()[-2000:]}")
+        assert _push(port, remote) == 202
+        _job_start(store, remote.head())  # warm: the worker's first clone
+        latencies = []
+        for index in range(commits):
+            sha = remote.commit({**spec, "n": str(index)})
+            t0 = time.time()
+            assert _push(port, remote) == 202
+            latencies.append((_job_start(store, sha) - t0) * 1000)
+        loaded, bare, walls, cpu = _answer_times(port, floor_port, hook, floor, remote,
+                                                 deliveries, rounds)
+    finally:
+        floor.stop()
+        hook.stop()
+        worker.stop()
+    p50, p95 = median(latencies), percentile(latencies, 95)
+    wait_mean, wait_p95 = POLL_INTERVAL / 2 * 1000, POLL_INTERVAL * 0.95 * 1000
+    p99 = percentile(loaded, 99)
+    return [
+        Row("commit -> job start through the webhook p50", p50, wait_mean, "ms",
+            "poll at 30 s: mean wait", f"<= {LATENCY_TARGET_MS:g} ms",
+            p50 <= LATENCY_TARGET_MS),
+        Row("commit -> job start through the webhook p95", p95, wait_p95, "ms",
+            "poll at 30 s: p95 wait"),
+        Row(f"webhook answer time p99, {deliveries} concurrent deliveries", p99,
+            percentile(bare, 99), "ms", "bare Tornado server, same load",
+            f"<= {ANSWER_TARGET_MS:g} ms", p99 <= ANSWER_TARGET_MS),
+        Row(f"webhook answer time p50, {deliveries} concurrent deliveries", median(loaded),
+            median(bare), "ms", "bare Tornado server, same load"),
+        Row(f"webhook: all {deliveries} concurrent deliveries answered (median of rounds)",
+            median(walls), None, "ms"),
+        Row("webhook CPU per delivery under that load", cpu[0], cpu[1], "ms",
+            "bare Tornado server"),
+    ]
+
+
+def _burst(port: int, payload: dict[str, object], deliveries: int) -> list[float]:
+    requests = []
+    for _ in range(deliveries):
+        body, headers = signed("github", SECRET, payload)
+        requests.append(raw_request("/hooks/github", body, headers))
+    answers = post_concurrently(port, requests)
+    assert [status for status, _ in answers] == [202] * deliveries, answers
+    return [took * 1000 for _, took in answers]
+
+
+def _answer_times(port: int, floor_port: int, hook: Service, floor: Service,
+                  remote: GitRemote, deliveries: int, rounds: int
+                  ) -> tuple[list[float], list[float], list[float], tuple[float, float]]:
+    payload = github_push("bench/app", after=remote.head())
+    payload["repository"]["clone_url"] = remote.url
+    _burst(floor_port, payload, deliveries)  # warm both: first connections, first publish
+    _burst(port, payload, deliveries)
+    loaded: list[float] = []
+    bare: list[float] = []
+    walls: list[float] = []
+    ours_cpu = floor_cpu = 0.0
+    for _ in range(rounds):
+        before = tree_cpu(process_tree(hook))
+        times = _burst(port, payload, deliveries)
+        ours_cpu += tree_cpu(process_tree(hook)) - before
+        walls.append(max(times))  # from the first request sent to the last answer
+        loaded += times
+        before = tree_cpu(process_tree(floor))
+        bare += _burst(floor_port, payload, deliveries)
+        floor_cpu += tree_cpu(process_tree(floor)) - before
+    per_delivery = 1000 / (rounds * deliveries)  # CPU seconds -> ms per delivery
+    return loaded, bare, walls, (ours_cpu * per_delivery, floor_cpu * per_delivery)
+
+
+def serve_floor(port: int) -> None:
+    """The baseline server: Tornado's HTTP server with the service's settings, answering
+    202 to every request as soon as its body is in, without looking at it."""
+    import tornado.httpserver
+    from tornado import httputil
+
+    from postdeploy.webhook import BODY_TIMEOUT, READ_LIMIT
+
+    answer = b'{"status": "queued", "apps": []}'
+
+    class Bare(httputil.HTTPMessageDelegate):
+        def __init__(self, connection: httputil.HTTPConnection) -> None:
+            self.connection = connection
+
+        def finish(self) -> None:
+            headers = httputil.HTTPHeaders({"Content-Type": "application/json",
+                                            "Content-Length": str(len(answer))})
+            self.connection.write_headers(httputil.ResponseStartLine("", 202, "Accepted"),
+                                          headers, answer)
+            self.connection.finish()
+
+    class Server(httputil.HTTPServerConnectionDelegate):
+        def start_request(self, server_conn: object,
+                          request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+            return Bare(request_conn)
+
+    async def run() -> None:
+        tornado.httpserver.HTTPServer(Server(), max_body_size=READ_LIMIT,
+                                      max_buffer_size=READ_LIMIT, body_timeout=BODY_TIMEOUT,
+                                      idle_connection_timeout=60).listen(port, "127.0.0.1")
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    serve_floor(int(sys.argv[1]))

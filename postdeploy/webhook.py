@@ -1,0 +1,221 @@
+"""`postdeploy webhook` (or `python -m postdeploy.webhook`): the push trigger.
+
+Git hosts POST a signed push event; the service checks the signature, finds the
+apps the push is for and queues their ``postdeploy.check_app`` (the same
+idempotent reconciliation as the poll), then answers 202 with their names. It
+never runs git itself, so it answers in milliseconds however many apps there are.
+
+The HTTP server is Tornado: it comes with Flower (no new dependency), is an
+asynchronous production server that keeps thousands of slow connections open
+without a thread each, lets a handler look at the headers before the body
+arrives (so an oversized body is refused unread) and limits body size and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import tornado.httpserver
+
+from postdeploy.celery_app import app as celery_app
+from postdeploy.celery_app import configure
+from postdeploy.config import Settings
+from postdeploy.connection import redis_client, resolve_redis_url
+from postdeploy.errors import ConfigError, PostdeployError
+from postdeploy.logconfig import configure_logging
+from postdeploy.redaction import redact_url
+from postdeploy.webhook_dispatch import Dispatcher
+from postdeploy.webhook_http import MAX_BODY, HookServer
+from postdeploy.webhook_match import AppIndex, Push
+from postdeploy.webhook_providers import PROVIDERS, Headers, HookRejected, Provider
+from postdeploy.webhook_state import Delivery, WebhookState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "127.0.0.1"  # loopback unless asked: put a TLS proxy in front
+DEFAULT_PORT = 9810
+BODY_TIMEOUT = 10.0  # seconds a client may take to send its body
+# Bodies over MAX_BODY are still read (and dropped) up to this size to answer 413;
+# a longer chunked body gets the connection closed instead.
+READ_LIMIT = 4 * MAX_BODY
+STOP_TIMEOUT = 5.0  # seconds the requests in hand get to be answered at shutdown
+CHECK_TASK = "postdeploy.check_app"
+NO_SECRET = ("POSTDEPLOY_WEBHOOK_SECRET is not set; the webhook service only accepts signed "
+             "pushes: set it to a long random value (e.g. `openssl rand -hex 32`) and give the "
+             "git host the same secret")
+
+
+class WebhookService:
+    """Turns one verified request into queued checks and an answer (no HTTP here)."""
+
+    def __init__(self, secret: str, index: AppIndex, dispatcher: Dispatcher) -> None:
+        self.secret = secret
+        self.index = index
+        self.dispatcher = dispatcher
+
+    async def handle(self, provider: Provider, headers: Headers, named: list[str],
+                     body: bytes, peer: str) -> tuple[int, dict[str, Any]]:
+        """(status, JSON body) for one request whose size and type were checked."""
+        arrived = time.time()
+        signature = headers.get(provider.signature_header)
+        if not signature:
+            raise HookRejected(401, f"missing {provider.signature_header} header; set the "
+                                    "webhook's secret to POSTDEPLOY_WEBHOOK_SECRET")
+        if not provider.verify(body, signature, self.secret):
+            log.warning("%s webhook from %s: bad %s; nothing queued", provider.name, peer,
+                        provider.signature_header)
+            raise HookRejected(401, f"{provider.signature_header} does not match the body; "
+                                    "the secret differs from POSTDEPLOY_WEBHOOK_SECRET (or the "
+                                    "body was changed on the way)")
+        event = provider.classify(headers, _json_object(body))
+        if event.kind == "ping":
+            log.info("%s webhook from %s: ping answered", provider.name, peer)
+            return (200, {"status": "pong", "apps": []})
+        if event.kind == "ignored" or event.push is None:
+            return (202, {"status": "ignored", "apps": [],
+                                "reason": f"event {event.name!r} is not a push"})
+        push = event.push
+        unknown = self.index.unknown([*named, *push.apps])
+        if unknown:
+            raise HookRejected(404, f"unknown app {unknown[0][:100]!r}; known apps: "
+                                    f"{', '.join(sorted(self.index.apps)) or 'none'}")
+        apps = sorted({*named, *push.apps, *self.index.matching(push)})
+        delivery = Delivery(provider.name, provider.delivery_id(headers), tuple(apps), arrived)
+        if not apps and delivery.delivery_id is None:
+            _log_unmatched(provider, push, peer)
+            return (202, {"status": "unmatched", "apps": []})
+        try:
+            fresh = await self.dispatcher.submit(delivery)
+        except Exception as exc:
+            raise HookRejected(503, f"cannot queue the check now ({type(exc).__name__}: "
+                                    f"{redact_url(str(exc))}); retry later") from None
+        if not fresh:
+            log.info("%s webhook from %s: delivery %s seen before; nothing queued again",
+                     provider.name, peer, delivery.delivery_id)
+            return (200, {"status": "duplicate", "apps": [],
+                                "delivery": delivery.delivery_id})
+        if not apps:
+            _log_unmatched(provider, push, peer)
+            return (202, {"status": "unmatched", "apps": [],
+                                "delivery": delivery.delivery_id})
+        log.info("%s push %s (delivery %s): check queued for %s", provider.name,
+                 push.ref or "", delivery.delivery_id or "-", ", ".join(apps))
+        return (202, {"status": "queued", "apps": apps, "delivery": delivery.delivery_id})
+
+
+def _log_unmatched(provider: Provider, push: Push, peer: str) -> None:
+    urls = ", ".join(redact_url(u) for u in push.repo_urls[:2]) or "no repository"
+    log.info("%s push from %s: %s of %s matches no app", provider.name, peer,
+             push.ref or "no ref", urls)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise HookRejected(400, "the body is not UTF-8 JSON") from None
+    except ValueError as exc:
+        hint = " (truncated?)" if "Expecting" in str(exc) or "Unterminated" in str(exc) else ""
+        raise HookRejected(400, f"the body is not valid JSON{hint}: {exc}") from None
+    if not isinstance(payload, dict):
+        raise HookRejected(400, f"the body must be a JSON object, not {type(payload).__name__}")
+    return payload
+
+
+def check_settings(settings: Settings) -> str:
+    """The secret, or ConfigError: the service never runs unsigned or without apps."""
+    if not settings.webhook_secret:
+        raise ConfigError(NO_SECRET)
+    if not settings.apps:
+        raise ConfigError("no apps to match pushes against; set POSTDEPLOY_REPO, or list "
+                          "apps in postdeploy.yaml (POSTDEPLOY_CONFIG), as for the worker")
+    return settings.webhook_secret
+
+
+def serve(settings: Settings, address: str, port: int) -> int:
+    """Run the service until SIGINT/SIGTERM; 0 then. Bad settings raise ConfigError."""
+    secret = check_settings(settings)
+    url = resolve_redis_url(settings)
+    configure(settings, url)
+    client = redis_client(url)
+    expires = settings.check_interval  # a check still queued at the next poll is moot
+
+    def send_check(app: str) -> None:
+        celery_app.send_task(CHECK_TASK, args=[app], expires=expires, ignore_result=True)
+
+    dispatcher = Dispatcher(WebhookState(client), send_check)
+    service = WebhookService(secret, AppIndex(settings.apps), dispatcher)
+    dispatcher.start()
+    try:
+        return asyncio.run(_serve(service, address, port, len(settings.apps)))
+    finally:
+        dispatcher.stop()
+
+
+async def _serve(service: WebhookService, address: str, port: int, apps: int) -> int:
+    hooks = HookServer(service.handle, apps)
+    server = tornado.httpserver.HTTPServer(
+        hooks, max_body_size=READ_LIMIT, max_buffer_size=READ_LIMIT,
+        body_timeout=BODY_TIMEOUT, idle_connection_timeout=60)
+    try:
+        server.listen(port, address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}:{port}: {exc.strerror or exc}; "
+                          "pick another --port or --address") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("webhook: listening on http://%s:%d/hooks/{%s} for %d app(s)", address, port,
+             ",".join(PROVIDERS), apps)
+    await stop.wait()
+    log.info("webhook: stopping")
+    server.stop()  # no new connections; the requests in hand still get their answer
+    await hooks.drain(STOP_TIMEOUT)
+    try:
+        await asyncio.wait_for(server.close_all_connections(), STOP_TIMEOUT)
+    except TimeoutError:
+        pass
+    return 0
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m postdeploy.webhook",
+        description="Receive signed push webhooks and check the pushed apps now.")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS,
+                        help=f"address to listen on (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port to listen on (default {DEFAULT_PORT})")
+    return parser.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Module entry point (what `postdeploy up` starts): one error line, never a traceback."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if not 0 < args.port < 65_536:
+            raise ConfigError(f"invalid --port: {args.port} is not a TCP port (1-65535)")
+        settings = Settings.load()
+        check_settings(settings)
+        configure_logging(settings.log_level)
+        code = serve(settings, args.address, args.port)
+    except ConfigError as exc:
+        print(f"postdeploy: error: {exc}", file=sys.stderr)
+        code = 2
+    except PostdeployError as exc:
+        print(f"postdeploy: error: {exc}", file=sys.stderr)
+        code = 1
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
