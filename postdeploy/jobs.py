@@ -119,7 +119,7 @@ def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason:
                                                     reason=reason):
         return False
     if record.trigger == Trigger.AUTO:
-        store.mark_done(record.app, record.sha, record.id)
+        placement.mark_cancelled(settings, store, record)
     log.warning("%s@%s: run %s cancelled: %s", record.app, record.sha[:7], record.id, reason)
     notify_if_needed(settings, store, record)
     return True

@@ -313,6 +313,20 @@ def mark_done(settings: Settings, store: StateStore, app: str, sha: str, run_id:
         store.mark_done(app, sha, run_id)
 
 
+def mark_cancelled(settings: Settings, store: StateStore, record: RunRecord) -> None:
+    """A cancelled automatic run's commit is not run again: on its instance, for scope
+    instance (the commit's app-wide marker says so), else for the fleet."""
+    mark = _text(store.client.get(keys.done(record.app, record.sha)))
+    if mark != INSTANCE_SCOPE_MARK or not record.host:
+        store.mark_done(record.app, record.sha, record.id)
+        return
+    registry = InstanceRegistry(store.client)
+    # The instance's own boot (the cancel may come from another machine).
+    boot = next((i.boot_id for i in registry.live(record.app) if i.host == record.host),
+                settings.boot_id)
+    registry.mark_instance_done(record.app, record.host, boot, record.sha, record.id)
+
+
 def release_claim(store: StateStore, app: str, sha: str, place: RunPlace) -> None:
     """Not done, not ours: let a host that has the commit claim it again."""
     store.release_claim(app, sha, place.slot)

@@ -12,7 +12,7 @@ import redis
 
 from postdeploy.config import AppConfig, Settings
 from postdeploy.instances import InstanceRegistry, InstanceReporter, LocalSpecs
-from postdeploy.placement import INSTANCE_SCOPE_MARK, HostPlacement, RunRequest
+from postdeploy.placement import INSTANCE_SCOPE_MARK, HostPlacement, RunRequest, mark_cancelled
 from postdeploy.state import StateStore
 from tests.support import GitRemote, appspec_yaml, run_git
 
@@ -110,3 +110,22 @@ def test_scope_instance_once_per_host_and_boot(tmp_path: Path, remote: GitRemote
     assert b.step() == []
     a.reboot("boot-2")
     assert [(r.host, r.sha) for r in a.step()] == [("host-a", c1)]
+
+
+def test_a_cancelled_instance_run_is_done_on_its_instance_only(
+        tmp_path: Path, remote: GitRemote, rclient: redis.Redis) -> None:
+    spec = appspec_yaml("echo hi", envs={"POST_DEPLOY_SCOPE": "instance"})
+    c1 = remote.commit({"appspec.yaml": spec}, "c1")
+    a = SimHost("host-a", tmp_path, remote, rclient, boot_id="boot-a")
+    b = SimHost("host-b", tmp_path, remote, rclient)
+    (request,) = a.step()
+    b.step()
+    store = StateStore(rclient)
+    record = store.get_run(request.run_id)
+    assert record is not None and record.host == "host-a"
+    mark_cancelled(b.settings, store, record)  # from another machine: host-a's boot counts
+    registry = InstanceRegistry(rclient)
+    assert registry.instance_done("shop", "host-a", "boot-a", c1)
+    assert not registry.instance_done("shop", "host-b", "boot-1", c1)
+    assert rclient.get(f"postdeploy:app:shop:done:{c1}") == INSTANCE_SCOPE_MARK.encode()
+    assert a.step() == []  # not run again there
