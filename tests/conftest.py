@@ -45,17 +45,21 @@ _OWN_BASETEMP = pytest.StashKey[Path]()
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _basetemp_reachable_by_jobs(tmp_path_factory: pytest.TempPathFactory) -> None:
-    if AS_ROOT:  # pytest makes the base dir private again: traversable, not listable
-        tmp_path_factory.getbasetemp().chmod(0o711)
+def _temp_dirs_reachable_by_jobs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Jobs (the job user) leave journals and pid files in the tests' temp dirs."""
+    if not AS_ROOT:
+        return
+    tmp_path_factory.getbasetemp().chmod(0o711)  # pytest made it private: traverse only
+    make = tmp_path_factory.mktemp
+
+    def mktemp(basename: str, numbered: bool = True) -> Path:
+        path = make(basename, numbered)
+        path.chmod(0o1777)  # like /tmp: anyone may add files, only their owner removes them
+        return path
+
+    tmp_path_factory.mktemp = mktemp  # type: ignore[method-assign]
 
 
-@pytest.fixture
-def tmp_path(tmp_path: Path) -> Path:
-    """A test's temp dir, writable by the job user too: jobs leave journals and pid files."""
-    if AS_ROOT:
-        tmp_path.chmod(0o1777)
-    return tmp_path
 
 
 @pytest.fixture(scope="session")
