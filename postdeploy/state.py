@@ -39,6 +39,9 @@ _STORED_ANEW = -1
 _REFUSED = 0
 
 
+GUARD_SOCKET_TIMEOUT = 1.0  # seconds; a job guard's Redis calls never block longer
+
+
 class StateStore:
     """Typed access to postdeploy's Redis keys; every key comes from :mod:`keys`."""
 
@@ -161,6 +164,17 @@ class StateStore:
 
     def clear_active(self, app: str, host: str | None = None) -> None:
         self.client.delete(_active(app, host))
+
+    def guard_client(self) -> redis.Redis:
+        """A new client to the same Redis, for a job's guard (a process of its own).
+
+        Short socket timeouts: the guard must notice a lost Redis in time to stop
+        its job before the lease runs out.
+        """
+        pool = self.client.connection_pool
+        kwargs = {**pool.connection_kwargs, "socket_timeout": GUARD_SOCKET_TIMEOUT}
+        return redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, **kwargs))
 
     def run_lock(self, app: str, ttl: float, host: str | None = None) -> Lock:
         """The app's run lock: one run of an app at a time, across every host.

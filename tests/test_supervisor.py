@@ -89,6 +89,7 @@ def test_stopping_up_leaves_a_succeeded_jobs_daemons_and_stops_a_running_job(
     """The guide's `pm2 start`: what a succeeded job started belongs to the app."""
     pids = tmp_path / "pids"
     pids.mkdir()
+    pids.chmod(0o1777)  # jobs may run as the unprivileged job user
     done, busy = GitRemote(tmp_path / "git", "done"), GitRemote(tmp_path / "git", "busy")
     done.commit({"appspec.yaml": appspec_yaml("bash job.sh"), "job.sh": DAEMON_JOB})
     busy.commit({"appspec.yaml": appspec_yaml("bash job.sh"),
