@@ -65,11 +65,6 @@ def claim_ttl(interval: float) -> int:
     return max(MIN_CLAIM_TTL, int(GONE_AFTER * interval + 1))
 
 
-def claim_key(app: str, sha: str, host: str, scope: str) -> str:
-    return keys.instance_claim(app, host, sha) if scope == SCOPE_INSTANCE else keys.claim(app,
-                                                                                        sha)
-
-
 class HostPlacement:
     """This host's part in placing runs; one per worker, called from its host loop."""
 
