@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
 REVOKE_WAIT = 2.0  # seconds a SIGTERMed run waits to learn it was revoked, not shut down
+MAX_LOST_ATTEMPTS = 3  # automatic runs of one commit that may die with their worker
 HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's own settings, not the app's
 
 T = TypeVar("T")
@@ -97,6 +98,13 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
             notify_if_needed(settings, store, lost)  # NOTIFY HOOK (issue 11): run found lost
         if auto and (skipped := _skip_reason(store, app.name, sha)):
             return _finish(settings, store, record, JobOutcome(Status.SUPERSEDED, None, skipped))
+        if auto and store.lost_attempts(app.name, sha) >= MAX_LOST_ATTEMPTS:
+            # A job that takes its worker down with it (OOM, `kill $PPID`) would
+            # otherwise be run again for ever.
+            return _finish(settings, store, record, JobOutcome(Status.ERROR, None, (
+                f"its last {MAX_LOST_ATTEMPTS} runs died with their worker (lost); not run "
+                f"again automatically: see `postdeploy logs {app.name}`, then "
+                f"`postdeploy run {app.name}` by hand")))
         current = store.get_run(record.id)
         if current is not None:  # it may have been cancelled while it waited
             record = current
@@ -255,6 +263,8 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
         _patiently(lambda: store.release_claim(record.app, record.sha), "release the claim")
         return record
     if record.status == Status.LOST:
+        if moved and record.trigger == Trigger.AUTO:
+            _quietly(lambda: store.count_lost(record.app, record.sha))
         if moved:  # our own worker's shutdown: let the next check enqueue the commit again
             _patiently(lambda: store.release_claim(record.app, record.sha), "release the claim")
             _patiently(lambda: store.clear_active(record.app), "clear the active run")
@@ -272,6 +282,8 @@ def _mark_lost(store: StateStore, run_id: str) -> None:
             store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)
+        if record.trigger == Trigger.AUTO:
+            store.count_lost(record.app, record.sha)
     # Belt and braces for the runner's job guard: if the lost attempt's processes
     # still run on this host, stop them before the commit runs again (never two
     # copies of a job at once).

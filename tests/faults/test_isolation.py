@@ -22,6 +22,7 @@ from tests.faults.conftest import FaultScope
 from tests.faults.harness import (
     GitHttpServer,
     audit,
+    crash_host,
     journal_job,
     journal_lines,
     serve_dumb,
@@ -222,3 +223,34 @@ def test_stalled_worker_never_lets_a_second_copy_start(
         assert len(journal_lines(journal, "start")) == 1
         assert finished(client, "shop", sha)() == ["succeeded"]
         f.audit = audit(client, "shop", [sha])
+
+
+def test_a_commit_whose_runs_keep_dying_is_tried_three_times(
+        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
+        services: Callable[..., Service], fault: FaultScope) -> None:
+    server = private_redis()
+    client = server.client()
+    sha = remote.commit({"appspec.yaml": appspec_yaml("echo started; sleep 60")}, "deadly")
+    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="shop")
+    services("beat", env, "beat")
+    seen: set[str] = set()
+    with fault("a commit whose runs die with their worker, again and again"):
+        for attempt in range(3):
+            worker = services("worker", env, f"worker-{attempt}")
+
+            def new_running() -> str | None:
+                return next((r.id for r in runs(client, "shop") if r.sha == sha
+                             and r.status == "running" and r.id not in seen
+                             and "started" in output_of(client, r.id)), None)
+
+            run_id = wait_for(new_running, 60, what=f"attempt {attempt + 1} to run")
+            seen.add(run_id)
+            crash_host(worker, [run_id])
+        services("worker", env, "worker-last")
+        wait_for(lambda: any(r.sha == sha and r.status == "error" for r in runs(client, "shop")),
+                 60, what="the fourth attempt to end as error")
+        statuses = [r.status for r in runs(client, "shop") if r.sha == sha]
+        assert statuses == ["lost", "lost", "lost", "error"], statuses
+        error = runs(client, "shop")[-1]
+        assert "died with their worker" in (error.reason or "")
