@@ -17,7 +17,9 @@ user (root, in the image). Three rules follow:
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -60,13 +62,12 @@ CREDENTIAL_HELPER = (
     f"printf 'username=%s\\npassword=%s\\n' \"${USERNAME_VAR}\" \"${PASSWORD_VAR}\"; }}; f"
 )
 # Repo config a job may write that would make our git run a program. Command-line
-# config is read last, so each of these wins; `credential.helper=` empties the list
-# built so far (system, global, repo) before ours is added.
+# config is read last, so each of these wins. Credential helpers are a list, handled
+# in RepoAccess.environment.
 OVERRIDES = (
     "core.hooksPath=/dev/null",
     "core.fsmonitor=false",
     "core.askPass=",
-    "credential.helper=",
     # ssh must never wait for a password or a host-key answer either. As git config
     # it is only a default: an operator's GIT_SSH_COMMAND (say, with a deploy key) wins.
     "core.sshCommand=ssh -o BatchMode=yes -o ConnectTimeout=15",
@@ -77,6 +78,8 @@ CORE_KEYS = ("repositoryformatversion", "filemode", "bare", "logallrefupdates",
              "symlinks", "ignorecase", "precomposeunicode")
 FETCH_REFSPEC = "+refs/heads/*:refs/remotes/origin/*"
 MAX_CONFIG_BYTES = 65536  # ours is a few hundred bytes
+
+log = logging.getLogger(__name__)
 
 
 class RepoAccess:
@@ -100,20 +103,55 @@ class RepoAccess:
         args: list[str] = []
         for item in OVERRIDES:
             args += ["-c", item]
-        if self.username is not None:
-            args += ["-c", f"credential.helper={CREDENTIAL_HELPER}"]
         return args
 
     def environment(self, environ: dict[str, str]) -> dict[str, str]:
         """git's environment: the allow-listed part of ``environ``, our fixed values,
-        and this repo's credentials (for the helper only)."""
+        the credential helpers, and this repo's credentials (for our helper only)."""
         env = {name: environ[name] for name in ALLOWED_ENV if name in environ}
         env.setdefault("GIT_PROXY_COMMAND", "")
         env.update(FIXED_ENV)
+        # An empty helper empties the list built so far (system, global, and the
+        # repo's, which a job may have written); then ours, then the operator's own
+        # (system and global config) again. GIT_CONFIG_KEY_n takes any key as it is,
+        # where `-c` would split a URL-scoped key at its first '='.
+        helpers = [("credential.helper", "")]
         if self.username is not None:
+            helpers.append(("credential.helper", CREDENTIAL_HELPER))
             env.update({USERNAME_VAR: self.username, PASSWORD_VAR: self.password,
                         ORIGIN_VAR: self.origin})
+        helpers += operator_helpers(env)
+        env["GIT_CONFIG_COUNT"] = str(len(helpers))
+        for index, (key, value) in enumerate(helpers):
+            env[f"GIT_CONFIG_KEY_{index}"] = key
+            env[f"GIT_CONFIG_VALUE_{index}"] = value
         return env
+
+
+_operator_helpers: list[tuple[str, str]] | None = None
+
+
+def operator_helpers(env: dict[str, str]) -> list[tuple[str, str]]:
+    """Credential helpers of the system and global git config, in order (read once)."""
+    global _operator_helpers
+    if _operator_helpers is None:
+        found: list[tuple[str, str]] = []
+        try:
+            # A git dir that cannot exist: no repository's config is read.
+            done = subprocess.run(
+                ["git", "config", "--show-scope", "-z", "--get-regexp",
+                 r"^credential\..*helper$"],
+                env={**env, "GIT_DIR": os.path.join(os.devnull, "none")},
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+            fields = done.stdout.decode(errors="replace").split("\0")
+            for scope, entry in zip(fields[0::2], fields[1::2], strict=False):
+                key, _, value = entry.partition("\n")
+                if scope in ("system", "global"):
+                    found.append((key, value))
+        except (OSError, subprocess.TimeoutExpired):
+            log.warning("cannot read git's credential helpers; using none of them")
+        _operator_helpers = found
+    return _operator_helpers
 
 
 def clone_config(git_dir: Path | None, url: str) -> str:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from postdeploy import gitsafety
 from postdeploy.config import AppConfig
 from postdeploy.errors import GitError
+from postdeploy.gitsafety import RepoAccess
 from postdeploy.gitsource import AppSource
 from tests.faults.harness import GitHttpServer, serve_dumb
 from tests.support import GitRemote, appspec_yaml, run_git
@@ -156,3 +158,32 @@ def test_git_gets_none_of_the_executors_secrets(tmp_path: Path,
     for secret in ("redis-pw-77", "flower-pw-77", "api-key-77", "POSTDEPLOY_", "FLOWER_"):
         assert secret not in env, secret
     assert os.environ["POSTDEPLOY_REDIS_URL"]  # it was there to leak
+
+
+def test_operators_own_credential_helper_still_works(
+        remote: GitRemote, http: GitHttpServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper in the executor's global git config (a URL without a token) is kept;
+    a helper the repo's config names is not run."""
+    sha = remote.commit({"appspec.yaml": appspec_yaml("true")})
+    marker = tmp_path / "repo-helper-ran"
+    global_config = tmp_path / "gitconfig"
+    global_config.write_text(
+        f'[credential "{http.url("")}"]\n'
+        f"\thelper = \"!f() {{ echo username=deploy; echo password={TOKEN}; }}; f\"\n")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(global_config))
+    monkeypatch.setattr(gitsafety, "_operator_helpers", None)  # read per process
+    source = AppSource(AppConfig("shop", repo=http.url("shop.git"), branch="main"),
+                       tmp_path / "state")
+    assert source.current_sha() == sha
+    workdir, _ = source.prepare(sha)
+    # A helper planted in the clone's config (and not yet undone by our rewrite of it),
+    # on a command that needs credentials: never run.
+    run_git(workdir, "config", "credential.helper", f"!touch {marker}")
+    planted = RepoAccess(http.url("shop.git"))
+    env = planted.environment(dict(os.environ))
+    done = subprocess.run(
+        ["git", *planted.config_args(), "ls-remote", http.url("shop.git")],
+        cwd=workdir, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
