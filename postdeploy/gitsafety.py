@@ -5,12 +5,13 @@ A job runs in its app's clone, so anything git reads from that clone (``.git/con
 user (root, in the image). Three rules follow:
 
 - Credentials never touch the clone: the URL git sees has none; a credential helper
-  given on the command line hands them out, from variables only that git process
+  given as command-line config hands them out, from variables only that git process
   gets, and only to the repo's own scheme and host (a rewritten remote, a redirect
   or an ``insteadOf`` elsewhere gets nothing).
-- What repo config could run, the command line overrides (hooks, fsmonitor, askpass,
-  credential helpers, ssh), and our clone's ``.git/config`` is ours: rewritten from
-  the few keys git needs whenever it differs (filters, includes, aliases a job adds).
+- What repo config could run, command-line config overrides (hooks, fsmonitor,
+  askpass, ssh; the credential helper list is emptied, then ours and the operator's
+  own are added), and our clone's ``.git/config`` is ours: rewritten from the few
+  keys git needs whenever it differs (filters, includes, URL rewrites a job adds).
 - git's environment is built from an allow-list: the executor's own secrets
   (POSTDEPLOY_*, FLOWER_*, anything else) never reach a process a repo could steer.
 """

@@ -178,18 +178,21 @@ class AppSource:
         whenever it differs from ours (a token in a URL from before, keys a job added).
         """
         git_dir = self.clone_dir / ".git"
-        if git_dir.is_symlink() or (git_dir.exists() and not git_dir.is_dir()):
-            log.warning("%s: %s is not the git directory we made; cloning again",
-                        self.app.name, git_dir)
-            shutil.rmtree(self.clone_dir)
-        if not git_dir.exists():
-            self.clone_dir.parent.mkdir(parents=True, exist_ok=True)
-            if self.clone_dir.exists():  # a directory a failed clone left
-                shutil.rmtree(self.clone_dir)
-            self._git(None, ["clone", "--quiet", "--no-checkout", "--", self.access.url,
-                             str(self.clone_dir)], timeout=FETCH_TIMEOUT)
-        if own_clone_config(git_dir, self.access.url):
-            log.debug("%s: rewrote %s/config", self.app.name, git_dir)
+        try:
+            if git_dir.is_symlink() or (git_dir.exists() and not git_dir.is_dir()):
+                log.warning("%s: %s is not the git directory we made; cloning again",
+                            self.app.name, git_dir)
+                _remove(self.clone_dir)
+            if not git_dir.exists():
+                self.clone_dir.parent.mkdir(parents=True, exist_ok=True)
+                _remove(self.clone_dir)  # what a failed clone or a job left
+                self._git(None, ["clone", "--quiet", "--no-checkout", "--",
+                                 self.access.url, str(self.clone_dir)], timeout=FETCH_TIMEOUT)
+            if own_clone_config(git_dir, self.access.url):
+                log.debug("%s: rewrote %s/config", self.app.name, git_dir)
+        except OSError as exc:
+            raise GitError(f"cannot prepare the clone of {self.app.name} in "
+                           f"{self.clone_dir}: {exc.strerror or exc}") from None
 
     @contextmanager
     def _host_lock(self) -> Iterator[None]:
@@ -230,6 +233,14 @@ class AppSource:
             raise GitError(_describe_failure(args, done.stderr.decode(errors="replace"),
                                              done.returncode, self.app.source))
         return done.stdout
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (never what it points to) or a directory tree."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _judge_appspec(mode: int, size: int) -> None:
