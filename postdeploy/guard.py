@@ -209,19 +209,24 @@ def _guard_main(spec: GuardSpec, control: int, report: int, output_fd: int,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                 signal.SIGUSR2, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # A child's exit wakes the guard's select at once (through this pipe), not a tick later.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     terminated: list[str] = []
     signal.signal(signal.SIGTERM, lambda *_: terminated.append("the executor is stopping"))
     _prctl(_PR_SET_NAME, GUARD_NAME)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    guard = _Guard(spec, control, report, terminated)
+    guard = _Guard(spec, control, report, terminated, wake_r)
     return guard.run(output_fd)
 
 
 class _Guard:
     def __init__(self, spec: GuardSpec, control: int, report: int,
-                 terminated: list[str]) -> None:
+                 terminated: list[str], wake: int) -> None:
         self.spec = spec
+        self.wake = wake
         self.control = control
         self.report = report
         self.terminated = terminated
@@ -340,11 +345,16 @@ class _Guard:
                     self._renew()
 
     def _read_control(self, wait: float) -> str | None:
-        if self.worker_gone:
-            time.sleep(wait)
+        """Wait up to ``wait`` for a command, a child's exit or a signal; the command if any."""
+        watched = [self.wake] if self.worker_gone else [self.control, self.wake]
+        try:
+            readable, _, _ = select.select(watched, [], [], wait)
+        except InterruptedError:
             return None
-        readable, _, _ = select.select([self.control], [], [], wait)
-        if not readable:
+        if self.wake in readable:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.read(self.wake, 512)
+        if self.control not in readable or self.worker_gone:
             return None
         chunk = os.read(self.control, 4096)
         if not chunk:
