@@ -80,7 +80,8 @@ class Sandbox:
     gid: int | None = None
     home: str | None = None
     hide: tuple[str, ...] = ()  # paths covered by an empty tmpfs (directories) or /dev/null
-    expose: tuple[str, ...] = ()  # paths inside hidden ones that the job still needs
+    root: str | None = None  # an empty tmpfs is mounted here for the binds below
+    binds: tuple[tuple[str, str], ...] = ()  # (source, where the job sees it), under root
 
 
 @dataclass(frozen=True)

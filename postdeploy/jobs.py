@@ -28,7 +28,7 @@ from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
 from postdeploy.guard import Lease
 from postdeploy.jobclock import JobClock
-from postdeploy.jobuser import job_user_env, sandbox_for
+from postdeploy.jobuser import JobPlace, job_user_env, place_job
 from postdeploy.notify import executor_secrets as notify_secrets
 from postdeploy.notify import notify_if_needed
 from postdeploy.output import OutputCapture
@@ -164,10 +164,11 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
             else:
                 log.info("%s: POST_DEPLOY job started (run %s, %s trigger, timeout %d s): %s",
                          label, record.id, record.trigger, spec.timeout, record.command)
-                job = Job(spec.command, cwd, _job_env(settings, spec.env, record, workdir),
-                          secrets, label)
+                place = place_job(settings, record.app, workdir)
+                job = Job(spec.command, place.inside(workdir, cwd),
+                          _job_env(settings, spec.env, record, place), secrets, label)
                 outcome = _run_job_process(settings, store, clock, record, lock, job,
-                                           source, lease_held)
+                                           place, lease_held)
         except (AppSpecError, GitError) as exc:
             outcome = JobOutcome(Status.ERROR, None, mask_secrets(str(exc), secrets))
         except SoftTimeLimitExceeded:
@@ -190,7 +191,7 @@ class Job:
 
 
 def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, record: RunRecord,
-                     lock: Lock, job: Job, source: AppSource,
+                     lock: Lock, job: Job, place: JobPlace,
                      lease_held: ExitStack) -> JobOutcome:
     def store_output(tail: bytes, total: int) -> None:
         record.output_bytes = total
@@ -200,10 +201,9 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
     lease = Lease(connect=store.guard_client, lock_key=keys.run_lock(record.app),
                   token=_token(lock), ttl=float(settings.lock_ttl),
                   claim_key=keys.claim(record.app, record.sha), cancel_key=keys.cancel(record.id))
-    sandbox = sandbox_for(settings, record.app, source.workdir)
     outcome = lease_held.enter_context(run_process(
         job.command, job.cwd, job.env, settings.kill_grace, record.id, capture.feed,
-        capture.flush_if_due, clock.stop_request, lease, sandbox))
+        capture.flush_if_due, clock.stop_request, lease, place.sandbox))
     if outcome.status in (Status.TIMED_OUT, Status.CANCELLED, Status.LOST):
         capture.note(f"[postdeploy] {outcome.reason}; the job's processes were stopped")
     capture.close()
@@ -224,9 +224,9 @@ def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
     return JobOutcome(Status.LOST, outcome.exit_code,
                       _lost_reason(record, "its worker was shut down mid-run"))
 def _job_env(settings: Settings, app_env: Mapping[str, str], record: RunRecord,
-             checkout: Path) -> dict[str, str]:
+             place: JobPlace) -> dict[str, str]:
     env = {k: v for k, v in settings.environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
-    env.update(job_user_env(settings, record.app, checkout))
+    env.update(job_user_env(settings, place))
     env.update(app_env)
     env.update({"COMMIT_SHA": record.sha, "POST_DEPLOY_APP": record.app,
                 "POST_DEPLOY_RUN_ID": record.id, "POST_DEPLOY_TRIGGER": record.trigger})
