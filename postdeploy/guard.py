@@ -288,10 +288,17 @@ class _Guard:
             pipe = self.client.pipeline(transaction=False)
             pipe.eval(_RENEW_LOCK, 1, lease.lock_key, lease.token, int(lease.ttl * 1000))
             if lease.claim_key:
-                pipe.set(lease.claim_key, "running", ex=max(1, int(lease.ttl)))
+                # EXPIRE, not SET: Redis at maxmemory refuses SET but not EXPIRE, and a
+                # refused claim must not look like a lost lease.
+                pipe.expire(lease.claim_key, max(1, int(lease.ttl)))
             if lease.cancel_key:
                 pipe.get(lease.cancel_key)
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            if lease.claim_key and replies[1] == 0:  # lost with Redis' data: put it back
+                with contextlib.suppress(redis.RedisError):
+                    self.client.set(lease.claim_key, "running", ex=max(1, int(lease.ttl)))
         except redis.RedisError as exc:
             # Fencing: stop the job while the lease still holds, so that nobody else
             # can take it and start a second copy while this one runs.
@@ -302,7 +309,7 @@ class _Guard:
             return "lease lost (another worker holds the app's run lock)"
         self.last_renewal = time.monotonic()
         cancel = replies[-1] if lease.cancel_key else None
-        if cancel:
+        if isinstance(cancel, bytes) and cancel:
             return f"cancelled {cancel.decode(errors='replace')}".strip()
         return None
 
