@@ -113,11 +113,11 @@ def run_worker(settings: Settings, argv: Sequence[str] = ()) -> None:
     # Root is how the worker switches every job to the job user; Celery's warning about
     # it (meant for tasks that run as root) would say the opposite of what happens.
     warnings.filterwarnings("ignore", message=r"(?s).*running the worker with superuser")
-    level, how = describe_isolation(settings)
-    log.log(level, "%s", how)
 
     def _ready(**_: Any) -> None:
         _register_apps(settings)
+        level, how = describe_isolation(settings)  # once, when Celery took its flags
+        log.log(level, "%s", how)
 
     signals.worker_ready.connect(_ready, weak=False)
 
