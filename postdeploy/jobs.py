@@ -140,6 +140,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                                "add it to appspec.yaml envs")
         cwd = resolve_folder(workdir, spec.folder)
         clock.arm(spec.timeout)
+        _heed_cancel_request(store, clock, record)
         if not lifecycle.update(store, record, command=mask_secrets(spec.command, secrets),
                                 timeout=spec.timeout):
             # Ended meanwhile (cancelled while git worked): the job never starts.
@@ -184,6 +185,7 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
                 log.warning("%s: lost the run lock (Redis restarted?); finishing anyway", label)
                 _quietly(lambda: lock.acquire(blocking=False))
             _quietly(lambda: store.hold_claim(record.app, record.sha, settings.lock_ttl))
+            _heed_cancel_request(store, clock, record)
 
     outcome = run_process(command, cwd, env, settings.kill_grace, record.id, capture.feed,
                           tick, clock.stop_request)
@@ -191,6 +193,17 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
         capture.note(f"[postdeploy] {outcome.reason}; the job's processes were stopped")
     capture.close()
     return outcome
+
+
+def _heed_cancel_request(store: StateStore, clock: JobClock, record: RunRecord) -> None:
+    """Pass a cancel written to Redis (`postdeploy cancel` on any host, Flower's revoke
+    without terminate) on to the clock, so the runner stops the job with its reason."""
+    if clock.cancel_reason is None:
+        reason = _quietly(lambda: store.cancel_request(record.id))
+        if reason:
+            log.warning("%s@%s: run %s: %s; stopping the job", record.app, record.sha[:7],
+                        record.id, reason)
+            clock.cancel(reason)
 
 
 def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
