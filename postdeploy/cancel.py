@@ -79,9 +79,8 @@ def request_cancel(settings: Settings, store: StateStore, record: RunRecord,
             return Cancel(Result.CANCELLED, record)
         # It moved meanwhile (cancel_run left what is stored in ``record``): it ended,
         # or a worker started it, and then only that worker can stop it.
-    if record.status.finished:
-        result = Result.CANCELLED if record.status == Status.CANCELLED else Result.ENDED
-        return Cancel(result, record)
+    if record.status.finished:  # also when another cancel got there first
+        return Cancel(Result.ENDED, record)
     store.request_cancel(record.id, reason, CANCEL_TTL)
     log.info("asked the worker running run %s (%s@%s) to stop it: %s", record.id, record.app,
              record.sha[:7], reason)
