@@ -108,6 +108,34 @@ def wait_stopped(store: StateStore, record: RunRecord, timeout: float,
         time.sleep(POLL)
 
 
+def cancel_and_report(settings: Settings, store: StateStore, record: RunRecord,
+                      say: Callable[[str, bool], None]) -> bool:
+    """`postdeploy cancel`: cancel ``record``, wait for a running job to stop, and say
+    how it went through ``say(line, to_stderr)``; False when the run had already ended."""
+    label = f"run {record.id} of {record.app}@{record.sha[:7]}"
+    outcome = request_cancel(settings, store, record, cli_reason())
+    wait = stop_wait(settings)
+    if outcome.result == Result.STOPPING:
+        say(f"stopping {label} on {outcome.record.worker or 'its worker'} "
+            "(SIGTERM, then SIGKILL after the grace)...", True)
+        outcome = wait_stopped(store, outcome.record, wait,
+                               lambda waited: say(f"  still stopping after {waited:.0f} s...",
+                                                  True))
+    final = outcome.record
+    if outcome.result == Result.ENDED:
+        say(f"run {final.id} already ended as {final.status}", False)
+        return False
+    if outcome.result == Result.STOPPING:
+        say(f"{label} is still stopping after {wait:g} s; the cancel request stands "
+            f"(see `postdeploy history {record.app}`)", False)
+    else:
+        say(f"cancelled {label}: {final.reason}", False)
+    for other in other_unfinished(store, final):
+        say(f"run {other.id} of {other.app}@{other.sha[:7]} is still {other.status}; "
+            f"`postdeploy cancel {other.app} {other.id}` cancels it too", True)
+    return True
+
+
 def stop_wait(settings: Settings) -> float:
     """How long the CLI waits: SIGTERM, the grace, SIGKILL, and the worker's record."""
     return settings.kill_grace + STOP_MARGIN

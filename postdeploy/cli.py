@@ -263,16 +263,7 @@ def history(settings: Settings, app: str, as_json: bool, limit: int) -> int:
 @with_settings
 def cancel(settings: Settings, app: str, run_id: str | None) -> int:
     """Cancel APP's running, waiting or queued run (or RUN_ID); exit 1 if there is none."""
-    from postdeploy.cancel import (
-        NotThatAppsRun,
-        Result,
-        cli_reason,
-        other_unfinished,
-        pick_run,
-        request_cancel,
-        stop_wait,
-        wait_stopped,
-    )
+    from postdeploy.cancel import NotThatAppsRun, cancel_and_report, pick_run
     from postdeploy.errors import UnknownApp
     from postdeploy.manual import known_apps, require_app
 
@@ -285,27 +276,9 @@ def cancel(settings: Settings, app: str, run_id: str | None) -> int:
     if record is None:
         click.echo(f"nothing to cancel: {app} has no queued, waiting or running run")
         return EXIT_FAILED
-    label = f"run {record.id} of {app}@{record.sha[:7]}"
-    outcome = request_cancel(settings, store, record, cli_reason())
-    if outcome.result == Result.STOPPING:
-        wait = stop_wait(settings)
-        click.echo(f"stopping {label} on {outcome.record.worker or 'its worker'} "
-                   f"(SIGTERM, then SIGKILL after the grace)...", err=True)
-        outcome = wait_stopped(store, outcome.record, wait, lambda waited: click.echo(
-            f"  still stopping after {waited:.0f} s...", err=True))
-    final = outcome.record
-    if outcome.result == Result.ENDED:
-        click.echo(f"run {final.id} already ended as {final.status}")
-        return EXIT_FAILED
-    if outcome.result == Result.STOPPING:
-        click.echo(f"{label} is still stopping after {wait:g} s; the cancel request stands "
-                   f"(see `postdeploy history {app}`)")
-    else:
-        click.echo(f"cancelled {label}: {final.reason}")
-    for other in other_unfinished(store, final):
-        click.echo(f"run {other.id} of {app}@{other.sha[:7]} is still {other.status}; "
-                   f"`postdeploy cancel {app} {other.id}` cancels it too", err=True)
-    return 0
+    done = cancel_and_report(settings, store, record,
+                             lambda line, to_stderr: click.echo(line, err=to_stderr))
+    return 0 if done else EXIT_FAILED
 
 
 @cli.command()

@@ -42,6 +42,14 @@ def cancel_cli(redis_url: str, where: Path, *args: str,
                timeout=60)
 
 
+def queue_manual_run(env: dict[str, str], sha: str) -> str:
+    """`postdeploy run shop --sha SHA` (as configured in ``env``); the run's id."""
+    queued = subprocess.run([sys.executable, "-m", "postdeploy.cli", "run", "shop", "--sha", sha],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert queued.returncode == 0, queued.stderr
+    return queued.stdout.split()[3]  # "queued manual run ID of shop@sha7"
+
+
 def wait_running(client: redis.Redis, timeout: float = 30) -> RunRecord:
     """The app's run once its job has printed "started"."""
     return wait_for(lambda: next((r for r in runs(client, "shop") if r.status == "running"
@@ -118,10 +126,9 @@ def test_a_queued_run_is_cancelled_and_never_starts(
     sha = remote.commit({"appspec.yaml": appspec_yaml(f"touch {marker}")})
     env = env_for(remote)
     # No worker yet: the run waits in the queue.
-    queued = subprocess.run([sys.executable, "-m", "postdeploy.cli", "run", "shop", "--sha", sha],
-                            env=env, capture_output=True, text=True, timeout=60)
-    assert queued.returncode == 0, queued.stderr
+    run_id = queue_manual_run(env, sha)
     [record] = runs(rclient, "shop")
+    assert record.id == run_id
     assert record.status == "queued"
 
     # No worker has registered the app yet: this CLI is configured with it.
@@ -194,10 +201,7 @@ def test_a_cancel_racing_the_jobs_own_end_tells_what_happened(
     seen: set[int] = set()
     for delay in (0.3, 0.6, 0.9, 1.2):
         started = time.monotonic()
-        queued = subprocess.run([sys.executable, "-m", "postdeploy.cli", "run", "shop",
-                                 "--sha", remote.head()], env=env, capture_output=True, text=True, timeout=60)
-        assert queued.returncode == 0, queued.stderr
-        run_id = queued.stdout.split()[3]
+        run_id = queue_manual_run(env, remote.head())
         wait_for(lambda r=run_id: "started" in output_of(rclient, r), 30,  # type: ignore[misc]
                  what="the job to start")
         time.sleep(max(0.0, delay - (time.monotonic() - started)))  # aim near the job's end
