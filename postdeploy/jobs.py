@@ -89,7 +89,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
     try:
         lost = store.take_active(app.name)
         if lost:
-            _mark_lost(store, lost)
+            _mark_lost(settings, store, lost)
             notify_if_needed(settings, store, lost)  # NOTIFY HOOK (issue 11): run found lost
         if auto and (skipped := _skip_reason(store, app.name, sha)):
             return _finish(settings, store, record, JobOutcome(Status.SUPERSEDED, None, skipped))
@@ -269,9 +269,14 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
     return record
 
 
-def _mark_lost(store: StateStore, run_id: str) -> None:
+def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:
     record = store.get_run(run_id)
-    if record is not None and not record.status.finished and lifecycle.move(
+    cancel = store.cancel_request(run_id) if record is not None else None
+    if record is not None and cancel:
+        # Cancelled while its worker was dying: keep the operator's word (and, for an
+        # automatic run, its commit is not run again).
+        cancel_run(settings, store, record, f"{cancel} (its worker had stopped mid-run)")
+    elif record is not None and not record.status.finished and lifecycle.move(
             store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)

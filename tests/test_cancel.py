@@ -19,12 +19,14 @@ from postdeploy.records import RunRecord, Status
 from postdeploy.runner import job_processes
 from postdeploy.state import StateStore
 from tests.clirun import cli, cli_env
+from tests.faults.harness import crash_host
 from tests.support import (
     GitRemote,
     Service,
     appspec_yaml,
     finished_runs,
     output_of,
+    process_alive,
     runs,
     wait_for,
 )
@@ -52,9 +54,10 @@ def queue_manual_run(env: dict[str, str], sha: str) -> str:
 
 def wait_running(client: redis.Redis, timeout: float = 30) -> RunRecord:
     """The app's run once its job has printed "started"."""
-    return wait_for(lambda: next((r for r in runs(client, "shop") if r.status == "running"
-                                  and "started" in output_of(client, r.id)), None), timeout,
-                    what="the job to start")
+    def started() -> list[RunRecord]:
+        return [r for r in runs(client, "shop") if r.status == "running"
+                and "started" in output_of(client, r.id)]
+    return wait_for(started, timeout, what="the job to start")[0]
 
 
 def wait_checks(client: redis.Redis, count: int) -> None:
@@ -90,8 +93,10 @@ def test_cancel_stops_a_running_job_and_its_commit_is_not_run_again(
     worker = services("worker", env_for(remote))
     services("beat", env_for(remote))
     running = wait_running(rclient)
-    pids = wait_for(lambda: len(p := job_processes(running.id)) >= 3 and p, 10,
-                    what="the job's processes")
+    def all_started() -> list[int]:  # bash, the background sleep and the foreground one
+        pids = job_processes(running.id)
+        return pids if len(pids) >= 3 else []
+    pids = wait_for(all_started, 10, what="the job's processes")
     pools = pool_pids(worker)
 
     started = time.monotonic()
@@ -105,8 +110,7 @@ def test_cancel_stops_a_running_job_and_its_commit_is_not_run_again(
     done = finished_runs(rclient, "shop")
     assert [(r.id, r.status, r.reason) for r in done] == [(running.id, "cancelled", reason)]
     assert job_processes(running.id) == []
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                   for p in pids)
+    assert not any(process_alive(p) for p in pids)
     assert "the job's processes were stopped" in output_of(rclient, running.id)
     assert pool_pids(worker) == pools and worker.alive()
 
@@ -191,6 +195,34 @@ def test_cancel_reaches_a_run_on_another_host(
     assert pool_pids(worker) == pools and worker.alive()
 
 
+def test_a_cancel_of_a_run_whose_worker_died_stands_and_its_commit_is_not_run_again(
+        remote: GitRemote, rclient: redis.Redis, redis_url: str, services: Start,
+        env_for: EnvFor, tmp_path: Path) -> None:
+    remote.commit({"appspec.yaml": appspec_yaml(LONG_JOB, timeout="600")})
+    env = env_for(remote)
+    worker = services("worker", env)
+    services("beat", env)
+    running = wait_running(rclient)
+    crash_host(worker, [running.id])
+
+    result = cancel_cli(redis_url, tmp_path / "elsewhere", "shop")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (f"run {running.id} of shop@{running.sha[:7]} is still stopping "
+                             "after 7 s; the cancel request stands (see `postdeploy history "
+                             "shop`)\n")
+    assert "still stopping after" in result.stderr
+
+    # The next worker finds the run lost: the operator's cancel is what it records.
+    services("worker", env, "worker-after")
+    [done] = wait_for(lambda: [r for r in runs(rclient, "shop") if r.id == running.id
+                               and r.status != "running"], 40, what="the run to be ended")
+    assert done.status == "cancelled"
+    assert done.reason == f"{expected_reason()} (its worker had stopped mid-run)"
+    wait_checks(rclient, 3)
+    assert [r.status for r in runs(rclient, "shop")
+            if r.status not in ("superseded", "cancelled")] == []
+
+
 def test_a_cancel_racing_the_jobs_own_end_tells_what_happened(
         remote: GitRemote, rclient: redis.Redis, redis_url: str, services: Start,
         env_for: EnvFor, tmp_path: Path) -> None:
@@ -218,7 +250,7 @@ def test_a_cancel_racing_the_jobs_own_end_tells_what_happened(
         seen.add(result.returncode)
         assert job_processes(run_id) == []
     # Every run was recorded once: one finish counted per run.
-    counted = {k.decode(): int(v) for k, v in rclient.hgetall(keys.RUNS_TOTAL).items()}
+    counted = {str(k): int(v) for k, v in rclient.hgetall(keys.RUNS_TOTAL).items()}
     assert sum(counted.values()) == 4, counted
     ended = cancel_cli(redis_url, tmp_path / "elsewhere", "shop", run_id)
     assert ended.returncode == 1 and "already ended as" in ended.stdout
