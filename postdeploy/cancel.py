@@ -3,8 +3,9 @@
 A queued or waiting run is ended at once (the lifecycle makes it atomic, and the
 worker refuses to start a run that is no longer queued). A running job lives in
 some worker's pool process, on whichever host: the request is written to Redis
-(``keys.cancel``) and that worker stops the job's process group (SIGTERM, the
-grace, SIGKILL) and records the run ``cancelled`` with the request's reason.
+(``keys.cancel``: who and how, e.g. "from the CLI by root@host") and that
+worker's job guard stops the job's processes (SIGTERM, the grace, SIGKILL); the
+run is recorded ``cancelled`` with the reason "cancelled <who and how>".
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ class Cancel:
     record: RunRecord
 
 
-def cli_reason() -> str:
-    """Who and how, for the run's reason: "cancelled from the CLI by root@host"."""
-    return f"cancelled from the CLI by {_user()}@{socket.gethostname()}"
+def cli_how() -> str:
+    """Who and how, for the run's reason: "from the CLI by root@host"."""
+    return f"from the CLI by {_user()}@{socket.gethostname()}"
 
 
 def pick_run(store: StateStore, app: str, run_id: str | None) -> RunRecord | None:
@@ -72,18 +73,22 @@ def other_unfinished(store: StateStore, record: RunRecord) -> list[RunRecord]:
 
 
 def request_cancel(settings: Settings, store: StateStore, record: RunRecord,
-                   reason: str) -> Cancel:
-    """Cancel ``record``: at once if it has not started, else ask its worker to stop it."""
+                   how: str) -> Cancel:
+    """Cancel ``record``: at once if it has not started, else ask its worker to stop it.
+
+    ``how`` says who and how ("from the CLI by root@host"); the run's reason
+    becomes "cancelled <how>".
+    """
     if record.status in (Status.QUEUED, Status.WAITING):
-        if cancel_run(settings, store, record, reason):
+        if cancel_run(settings, store, record, f"cancelled {how}"):
             return Cancel(Result.CANCELLED, record)
         # It moved meanwhile (cancel_run left what is stored in ``record``): it ended,
         # or a worker started it, and then only that worker can stop it.
     if record.status.finished:  # also when another cancel got there first
         return Cancel(Result.ENDED, record)
-    store.request_cancel(record.id, reason, CANCEL_TTL)
-    log.info("asked the worker running run %s (%s@%s) to stop it: %s", record.id, record.app,
-             record.sha[:7], reason)
+    store.request_cancel(record.id, how, CANCEL_TTL)
+    log.info("asked the worker running run %s (%s@%s) to stop it: cancelled %s", record.id,
+             record.app, record.sha[:7], how)
     # It may have ended between our read and the request: then nobody will stop it.
     current = store.get_run(record.id) or record
     return Cancel(_result_of(current), current)
@@ -113,7 +118,7 @@ def cancel_and_report(settings: Settings, store: StateStore, record: RunRecord,
     """`postdeploy cancel`: cancel ``record``, wait for a running job to stop, and say
     how it went through ``say(line, to_stderr)``; False when the run had already ended."""
     label = f"run {record.id} of {record.app}@{record.sha[:7]}"
-    outcome = request_cancel(settings, store, record, cli_reason())
+    outcome = request_cancel(settings, store, record, cli_how())
     wait = stop_wait(settings)
     if outcome.result == Result.STOPPING:
         say(f"stopping {label} on {outcome.record.worker or 'its worker'} "

@@ -93,6 +93,9 @@ class Settings:
     notify_backoff: float = DEFAULT_NOTIFY_BACKOFF
     # Signs push webhooks (POSTDEPLOY_WEBHOOK_SECRET); never shown, hence no repr.
     webhook_secret: str | None = field(default=None, repr=False)
+    # Who jobs run as when the executor is root (POSTDEPLOY_JOB_USER: a name or uid:gid;
+    # checked by the worker at start-up, see postdeploy.jobuser).
+    job_user: str | None = None
     # The executor's own environment: the base of every job's environment and the
     # fallback for POST_DEPLOY_* keys an appspec leaves out.
     environ: Mapping[str, str] = field(default_factory=dict)
@@ -165,6 +168,7 @@ class Settings:
                 pick("notify_backoff", "POSTDEPLOY_NOTIFY_BACKOFF"),
                 "POSTDEPLOY_NOTIFY_BACKOFF", DEFAULT_NOTIFY_BACKOFF),
             webhook_secret=env.get("POSTDEPLOY_WEBHOOK_SECRET") or None,
+            job_user=env.get("POSTDEPLOY_JOB_USER", "").strip() or None,
             environ=env,
         )
         repo = flags.get("repo") or env.get("POSTDEPLOY_REPO")

@@ -58,9 +58,13 @@ return 0
 
 @dataclass(frozen=True)
 class Lease:
-    """What the guard keeps alive in Redis while the run lives, and where cancels arrive."""
+    """What the guard keeps alive in Redis while the run lives, and where cancels arrive.
 
-    redis_url: str
+    ``connect`` makes the guard's own Redis client (it runs after the fork: the
+    worker's connections are not shared).
+    """
+
+    connect: Callable[[], redis.Redis]
     lock_key: str
     token: str
     ttl: float  # seconds; the lock and the claim expire this long after the last renewal
@@ -231,8 +235,7 @@ class _Guard:
     def run(self, output_fd: int) -> int:
         lease = self.spec.lease
         if lease is not None:
-            self.client = redis.Redis.from_url(lease.redis_url, socket_timeout=1.0,
-                                               socket_connect_timeout=1.0)
+            self.client = lease.connect()
         try:
             job_pid = _spawn_job(self.spec, output_fd)
         except OSError as exc:

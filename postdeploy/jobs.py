@@ -11,30 +11,34 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from redis.exceptions import LockError, LockNotOwnedError
+from redis.exceptions import LockError
 from redis.lock import Lock
 
-from postdeploy import lifecycle
+from postdeploy import keys, lifecycle
 from postdeploy.appspec import parse_appspec, resolve_folder
 from postdeploy.config import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
+from postdeploy.guard import Lease
 from postdeploy.jobclock import JobClock
+from postdeploy.jobuser import job_user_env, sandbox_for
+from postdeploy.notify import executor_secrets as notify_secrets
 from postdeploy.notify import notify_if_needed
 from postdeploy.output import OutputCapture
 from postdeploy.records import RunRecord, Status, Trigger
-from postdeploy.redaction import mask_secrets
+from postdeploy.redaction import MIN_SECRET_LENGTH, mask_secrets, url_credentials
 from postdeploy.runner import JobOutcome, kill_run_processes, run_process
 from postdeploy.state import StateStore
 
 log = logging.getLogger(__name__)
 
-RENEW_EVERY = 0.25  # seconds between renewals of a running job's lock and claim
 REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
 REVOKE_WAIT = 2.0  # seconds a SIGTERMed run waits to learn it was revoked, not shut down
 HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's own settings, not the app's
@@ -127,83 +131,85 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
         return record
     store.hold_claim(app, record.sha, settings.lock_ttl)
     label = f"{app}@{record.sha[:7]}"
-    secrets: frozenset[str] = frozenset()
-    try:
-        with clock.interruptible():
-            workdir, appspec_text = source.prepare(record.sha)
-        spec = parse_appspec(appspec_text, settings.environ)
-        secrets = spec.secrets
-        for warning in spec.warnings:
-            log.warning("%s: %s", label, warning)
-        if spec.command is None:
-            raise AppSpecError("POST_DEPLOY_COMMAND is not set at this commit; "
-                               "add it to appspec.yaml envs")
-        cwd = resolve_folder(workdir, spec.folder)
-        clock.arm(spec.timeout)
-        _heed_cancel_request(store, clock, record)
-        if not lifecycle.update(store, record, command=mask_secrets(spec.command, secrets),
-                                timeout=spec.timeout):
-            # Ended meanwhile (cancelled while git worked): the job never starts.
-            outcome = JobOutcome(record.status, record.exit_code, record.reason)
-        elif (stop := clock.stop_request()) is not None:
-            outcome = JobOutcome(stop.status, None, f"{stop.reason}, before the job started")
-        else:
-            log.info("%s: POST_DEPLOY job started (run %s, %s trigger, timeout %d s): %s",
-                     label, record.id, record.trigger, spec.timeout, record.command)
-            outcome = _run_job_process(settings, store, clock, record, lock, spec.command, cwd,
-                                       _job_env(settings.environ, spec.env, record), secrets,
-                                       label)
-    except (AppSpecError, GitError) as exc:
-        outcome = JobOutcome(Status.ERROR, None, mask_secrets(str(exc), secrets))
-    except SoftTimeLimitExceeded:
-        outcome = JobOutcome(Status.TIMED_OUT, None, f"{clock.timeout_reason()}, before the "
-                             "job started (the checkout took that long)")
-    if outcome.status == Status.CANCELLED and clock.terminated:
-        outcome = _revoked_or_shutdown(store, clock, record, outcome)
-    return _finish(settings, store, record, outcome)
+    secrets: frozenset[str] = executor_secrets(settings)
+    # The job's guard holds the run's lease until the run is recorded (the end of this
+    # block), so a slow final write can never let the commit run twice.
+    with ExitStack() as lease_held:
+        try:
+            with clock.interruptible():
+                workdir, appspec_text = source.prepare(record.sha)
+            spec = parse_appspec(appspec_text, settings.environ)
+            secrets = secrets | spec.secrets
+            for warning in spec.warnings:
+                log.warning("%s: %s", label, warning)
+            if spec.command is None:
+                raise AppSpecError("POST_DEPLOY_COMMAND is not set at this commit; "
+                                   "add it to appspec.yaml envs")
+            cwd = resolve_folder(workdir, spec.folder)
+            clock.arm(spec.timeout)
+            _heed_cancel_request(store, clock, record)
+            if not lifecycle.update(store, record, command=mask_secrets(spec.command, secrets),
+                                    timeout=spec.timeout):
+                # Ended meanwhile (cancelled while git worked): the job never starts.
+                outcome = JobOutcome(record.status, record.exit_code, record.reason)
+            elif (stop := clock.stop_request()) is not None:
+                outcome = JobOutcome(stop.status, None, f"{stop.reason}, before the job started")
+            else:
+                log.info("%s: POST_DEPLOY job started (run %s, %s trigger, timeout %d s): %s",
+                         label, record.id, record.trigger, spec.timeout, record.command)
+                job = Job(spec.command, cwd, _job_env(settings, spec.env, record, workdir),
+                          secrets, label)
+                outcome = _run_job_process(settings, store, clock, record, lock, job,
+                                           source, lease_held)
+        except (AppSpecError, GitError) as exc:
+            outcome = JobOutcome(Status.ERROR, None, mask_secrets(str(exc), secrets))
+        except SoftTimeLimitExceeded:
+            outcome = JobOutcome(Status.TIMED_OUT, None, f"{clock.timeout_reason()}, before "
+                                 "the job started (the checkout took that long)")
+        if outcome.status == Status.CANCELLED and clock.terminated:
+            outcome = _revoked_or_shutdown(store, clock, record, outcome)
+        return _finish(settings, store, record, outcome)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to run for one run, once the appspec is read."""
+
+    command: str
+    cwd: Path
+    env: dict[str, str]
+    secrets: frozenset[str]
+    label: str
 
 
 def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, record: RunRecord,
-                     lock: Lock, command: str, cwd: Path, env: Mapping[str, str],
-                     secrets: frozenset[str], label: str) -> JobOutcome:
+                     lock: Lock, job: Job, source: AppSource,
+                     lease_held: ExitStack) -> JobOutcome:
     def store_output(tail: bytes, total: int) -> None:
         record.output_bytes = total
         _quietly(lambda: store.write_output(record.id, tail, total))
 
-    capture = OutputCapture(label, settings.output_limit, secrets, store_output)
-    # Renew often (one cheap Lua call): after a Redis restart that lost our keys, the
-    # lock and claim are back at once, before a check could enqueue this commit again.
-    renew_every = min(settings.lock_ttl / 3, RENEW_EVERY)
-    next_renew = time.monotonic() + renew_every
-
-    def tick() -> None:
-        nonlocal next_renew
-        capture.flush_if_due()
-        if time.monotonic() >= next_renew:
-            next_renew = time.monotonic() + renew_every
-            if _renew(lock) is False:
-                log.warning("%s: lost the run lock (Redis restarted?); finishing anyway", label)
-                _quietly(lambda: lock.acquire(blocking=False))
-            _quietly(lambda: store.hold_claim(record.app, record.sha, settings.lock_ttl))
-            _heed_cancel_request(store, clock, record)
-
-    outcome = run_process(command, cwd, env, settings.kill_grace, record.id, capture.feed,
-                          tick, clock.stop_request)
-    if outcome.status in (Status.TIMED_OUT, Status.CANCELLED):
+    capture = OutputCapture(job.label, settings.output_limit, job.secrets, store_output)
+    lease = Lease(connect=store.guard_client, lock_key=keys.run_lock(record.app),
+                  token=_token(lock), ttl=float(settings.lock_ttl),
+                  claim_key=keys.claim(record.app, record.sha), cancel_key=keys.cancel(record.id))
+    sandbox = sandbox_for(settings, record.app, source.workdir)
+    outcome = lease_held.enter_context(run_process(
+        job.command, job.cwd, job.env, settings.kill_grace, record.id, capture.feed,
+        capture.flush_if_due, clock.stop_request, lease, sandbox))
+    if outcome.status in (Status.TIMED_OUT, Status.CANCELLED, Status.LOST):
         capture.note(f"[postdeploy] {outcome.reason}; the job's processes were stopped")
     capture.close()
     return outcome
 
 
 def _heed_cancel_request(store: StateStore, clock: JobClock, record: RunRecord) -> None:
-    """Pass a cancel written to Redis (`postdeploy cancel` on any host, Flower's revoke
-    without terminate) on to the clock, so the runner stops the job with its reason."""
+    """A cancel written to Redis (`postdeploy cancel` on any host, Flower's revoke without
+    terminate) while git worked: the job never starts. Once it runs, its guard watches."""
     if clock.cancel_reason is None:
-        reason = _quietly(lambda: store.cancel_request(record.id))
-        if reason:
-            log.warning("%s@%s: run %s: %s; stopping the job", record.app, record.sha[:7],
-                        record.id, reason)
-            clock.cancel(reason)
+        how = _quietly(lambda: store.cancel_request(record.id))
+        if how:
+            clock.cancel(f"cancelled {how}")
 
 
 def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
@@ -219,9 +225,10 @@ def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
         time.sleep(0.05)
     return JobOutcome(Status.LOST, outcome.exit_code,
                       _lost_reason(record, "its worker was shut down mid-run"))
-def _job_env(environ: Mapping[str, str], app_env: Mapping[str, str],
-             record: RunRecord) -> dict[str, str]:
-    env = {k: v for k, v in environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
+def _job_env(settings: Settings, app_env: Mapping[str, str], record: RunRecord,
+             checkout: Path) -> dict[str, str]:
+    env = {k: v for k, v in settings.environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
+    env.update(job_user_env(settings, record.app, checkout))
     env.update(app_env)
     env.update({"COMMIT_SHA": record.sha, "POST_DEPLOY_APP": record.app,
                 "POST_DEPLOY_RUN_ID": record.id, "POST_DEPLOY_TRIGGER": record.trigger})
@@ -275,7 +282,8 @@ def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:
     if record is not None and cancel:
         # Cancelled while its worker was dying: keep the operator's word (and, for an
         # automatic run, its commit is not run again).
-        cancel_run(settings, store, record, f"{cancel} (its worker had stopped mid-run)")
+        cancel_run(settings, store, record, f"cancelled {cancel} (its worker had stopped "
+                   "mid-run)")
     elif record is not None and not record.status.finished and lifecycle.move(
             store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
@@ -300,15 +308,22 @@ def _current_sha(source: AppSource) -> str:
         raise JobFailed(str(exc)) from None
 
 
-def _renew(lock: Lock) -> bool | None:
-    """Extend the lock to its full TTL; False if it is no longer ours, None if Redis is away."""
-    try:
-        return lock.reacquire()
-    except LockNotOwnedError:
-        return False
-    except redis.RedisError as exc:
-        log.debug("Redis unavailable during a run: %s", exc)
-        return None
+def _token(lock: Lock) -> str:
+    """The lock's token, for the guard that renews it (redis-py keeps it as bytes)."""
+    token = lock.local.token
+    return token.decode() if isinstance(token, bytes) else str(token)
+
+
+def executor_secrets(settings: Settings) -> frozenset[str]:
+    """Everything the executor knows that a job must not print: masked like SECRET values."""
+    found = set(notify_secrets(settings))
+    for app in settings.apps:
+        found.update(url_credentials(app.repo or ""))
+        for url in app.notify:
+            found.update(url_credentials(url))
+    if settings.webhook_secret:
+        found.add(settings.webhook_secret)
+    return frozenset(s for s in found if len(s) >= MIN_SECRET_LENGTH)
 
 
 def _release(lock: Lock) -> None:

@@ -22,8 +22,13 @@ import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postdeploy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from postdeploy.config import Settings
+    from postdeploy.guard import Sandbox
 
 DEFAULT_JOB_USER = "nobody"  # used when the executor runs as root and nothing is set
 HOMES_DIR = "homes"  # in the state dir: each app's job home (pm2 keeps its state there)
@@ -77,6 +82,82 @@ def resolve_job_user(value: str | None, executor_uid: int | None = None) -> JobU
     return JobUser(uid, gid, name)
 
 
+_cache: dict[str, object] = {}  # per process: the job user and whether namespaces work
+
+
+def job_user(settings: Settings) -> JobUser | None:
+    """The user this executor runs jobs as (None: as itself); resolved once per process."""
+    if "user" not in _cache:
+        _cache["user"] = resolve_job_user(settings.job_user)
+    return _cache["user"]  # type: ignore[return-value]
+
+
+def isolation_available() -> bool:
+    """Whether jobs get a mount namespace here; probed once per process."""
+    if "isolate" not in _cache:
+        _cache["isolate"] = os.geteuid() == 0 and can_isolate()
+    return bool(_cache["isolate"])
+
+
+def describe_isolation(settings: Settings) -> tuple[int, str]:
+    """A log level and one line for the worker's start-up: how far jobs are isolated."""
+    import logging
+
+    user = job_user(settings)
+    if user is None:
+        return logging.WARNING, (
+            f"jobs run as this executor's own user (uid {os.geteuid()}): they can read its "
+            "state directory, environment and every app's checkout; run the worker as root "
+            "(jobs then run as POSTDEPLOY_JOB_USER, default 'nobody') to isolate them")
+    if not isolation_available():
+        return logging.WARNING, (
+            f"jobs run as {user.describe()}, but this host gives them no mount namespace "
+            "(needs CAP_SYS_ADMIN): a job can read other apps' checkouts")
+    return logging.INFO, (f"jobs run as {user.describe()}, each seeing only its own "
+                          "checkout and home of the state directory")
+
+
+def sandbox_for(settings: Settings, app: str, workdir: Path) -> Sandbox:
+    """Who a job of ``app`` runs as and what it may see."""
+    from postdeploy.guard import Sandbox
+
+    user = job_user(settings)
+    if user is None:
+        return Sandbox()
+    home = prepare_home(settings.state_dir, app, user)
+    if not isolation_available():
+        return Sandbox(uid=user.uid, gid=user.gid, home=str(home))
+    hide = [str(settings.state_dir)]
+    if settings.config_file is not None:
+        hide.append(str(settings.config_file))  # it may hold the Redis URL and notify tokens
+    for other in settings.apps:
+        if other.name != app and other.path and not _contains(Path(other.path), workdir):
+            hide.append(other.path)
+    return Sandbox(uid=user.uid, gid=user.gid, home=str(home), hide=tuple(hide),
+                   expose=(str(workdir), str(home)))
+
+
+def job_user_env(settings: Settings, app: str, checkout: Path) -> dict[str, str]:
+    """What a job's environment says about its user: HOME, USER; git trusts its checkout."""
+    # The checkout belongs to the executor, not to the job user: without this, git in
+    # the job ("git rev-parse HEAD", the guide's notification example) would refuse it.
+    env = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory",
+           "GIT_CONFIG_VALUE_0": str(checkout)}
+    user = job_user(settings)
+    if user is not None:
+        home = prepare_home(settings.state_dir, app, user)
+        env.update({"HOME": str(home), "USER": user.name, "LOGNAME": user.name})
+    return env
+
+
+def _contains(parent: Path, child: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def can_isolate() -> bool:
     """Whether a job can get a mount namespace of its own here (tried in a child)."""
     pid = os.fork()
@@ -110,9 +191,13 @@ def prepare_home(state_dir: Path, app: str, user: JobUser) -> Path:
 
 
 def lock_down_state_dir(state_dir: Path) -> None:
-    """Jobs may pass through the state dir to their checkout, never list or read it."""
-    with contextlib.suppress(OSError):
-        os.chmod(state_dir, 0o711)
+    """Jobs may pass through the state dir to their checkout, never list it or read the rest."""
+    if os.geteuid() != 0:
+        return
+    for path in (state_dir, state_dir / "checkouts"):
+        with contextlib.suppress(OSError):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o711)
 
 
 def enter_sandbox(sandbox: object) -> None:

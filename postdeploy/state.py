@@ -39,6 +39,9 @@ _STORED_ANEW = -1
 _REFUSED = 0
 
 
+GUARD_SOCKET_TIMEOUT = 1.0  # seconds; a job guard's Redis calls never block longer
+
+
 class StateStore:
     """Typed access to postdeploy's Redis keys; every key comes from :mod:`keys`."""
 
@@ -159,6 +162,17 @@ class StateStore:
     def clear_active(self, app: str) -> None:
         self.client.delete(keys.active_run(app))
 
+    def guard_client(self) -> redis.Redis:
+        """A new client to the same Redis, for a job's guard (a process of its own).
+
+        Short socket timeouts: the guard must notice a lost Redis in time to stop
+        its job before the lease runs out.
+        """
+        pool = self.client.connection_pool
+        kwargs = {**pool.connection_kwargs, "socket_timeout": GUARD_SOCKET_TIMEOUT}
+        return redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, **kwargs))
+
     def run_lock(self, app: str, ttl: float) -> Lock:
         """The app's run lock: one run of an app at a time, across every host.
 
@@ -169,12 +183,13 @@ class StateStore:
         return Lock(self.client, keys.run_lock(app), timeout=ttl, thread_local=False)
 
     # -- cancel requests ----------------------------------------------------
-    def request_cancel(self, run_id: str, reason: str, ttl: int) -> None:
-        """Ask whichever worker runs ``run_id`` to stop it; ``reason`` says who and how."""
-        self.client.set(keys.cancel(run_id), reason, ex=ttl)
+    def request_cancel(self, run_id: str, how: str, ttl: int) -> None:
+        """Ask whichever worker runs ``run_id`` to stop it; ``how`` says who and how
+        ("from the CLI by root@host"; the run's reason becomes "cancelled <how>")."""
+        self.client.set(keys.cancel(run_id), how, ex=ttl)
 
     def cancel_request(self, run_id: str) -> str | None:
-        """The reason of a pending cancel of ``run_id``, or None."""
+        """Who and how of a pending cancel of ``run_id``, or None."""
         value = self.client.get(keys.cancel(run_id))
         return _text(value) if value else None
 

@@ -162,7 +162,7 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
         log.exception("could not record the revoke of task %s", request.id)
 
 
-REVOKED_RUNNING = "revoked from Flower (or celery control) while it ran"
+REVOKED_RUNNING = "by a revoke from Flower (or celery control) while it ran"  # who and how
 _celery_revoke = worker_control.Panel.data["revoke"]
 
 

@@ -7,6 +7,8 @@ tests that kill or restart Redis always use a private server.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +18,48 @@ import redis
 from tests.support import GitRemote, RedisServer, Service, service_env
 
 EXTERNAL_REDIS = os.environ.get("POSTDEPLOY_TEST_REDIS_URL")
+# Run as root (as CI does), workers run every job as the unprivileged job user
+# (POSTDEPLOY_JOB_USER, default nobody), as in production.
+AS_ROOT = os.geteuid() == 0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """As root, temp dirs of our own below /tmp that jobs run as the job user can reach.
+
+    pytest keeps its own (/tmp/pytest-of-root) private to root, and may reset it at the
+    start of any session; ours is traversable (not listable) and private to this session.
+    """
+    if AS_ROOT and not config.option.basetemp:
+        base = Path(tempfile.mkdtemp(prefix="postdeploy-tests-"))
+        config.option.basetemp = str(base)
+        config.stash[_OWN_BASETEMP] = base
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    base = session.config.stash.get(_OWN_BASETEMP, None)
+    if base is not None and exitstatus == 0:  # keep the logs of a failed session
+        shutil.rmtree(base, ignore_errors=True)
+
+
+_OWN_BASETEMP = pytest.StashKey[Path]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_dirs_reachable_by_jobs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Jobs (the job user) leave journals and pid files in the tests' temp dirs."""
+    if not AS_ROOT:
+        return
+    tmp_path_factory.getbasetemp().chmod(0o711)  # pytest made it private: traverse only
+    make = tmp_path_factory.mktemp
+
+    def mktemp(basename: str, numbered: bool = True) -> Path:
+        path = make(basename, numbered)
+        path.chmod(0o1777)  # like /tmp: anyone may add files, only their owner removes them
+        return path
+
+    tmp_path_factory.mktemp = mktemp  # type: ignore[method-assign]
+
+
 
 
 @pytest.fixture(scope="session")

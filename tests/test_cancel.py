@@ -312,7 +312,7 @@ def test_flower_revoke_of_a_running_job_cancels_it_and_the_pool_lives(
     if terminate:
         assert "terminated with SIGTERM" in (done.reason or "")
     else:
-        assert done.reason == "revoked from Flower (or celery control) while it ran"
+        assert done.reason == "cancelled by a revoke from Flower (or celery control) while it ran"
     wait_for(lambda: job_processes(running.id) == [], 10, what="the job's processes to stop")
     assert pool_pids(worker) == pools and worker.alive()
     # Never a second copy: not a lock TTL later either (the commit is done).

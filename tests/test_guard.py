@@ -6,6 +6,7 @@ import os
 import select
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ from postdeploy.jobuser import can_isolate, resolve_job_user
 from tests.support import RedisServer, process_alive, wait_for
 
 ROOT = os.geteuid() == 0
+
+
+def _connect(url: str) -> Callable[[], redis.Redis]:
+    return lambda: redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
 
 
 class Job:
@@ -118,7 +123,7 @@ def test_lease_is_renewed_and_cancel_arrives(tmp_path: Path,
                                              private_redis: RedisServer) -> None:
     client = redis.Redis.from_url(private_redis.url)
     client.set("lock", "tok", px=2000)
-    lease = Lease(private_redis.url, "lock", "tok", ttl=2.0, claim_key="claim",
+    lease = Lease(_connect(private_redis.url), "lock", "tok", ttl=2.0, claim_key="claim",
                   cancel_key="cancel")
     job = Job("sleep 1000", tmp_path, lease=lease)
     time.sleep(3)  # longer than the lease: only the guard keeps it
@@ -136,7 +141,7 @@ def test_fencing_stops_the_job_before_the_lease_runs_out(tmp_path: Path,
     client = redis.Redis.from_url(private_redis.url)
     client.set("lock", "tok", px=4000)
     pidfile = tmp_path / "job.pid"
-    lease = Lease(private_redis.url, "lock", "tok", ttl=4.0)
+    lease = Lease(_connect(private_redis.url), "lock", "tok", ttl=4.0)
     job = Job(f"echo $$ > {pidfile}; trap '' TERM; while true; do sleep 0.1; done",
               tmp_path, grace=30, lease=lease)
     wait_for(pidfile.exists, 10, what="job start")
@@ -153,7 +158,7 @@ def test_fencing_stops_the_job_before_the_lease_runs_out(tmp_path: Path,
 def test_taken_lease_stops_the_job(tmp_path: Path, private_redis: RedisServer) -> None:
     client = redis.Redis.from_url(private_redis.url)
     client.set("lock", "tok", px=5000)
-    job = Job("sleep 1000", tmp_path, lease=Lease(private_redis.url, "lock", "tok", 5.0))
+    job = Job("sleep 1000", tmp_path, lease=Lease(_connect(private_redis.url), "lock", "tok", 5.0))
     client.set("lock", "someone-else")
     result = job.result(10)
     job.finish()

@@ -40,9 +40,9 @@ def job_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def run_job(command: str, cwd: Path, capture: OutputCapture) -> None:
-    outcome = run_process(command, cwd, {**os.environ, "POST_DEPLOY_RUN_ID": "t-output"},
-                          1, "t-output", capture.feed, lambda: None, lambda: None)
-    capture.close()
+    with run_process(command, cwd, {**os.environ, "POST_DEPLOY_RUN_ID": "t-output"},
+                     1, "t-output", capture.feed, lambda: None, lambda: None) as outcome:
+        capture.close()
     assert outcome.status == Status.SUCCEEDED, outcome
 
 

@@ -28,8 +28,9 @@ def run(command: str, tmp_path: Path, timeout: float = 30, grace: float = 2,
     chunks: list[bytes] = []
     env = {**os.environ, "POST_DEPLOY_RUN_ID": run_id}
     started = time.monotonic()
-    outcome = run_process(command, tmp_path, env, grace, run_id, chunks.append,
-                          lambda: None, deadline(timeout))
+    with run_process(command, tmp_path, env, grace, run_id, chunks.append,
+                     lambda: None, deadline(timeout)) as outcome:
+        pass
     return outcome, b"".join(chunks), time.monotonic() - started
 
 
@@ -85,16 +86,16 @@ def test_binary_output_is_replaced_not_fatal(tmp_path: Path,
     stored: list[bytes] = []
     capture = OutputCapture("app@1234567", 1024, [], lambda tail, total: stored.append(tail))
     with caplog.at_level(logging.INFO, "postdeploy.job"):
-        outcome = run_process("printf 'ok\\n\\xff\\xfe\\x00bin\\n'", tmp_path,
-                              {**os.environ, "POST_DEPLOY_RUN_ID": "x"}, 1, "x",
-                              capture.feed, lambda: None, deadline(10))
-        capture.close()
+        with run_process("printf 'ok\\n\\xff\\xfe\\x00bin\\n'", tmp_path,
+                         {**os.environ, "POST_DEPLOY_RUN_ID": "x"}, 1, "x",
+                         capture.feed, lambda: None, deadline(10)) as outcome:
+            capture.close()
     assert outcome == JobOutcome(Status.SUCCEEDED, 0)
     # The stored tail keeps the bytes as printed; the log shows them replaced.
     assert stored[-1] == b"ok\n\xff\xfe\x00bin\n"
     assert [r.getMessage() for r in caplog.records if r.name == "postdeploy.job"] == [
         "[POST-DEPLOY] app@1234567 | ok",
-        "[POST-DEPLOY] app@1234567 | \ufffd\ufffd\x00bin"]
+        "[POST-DEPLOY] app@1234567 | \ufffd\ufffd\\x00bin"]  # NUL shown, not written
 
 
 def test_output_tail_is_capped_and_secrets_masked() -> None:

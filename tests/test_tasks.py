@@ -301,6 +301,16 @@ def test_revoke_from_flower_cancels_a_waiting_and_a_running_run(
     wait_for(lambda: len(finished_runs(rclient, "shop")) == 3, 20, what="the third run's end")
 
 
+def pool_process_of(job_pid: int, worker: Service) -> int:
+    """The worker's pool process running a job (the job's guard sits in between)."""
+    proc = psutil.Process(job_pid)
+    while proc.ppid() != worker.proc.pid:
+        parent = proc.parent()
+        assert parent is not None, "the job is not below the worker"
+        proc = parent
+    return proc.pid
+
+
 def test_sigterm_to_the_pool_process_that_is_no_revoke_loses_the_run_and_reruns_it(
         remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor) -> None:
     """As when the worker is stopped outright: the run is lost, and its commit runs again."""
@@ -310,7 +320,7 @@ def test_sigterm_to_the_pool_process_that_is_no_revoke_loses_the_run_and_reruns_
                                    and "started" in output_of(rclient, r.id)), None), 30,
                      what="the job to start")
     job_pid = wait_for(lambda: job_processes(first.id), 10, what="the job's process")[0]
-    pool = psutil.Process(job_pid).ppid()
+    pool = pool_process_of(job_pid, worker)
     os.kill(pool, signal.SIGTERM)
     wait_for(lambda: not process_alive(pool), 15, what="the pool process to end")
     done = wait_finished(rclient, 2, timeout=40)
