@@ -28,7 +28,7 @@ from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
 from postdeploy.guard import Lease
 from postdeploy.jobclock import JobClock
-from postdeploy.jobuser import job_user_env, sandbox_for
+from postdeploy.jobuser import JobPlace, job_user_env, place_job
 from postdeploy.notify import executor_secrets as notify_secrets
 from postdeploy.notify import notify_if_needed
 from postdeploy.output import OutputCapture
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
 REVOKE_WAIT = 2.0  # seconds a SIGTERMed run waits to learn it was revoked, not shut down
+MAX_LOST_ATTEMPTS = 3  # automatic runs of one commit that may die with their worker
 HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's own settings, not the app's
 
 T = TypeVar("T")
@@ -97,6 +98,13 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
             notify_if_needed(settings, store, lost)  # NOTIFY HOOK (issue 11): run found lost
         if auto and (skipped := _skip_reason(store, app.name, sha)):
             return _finish(settings, store, record, JobOutcome(Status.SUPERSEDED, None, skipped))
+        if auto and store.lost_attempts(app.name, sha) >= MAX_LOST_ATTEMPTS:
+            # A job that takes its worker down with it (OOM, `kill $PPID`) would
+            # otherwise be run again for ever.
+            return _finish(settings, store, record, JobOutcome(Status.ERROR, None, (
+                f"its last {MAX_LOST_ATTEMPTS} runs died with their worker (lost); not run "
+                f"again automatically: see `postdeploy logs {app.name}`, then "
+                f"`postdeploy run {app.name}` by hand")))
         current = store.get_run(record.id)
         if current is not None:  # it may have been cancelled while it waited
             record = current
@@ -157,10 +165,11 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
             else:
                 log.info("%s: POST_DEPLOY job started (run %s, %s trigger, timeout %d s): %s",
                          label, record.id, record.trigger, spec.timeout, record.command)
-                job = Job(spec.command, cwd, _job_env(settings, spec.env, record, workdir),
-                          secrets, label)
+                place = place_job(settings, record.app, workdir)
+                job = Job(spec.command, place.inside(workdir, cwd),
+                          _job_env(settings, spec.env, record, place), secrets, label)
                 outcome = _run_job_process(settings, store, clock, record, lock, job,
-                                           source, lease_held)
+                                           place, lease_held)
         except (AppSpecError, GitError) as exc:
             outcome = JobOutcome(Status.ERROR, None, mask_secrets(str(exc), secrets))
         except SoftTimeLimitExceeded:
@@ -183,7 +192,7 @@ class Job:
 
 
 def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, record: RunRecord,
-                     lock: Lock, job: Job, source: AppSource,
+                     lock: Lock, job: Job, place: JobPlace,
                      lease_held: ExitStack) -> JobOutcome:
     def store_output(tail: bytes, total: int) -> None:
         record.output_bytes = total
@@ -193,10 +202,9 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
     lease = Lease(connect=store.guard_client, lock_key=keys.run_lock(record.app),
                   token=_token(lock), ttl=float(settings.lock_ttl),
                   claim_key=keys.claim(record.app, record.sha), cancel_key=keys.cancel(record.id))
-    sandbox = sandbox_for(settings, record.app, source.workdir)
     outcome = lease_held.enter_context(run_process(
         job.command, job.cwd, job.env, settings.kill_grace, record.id, capture.feed,
-        capture.flush_if_due, clock.stop_request, lease, sandbox))
+        capture.flush_if_due, clock.stop_request, lease, place.sandbox))
     if outcome.status in (Status.TIMED_OUT, Status.CANCELLED, Status.LOST):
         capture.note(f"[postdeploy] {outcome.reason}; the job's processes were stopped")
     capture.close()
@@ -226,9 +234,9 @@ def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
     return JobOutcome(Status.LOST, outcome.exit_code,
                       _lost_reason(record, "its worker was shut down mid-run"))
 def _job_env(settings: Settings, app_env: Mapping[str, str], record: RunRecord,
-             checkout: Path) -> dict[str, str]:
+             place: JobPlace) -> dict[str, str]:
     env = {k: v for k, v in settings.environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
-    env.update(job_user_env(settings, record.app, checkout))
+    env.update(job_user_env(settings, place))
     env.update(app_env)
     env.update({"COMMIT_SHA": record.sha, "POST_DEPLOY_APP": record.app,
                 "POST_DEPLOY_RUN_ID": record.id, "POST_DEPLOY_TRIGGER": record.trigger})
@@ -265,6 +273,8 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
         _patiently(lambda: store.release_claim(record.app, record.sha), "release the claim")
         return record
     if record.status == Status.LOST:
+        if moved and record.trigger == Trigger.AUTO:
+            _quietly(lambda: store.count_lost(record.app, record.sha))
         if moved:  # our own worker's shutdown: let the next check enqueue the commit again
             _patiently(lambda: store.release_claim(record.app, record.sha), "release the claim")
             _patiently(lambda: store.clear_active(record.app), "clear the active run")
@@ -288,6 +298,8 @@ def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:
             store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)
+        if record.trigger == Trigger.AUTO:
+            store.count_lost(record.app, record.sha)
     # Belt and braces for the runner's job guard: if the lost attempt's processes
     # still run on this host, stop them before the commit runs again (never two
     # copies of a job at once).

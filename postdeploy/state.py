@@ -162,6 +162,16 @@ class StateStore:
     def clear_active(self, app: str) -> None:
         self.client.delete(keys.active_run(app))
 
+    def count_lost(self, app: str, sha: str) -> int:
+        """One more automatic attempt of ``sha`` died with its worker; how many so far."""
+        pipe = self.client.pipeline()
+        pipe.incr(keys.lost_attempts(app, sha))
+        pipe.expire(keys.lost_attempts(app, sha), DONE_TTL)
+        return int(pipe.execute()[0])
+
+    def lost_attempts(self, app: str, sha: str) -> int:
+        return int(self.client.get(keys.lost_attempts(app, sha)) or 0)
+
     def guard_client(self) -> redis.Redis:
         """A new client to the same Redis, for a job's guard (a process of its own).
 
