@@ -94,7 +94,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
     try:
         lost = store.take_active(app.name)
         if lost:
-            _mark_lost(store, lost)
+            _mark_lost(settings, store, lost)
             notify_if_needed(settings, store, lost)  # NOTIFY HOOK (issue 11): run found lost
         if auto and (skipped := _skip_reason(store, app.name, sha)):
             return _finish(settings, store, record, JobOutcome(Status.SUPERSEDED, None, skipped))
@@ -155,6 +155,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                                    "add it to appspec.yaml envs")
             cwd = resolve_folder(workdir, spec.folder)
             clock.arm(spec.timeout)
+            _heed_cancel_request(store, clock, record)
             if not lifecycle.update(store, record, command=mask_secrets(spec.command, secrets),
                                     timeout=spec.timeout):
                 # Ended meanwhile (cancelled while git worked): the job never starts.
@@ -208,6 +209,15 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
         capture.note(f"[postdeploy] {outcome.reason}; the job's processes were stopped")
     capture.close()
     return outcome
+
+
+def _heed_cancel_request(store: StateStore, clock: JobClock, record: RunRecord) -> None:
+    """A cancel written to Redis (`postdeploy cancel` on any host, Flower's revoke without
+    terminate) while git worked: the job never starts. Once it runs, its guard watches."""
+    if clock.cancel_reason is None:
+        how = _quietly(lambda: store.cancel_request(record.id))
+        if how:
+            clock.cancel(f"cancelled {how}")
 
 
 def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
@@ -276,9 +286,15 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
     return record
 
 
-def _mark_lost(store: StateStore, run_id: str) -> None:
+def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:
     record = store.get_run(run_id)
-    if record is not None and not record.status.finished and lifecycle.move(
+    cancel = store.cancel_request(run_id) if record is not None else None
+    if record is not None and cancel:
+        # Cancelled while its worker was dying: keep the operator's word (and, for an
+        # automatic run, its commit is not run again).
+        cancel_run(settings, store, record, f"cancelled {cancel} (its worker had stopped "
+                   "mid-run)")
+    elif record is not None and not record.status.finished and lifecycle.move(
             store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)

@@ -192,6 +192,17 @@ class StateStore:
         """
         return Lock(self.client, keys.run_lock(app), timeout=ttl, thread_local=False)
 
+    # -- cancel requests ----------------------------------------------------
+    def request_cancel(self, run_id: str, how: str, ttl: int) -> None:
+        """Ask whichever worker runs ``run_id`` to stop it; ``how`` says who and how
+        ("from the CLI by root@host"; the run's reason becomes "cancelled <how>")."""
+        self.client.set(keys.cancel(run_id), how, ex=ttl)
+
+    def cancel_request(self, run_id: str) -> str | None:
+        """Who and how of a pending cancel of ``run_id``, or None."""
+        value = self.client.get(keys.cancel(run_id))
+        return _text(value) if value else None
+
     # -- output -------------------------------------------------------------
     def write_output(self, run_id: str, tail: bytes, total: int) -> None:
         self.client.hset(keys.output(run_id), mapping={"tail": tail, "total": total})
