@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -106,6 +107,8 @@ def main() -> int:
     rows: list[Row] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="postdeploy-bench-") as tmp:
+        # As root, jobs run as the job user: it must reach the checkouts below (not list).
+        os.chmod(tmp, 0o711)
         with redis_server(Path(tmp)) as server:
             run = Run(Path(tmp), server.url, args.quick, args.rounds, args.apps, args.jobs)
             for name, (title, measure) in MEASURES.items():

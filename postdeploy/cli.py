@@ -292,6 +292,30 @@ def history(settings: Settings, app: str, as_json: bool, limit: int) -> int:
 
 
 @cli.command()
+@click.argument("app")
+@click.argument("run_id", required=False)
+@with_settings
+def cancel(settings: Settings, app: str, run_id: str | None) -> int:
+    """Cancel APP's running, waiting or queued run (or RUN_ID); exit 1 if there is none."""
+    from postdeploy.cancel import NotThatAppsRun, cancel_and_report, pick_run
+    from postdeploy.errors import UnknownApp
+    from postdeploy.manual import known_apps, require_app
+
+    _, store = open_store(settings)
+    try:
+        require_app(known_apps(settings, store), app)
+        record = pick_run(store, app, run_id)
+    except (UnknownApp, NotThatAppsRun) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    if record is None:
+        click.echo(f"nothing to cancel: {app} has no queued, waiting or running run")
+        return EXIT_FAILED
+    done = cancel_and_report(settings, store, record,
+                             lambda line, to_stderr: click.echo(line, err=to_stderr))
+    return 0 if done else EXIT_FAILED
+
+
+@cli.command()
 @click.argument("app", required=False)
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               default=CHECK_TIMEOUT, show_default=True, help="Seconds to wait for workers.")

@@ -10,8 +10,10 @@ grow with the repository.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
+import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -23,21 +25,14 @@ import git
 from postdeploy.appspec import APPSPEC_FILE, MAX_APPSPEC_BYTES
 from postdeploy.config import AppConfig
 from postdeploy.errors import AppSpecError, GitError
+from postdeploy.gitsafety import FETCH_REFSPEC, RepoAccess, own_clone_config
 from postdeploy.redaction import redact_url
 
 LS_REMOTE_TIMEOUT = 30.0  # seconds; a ref lookup that takes longer is a network problem
 FETCH_TIMEOUT = 600.0  # seconds for a clone or fetch of a large repository
 SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 
-# Never prompt for a password, never run a transport that executes commands.
-GIT_ENV = {
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh",
-}
-# ssh must never wait for a password or a host-key answer either. As git config it
-# is only a default: an operator's GIT_SSH_COMMAND (say, with a deploy key) wins.
-SSH_DEFAULT = "core.sshCommand=ssh -o BatchMode=yes -o ConnectTimeout=15"
-
+log = logging.getLogger(__name__)
 
 def is_sha(value: str) -> bool:
     return bool(SHA_PATTERN.match(value))
@@ -49,6 +44,8 @@ class AppSource:
     def __init__(self, app: AppConfig, state_dir: Path) -> None:
         self.app = app
         self.clone_dir = state_dir / "checkouts" / app.name
+        # The URL git may store (no credentials) and how git gets them (see gitsafety).
+        self.access = RepoAccess(app.repo or "")
 
     @property
     def workdir(self) -> Path:
@@ -60,7 +57,7 @@ class AppSource:
         if self.app.path:
             return self._path_head()
         ref = f"refs/heads/{self.app.branch}" if self.app.branch else "HEAD"
-        out = self._git(None, ["ls-remote", "--", self.app.repo or "", ref],
+        out = self._git(None, ["ls-remote", "--", self.access.url, ref],
                         timeout=LS_REMOTE_TIMEOUT)
         for line in out.splitlines():
             sha, _, name = line.partition("\t")
@@ -95,6 +92,7 @@ class AppSource:
         if self.app.path:
             return self.workdir, self.read_appspec(sha)
         with self._host_lock():
+            self._own_clone()
             checkout = ["checkout", "--quiet", "--force", "--detach", sha]
             try:
                 self._git(self.clone_dir, checkout, timeout=FETCH_TIMEOUT)
@@ -156,22 +154,45 @@ class AppSource:
             if not self.has_commit(sha):
                 raise GitError(f"commit {sha[:12]} not found in {self.app.path}")
             return
-        if not (self.clone_dir / ".git").exists():
-            self.clone_dir.parent.mkdir(parents=True, exist_ok=True)
-            self._git(None, ["clone", "--quiet", "--no-checkout", "--", self.app.repo or "",
-                             str(self.clone_dir)], timeout=FETCH_TIMEOUT)
+        self._own_clone()
         if self.has_commit(sha):
             return
-        self._git(self.clone_dir, ["fetch", "--quiet", "--prune", "--force", "origin",
-                                   "+refs/heads/*:refs/remotes/origin/*"], timeout=FETCH_TIMEOUT)
+        # The URL itself, not "origin": what the remote is called is the job's to change.
+        self._git(self.clone_dir, ["fetch", "--quiet", "--prune", "--force", self.access.url,
+                                   FETCH_REFSPEC], timeout=FETCH_TIMEOUT)
         if not self.has_commit(sha):
             try:  # a commit no branch points to any more (force-pushed away)
-                self._git(self.clone_dir, ["fetch", "--quiet", "origin", sha],
+                self._git(self.clone_dir, ["fetch", "--quiet", self.access.url, sha],
                           timeout=FETCH_TIMEOUT)
             except GitError:
                 pass
         if not self.has_commit(sha):
             raise GitError(f"commit {sha[:12]} not found in {self.app.source}")
+
+    def _own_clone(self) -> None:
+        """Clone if needed; then make sure the clone's git directory is what we made.
+
+        The job runs in the clone and may have replaced ``.git`` (a symlink, a file
+        pointing elsewhere: git would then use someone else's config), so anything but
+        a real directory is thrown away and cloned again; ``.git/config`` is rewritten
+        whenever it differs from ours (a token in a URL from before, keys a job added).
+        """
+        git_dir = self.clone_dir / ".git"
+        try:
+            if git_dir.is_symlink() or (git_dir.exists() and not git_dir.is_dir()):
+                log.warning("%s: %s is not the git directory we made; cloning again",
+                            self.app.name, git_dir)
+                _remove(self.clone_dir)
+            if not git_dir.exists():
+                self.clone_dir.parent.mkdir(parents=True, exist_ok=True)
+                _remove(self.clone_dir)  # what a failed clone or a job left
+                self._git(None, ["clone", "--quiet", "--no-checkout", "--",
+                                 self.access.url, str(self.clone_dir)], timeout=FETCH_TIMEOUT)
+            if own_clone_config(git_dir, self.access.url):
+                log.debug("%s: rewrote %s/config", self.app.name, git_dir)
+        except OSError as exc:
+            raise GitError(f"cannot prepare the clone of {self.app.name} in "
+                           f"{self.clone_dir}: {exc.strerror or exc}") from None
 
     @contextmanager
     def _host_lock(self) -> Iterator[None]:
@@ -189,8 +210,18 @@ class AppSource:
 
     def _git_bytes(self, cwd: Path | None, args: list[str], timeout: float) -> bytes:
         """Run one git command; its stdout, or GitError with git's own reason."""
+        options = self.access.config_args()
+        if cwd == self.clone_dir:
+            # Our clone, by path and by name: git never looks further up for a
+            # repository (a job may delete .git), and it works in the clone even
+            # when the job user owns its files.
+            options = [*options, "-c", f"safe.directory={cwd}",
+                       f"--git-dir={cwd / '.git'}", f"--work-tree={cwd}"]
         try:
-            done = subprocess.run(["git", "-c", SSH_DEFAULT, *args], cwd=cwd, env=_git_env(),
+            # The executor's environment is read here only to pass on the part git
+            # needs (see gitsafety.ALLOWED_ENV); it holds no settings of ours.
+            done = subprocess.run(["git", *options, *args], cwd=cwd,
+                                  env=self.access.environment(dict(os.environ)),
                                   stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -204,6 +235,14 @@ class AppSource:
         return done.stdout
 
 
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (never what it points to) or a directory tree."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 def _judge_appspec(mode: int, size: int) -> None:
     if not stat.S_ISREG(mode):
         raise AppSpecError(f"{APPSPEC_FILE} must be a regular file in the repository, "
@@ -211,11 +250,6 @@ def _judge_appspec(mode: int, size: int) -> None:
     if size > MAX_APPSPEC_BYTES:
         raise AppSpecError(f"{APPSPEC_FILE} is {size} bytes; the limit is "
                            f"{MAX_APPSPEC_BYTES} bytes")
-
-
-def _git_env() -> dict[str, str]:
-    # git's messages in English, whatever the host's locale: we read its "fatal:" lines.
-    return {**os.environ, "LANGUAGE": "C", "LC_ALL": "C", **GIT_ENV}
 
 
 def _describe_failure(args: list[str], stderr: str, status: int, source: str) -> str:

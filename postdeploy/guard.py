@@ -80,7 +80,8 @@ class Sandbox:
     gid: int | None = None
     home: str | None = None
     hide: tuple[str, ...] = ()  # paths covered by an empty tmpfs (directories) or /dev/null
-    expose: tuple[str, ...] = ()  # paths inside hidden ones that the job still needs
+    root: str | None = None  # an empty tmpfs is mounted here for the binds below
+    binds: tuple[tuple[str, str], ...] = ()  # (source, where the job sees it), under root
 
 
 @dataclass(frozen=True)
@@ -209,19 +210,24 @@ def _guard_main(spec: GuardSpec, control: int, report: int, output_fd: int,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                 signal.SIGUSR2, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # A child's exit wakes the guard's select at once (through this pipe), not a tick later.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     terminated: list[str] = []
     signal.signal(signal.SIGTERM, lambda *_: terminated.append("the executor is stopping"))
     _prctl(_PR_SET_NAME, GUARD_NAME)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    guard = _Guard(spec, control, report, terminated)
+    guard = _Guard(spec, control, report, terminated, wake_r)
     return guard.run(output_fd)
 
 
 class _Guard:
     def __init__(self, spec: GuardSpec, control: int, report: int,
-                 terminated: list[str]) -> None:
+                 terminated: list[str], wake: int) -> None:
         self.spec = spec
+        self.wake = wake
         self.control = control
         self.report = report
         self.terminated = terminated
@@ -282,10 +288,17 @@ class _Guard:
             pipe = self.client.pipeline(transaction=False)
             pipe.eval(_RENEW_LOCK, 1, lease.lock_key, lease.token, int(lease.ttl * 1000))
             if lease.claim_key:
-                pipe.set(lease.claim_key, "running", ex=max(1, int(lease.ttl)))
+                # EXPIRE, not SET: Redis at maxmemory refuses SET but not EXPIRE, and a
+                # refused claim must not look like a lost lease.
+                pipe.expire(lease.claim_key, max(1, int(lease.ttl)))
             if lease.cancel_key:
                 pipe.get(lease.cancel_key)
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            if lease.claim_key and replies[1] == 0:  # lost with Redis' data: put it back
+                with contextlib.suppress(redis.RedisError):
+                    self.client.set(lease.claim_key, "running", ex=max(1, int(lease.ttl)))
         except redis.RedisError as exc:
             # Fencing: stop the job while the lease still holds, so that nobody else
             # can take it and start a second copy while this one runs.
@@ -296,7 +309,7 @@ class _Guard:
             return "lease lost (another worker holds the app's run lock)"
         self.last_renewal = time.monotonic()
         cancel = replies[-1] if lease.cancel_key else None
-        if cancel:
+        if isinstance(cancel, bytes) and cancel:
             return f"cancelled {cancel.decode(errors='replace')}".strip()
         return None
 
@@ -340,11 +353,16 @@ class _Guard:
                     self._renew()
 
     def _read_control(self, wait: float) -> str | None:
-        if self.worker_gone:
-            time.sleep(wait)
+        """Wait up to ``wait`` for a command, a child's exit or a signal; the command if any."""
+        watched = [self.wake] if self.worker_gone else [self.control, self.wake]
+        try:
+            readable, _, _ = select.select(watched, [], [], wait)
+        except InterruptedError:
             return None
-        readable, _, _ = select.select([self.control], [], [], wait)
-        if not readable:
+        if self.wake in readable:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.read(self.wake, 512)
+        if self.control not in readable or self.worker_gone:
             return None
         chunk = os.read(self.control, 4096)
         if not chunk:

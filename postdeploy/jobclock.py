@@ -14,7 +14,8 @@ while the job process runs it only raises a flag that the runner polls, so it
 can never interrupt a Redis write half-way. SIGTERM, which Celery sends to the
 pool process for a revoke with terminate, is turned into a stop request the
 same way, so the pool process outlives it; a SIGTERM that was not a revoke
-(the worker shutting down) is passed on when the run is over.
+(the worker shutting down) is passed on when the run is over. An operator's
+cancel, read from Redis by the job's tick, is a stop request too.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class JobClock:
         self.deadline_passed = False
         self.terminated = False
         self.terminate_handled = False
+        self.cancel_reason: str | None = None
         self._interruptible = False
         self._timer: threading.Timer | None = None
         self._previous: dict[int, Any] = {}
@@ -101,8 +103,14 @@ class JobClock:
         finally:
             self._interruptible = False
 
+    def cancel(self, reason: str) -> None:
+        """An operator cancelled the run (``postdeploy cancel``, a revoke): stop the job."""
+        self.cancel_reason = reason
+
     def stop_request(self) -> StopRequest | None:
         """Why the job must stop now, or None; the runner asks about every tick."""
+        if self.cancel_reason is not None:
+            return StopRequest(Status.CANCELLED, self.cancel_reason)
         if self.terminated:
             return StopRequest(Status.CANCELLED, "stopped by SIGTERM to its worker process")
         if self.deadline_passed:

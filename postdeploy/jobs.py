@@ -28,7 +28,7 @@ from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
 from postdeploy.guard import Lease
 from postdeploy.jobclock import JobClock
-from postdeploy.jobuser import job_user_env, sandbox_for
+from postdeploy.jobuser import JobPlace, job_user_env, place_job
 from postdeploy.notify import executor_secrets as notify_secrets
 from postdeploy.notify import notify_if_needed
 from postdeploy.output import OutputCapture
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
 REVOKE_WAIT = 2.0  # seconds a SIGTERMed run waits to learn it was revoked, not shut down
+MAX_LOST_ATTEMPTS = 3  # automatic runs of one commit that may die with their worker
 HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's own settings, not the app's
 
 T = TypeVar("T")
@@ -58,7 +59,7 @@ class LockBusy(Exception):
 
 def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_name: str,
                   sha: str | None, trigger: str, run_id: str | None, worker: str | None = None,
-                  task_id: str | None = None, place: RunPlace | None = None,
+                  task_id: str | None = None, run_place: RunPlace | None = None,
                   waiting_since: float | None = None) -> RunRecord:
     """Carry out one requested run, if it should happen; return its record.
 
@@ -66,7 +67,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
     GateWait while the app is not ready yet (both: retry later), JobFailed when
     the request itself is wrong. A run that did not succeed is only recorded (LENIENT).
     """
-    place = place or RunPlace()
+    run_place = run_place or RunPlace()
     app = settings.app(app_name)
     if app is None:
         raise JobFailed(f"unknown app {app_name!r}; it is not in this worker's configuration")
@@ -89,30 +90,37 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
         record = lifecycle.new_run(store, app.name, sha, trigger)
 
     auto = record.trigger == Trigger.AUTO
-    if auto and (skipped := placement.skip_reason(settings, store, app, sha, place)):
+    if auto and (skipped := placement.skip_reason(settings, store, app, sha, run_place)):
         return _finish(settings, store, record, JobOutcome(Status.SUPERSEDED, None, skipped),
-                       place)
-    if ended := _before_start(settings, store, source, record, place, waiting_since):
+                       run_place)
+    if ended := _before_start(settings, store, source, record, run_place, waiting_since):
         return ended
 
-    lock = store.run_lock(app.name, settings.lock_ttl, place.slot)
+    lock = store.run_lock(app.name, settings.lock_ttl, run_place.slot)
     if not lock.acquire(blocking=False):
         raise LockBusy(app.name, record.id)
     try:
-        lost = store.take_active(app.name, place.slot)
+        lost = store.take_active(app.name, run_place.slot)
         if lost:
-            _mark_lost(store, lost)
+            _mark_lost(settings, store, lost)
             notify_if_needed(settings, store, lost)  # NOTIFY HOOK (issue 11): run found lost
-        if auto and (skipped := placement.skip_reason(settings, store, app, sha, place)):
+        if auto and (skipped := placement.skip_reason(settings, store, app, sha, run_place)):
             return _finish(settings, store, record,
-                           JobOutcome(Status.SUPERSEDED, None, skipped), place)
+                           JobOutcome(Status.SUPERSEDED, None, skipped), run_place)
+        if auto and store.lost_attempts(app.name, sha) >= MAX_LOST_ATTEMPTS:
+            # A job that takes its worker down with it (OOM, `kill $PPID`) would
+            # otherwise be run again for ever.
+            return _finish(settings, store, record, JobOutcome(Status.ERROR, None, (
+                f"its last {MAX_LOST_ATTEMPTS} runs died with their worker (lost); not run "
+                f"again automatically: see `postdeploy logs {app.name}`, then "
+                f"`postdeploy run {app.name}` by hand")), run_place)
         current = store.get_run(record.id)
         if current is not None:  # it may have been cancelled while it waited
             record = current
         if record.status.finished:
             return record
         return _run_locked(settings, store, source, clock, record, lock, worker, task_id,
-                           place)
+                           run_place)
     finally:
         _patiently(lambda: _release(lock), "release the run lock")
 
@@ -130,7 +138,7 @@ def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason:
 
 
 def _before_start(settings: Settings, store: StateStore, source: AppSource, record: RunRecord,
-                  place: RunPlace, waiting_since: float | None) -> RunRecord | None:
+                  run_place: RunPlace, waiting_since: float | None) -> RunRecord | None:
     """The right host, and a ready app: the run's record if it ends here, else None.
 
     Raises GateWait while the app's readiness gate does not pass yet.
@@ -139,21 +147,22 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
     if problem := placement.working_copy_problem(settings, source.app, record.sha):
         if auto:  # not ours to run, nor to mark done: a host that has the commit runs it
             return _finish(settings, store, record, JobOutcome(
-                Status.SUPERSEDED, None, f"{problem}; left to a host that has it"), place)
+                Status.SUPERSEDED, None, f"{problem}; left to a host that has it"), run_place)
         return _finish(settings, store, record, JobOutcome(
             Status.ERROR, None, f"{problem}; nothing was run (`postdeploy status` shows each "
-            "host's commit; pick one with --host)"), place)
+            "host's commit; pick one with --host)"), run_place)
     try:
         verdict = waiting.look(settings, source, record.sha, waiting_since,
                                {"POST_DEPLOY_RUN_ID": record.id,
                                 "POST_DEPLOY_TRIGGER": record.trigger})
     except (AppSpecError, GitError) as exc:
-        return _finish(settings, store, record, JobOutcome(Status.ERROR, None, str(exc)), place)
+        return _finish(settings, store, record, JobOutcome(Status.ERROR, None, str(exc)),
+                       run_place)
     if verdict is None or verdict.ready:
         return None
     if verdict.timed_out:
         return _finish(settings, store, record,
-                       JobOutcome(Status.FAILED, None, verdict.failed_reason), place)
+                       JobOutcome(Status.FAILED, None, verdict.failed_reason), run_place)
     if record.status != Status.WAITING:
         log.info("%s@%s: waiting for the app to be ready (%s) before the job (run %s)",
                  record.app, record.sha[:7], verdict.url, record.id)
@@ -161,22 +170,22 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
                           host=settings.host):
         return record  # cancelled meanwhile: it never starts
     # The claim stays while we wait, and lapses soon if this host goes away.
-    store.client.set(place.claim_key(record.app, record.sha), settings.host,
+    store.client.set(run_place.claim_key(record.app, record.sha), settings.host,
                      ex=claim_ttl(settings.check_interval))
     raise GateWait(record.id, waiting.next_look(), verdict.since)
 
 
 def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock: JobClock,
                 record: RunRecord, lock: Lock, worker: str | None,
-                task_id: str | None, place: RunPlace) -> RunRecord:
+                task_id: str | None, run_place: RunPlace) -> RunRecord:
     app = record.app
-    store.set_active(app, record.id, place.slot)
+    store.set_active(app, record.id, run_place.slot)
     if not lifecycle.move(store, record, Status.RUNNING, worker=worker or socket.gethostname(),
                           task_id=task_id, host=settings.host):
         # Cancelled (or otherwise ended) while it waited in the queue: it never starts.
-        _patiently(lambda: store.clear_active(app, place.slot), "clear the active run")
+        _patiently(lambda: store.clear_active(app, run_place.slot), "clear the active run")
         return record
-    store.hold_claim(app, record.sha, settings.lock_ttl, place.slot)
+    store.hold_claim(app, record.sha, settings.lock_ttl, run_place.slot)
     label = f"{app}@{record.sha[:7]}"
     secrets: frozenset[str] = executor_secrets(settings)
     # The job's guard holds the run's lease until the run is recorded (the end of this
@@ -194,6 +203,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                                    "add it to appspec.yaml envs")
             cwd = resolve_folder(workdir, spec.folder)
             clock.arm(spec.timeout)
+            _heed_cancel_request(store, clock, record)
             if not lifecycle.update(store, record, command=mask_secrets(spec.command, secrets),
                                     timeout=spec.timeout):
                 # Ended meanwhile (cancelled while git worked): the job never starts.
@@ -203,10 +213,11 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
             else:
                 log.info("%s: POST_DEPLOY job started (run %s, %s trigger, timeout %d s): %s",
                          label, record.id, record.trigger, spec.timeout, record.command)
-                job = Job(spec.command, cwd, _job_env(settings, spec.env, record, workdir),
-                          secrets, label)
+                place = place_job(settings, record.app, workdir)
+                job = Job(spec.command, place.inside(workdir, cwd),
+                          _job_env(settings, spec.env, record, place), secrets, label)
                 outcome = _run_job_process(settings, store, clock, record, lock, job,
-                                           source, lease_held, place)
+                                           place, lease_held, run_place)
         except (AppSpecError, GitError) as exc:
             outcome = JobOutcome(Status.ERROR, None, mask_secrets(str(exc), secrets))
         except SoftTimeLimitExceeded:
@@ -214,7 +225,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                                  "the job started (the checkout took that long)")
         if outcome.status == Status.CANCELLED and clock.terminated:
             outcome = _revoked_or_shutdown(store, clock, record, outcome)
-        return _finish(settings, store, record, outcome, place)
+        return _finish(settings, store, record, outcome, run_place)
 
 
 @dataclass(frozen=True)
@@ -229,26 +240,34 @@ class Job:
 
 
 def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, record: RunRecord,
-                     lock: Lock, job: Job, source: AppSource,
-                     lease_held: ExitStack, place: RunPlace) -> JobOutcome:
+                     lock: Lock, job: Job, place: JobPlace,
+                     lease_held: ExitStack, run_place: RunPlace) -> JobOutcome:
     def store_output(tail: bytes, total: int) -> None:
         record.output_bytes = total
         _quietly(lambda: store.write_output(record.id, tail, total))
 
     capture = OutputCapture(job.label, settings.output_limit, job.secrets, store_output)
     # Scope instance: the instance's lock and claim, not the app's.
-    lease = Lease(connect=store.guard_client, lock_key=place.lock_key(record.app),
+    lease = Lease(connect=store.guard_client, lock_key=run_place.lock_key(record.app),
                   token=_token(lock), ttl=float(settings.lock_ttl),
-                  claim_key=place.claim_key(record.app, record.sha),
+                  claim_key=run_place.claim_key(record.app, record.sha),
                   cancel_key=keys.cancel(record.id))
-    sandbox = sandbox_for(settings, record.app, source.workdir)
     outcome = lease_held.enter_context(run_process(
         job.command, job.cwd, job.env, settings.kill_grace, record.id, capture.feed,
-        capture.flush_if_due, clock.stop_request, lease, sandbox))
+        capture.flush_if_due, clock.stop_request, lease, place.sandbox))
     if outcome.status in (Status.TIMED_OUT, Status.CANCELLED, Status.LOST):
         capture.note(f"[postdeploy] {outcome.reason}; the job's processes were stopped")
     capture.close()
     return outcome
+
+
+def _heed_cancel_request(store: StateStore, clock: JobClock, record: RunRecord) -> None:
+    """A cancel written to Redis (`postdeploy cancel` on any host, Flower's revoke without
+    terminate) while git worked: the job never starts. Once it runs, its guard watches."""
+    if clock.cancel_reason is None:
+        how = _quietly(lambda: store.cancel_request(record.id))
+        if how:
+            clock.cancel(f"cancelled {how}")
 
 
 def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
@@ -265,9 +284,9 @@ def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
     return JobOutcome(Status.LOST, outcome.exit_code,
                       _lost_reason(record, "its worker was shut down mid-run"))
 def _job_env(settings: Settings, app_env: Mapping[str, str], record: RunRecord,
-             checkout: Path) -> dict[str, str]:
+             place: JobPlace) -> dict[str, str]:
     env = {k: v for k, v in settings.environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
-    env.update(job_user_env(settings, record.app, checkout))
+    env.update(job_user_env(settings, place))
     env.update(app_env)
     env.update({"COMMIT_SHA": record.sha, "POST_DEPLOY_APP": record.app,
                 "POST_DEPLOY_RUN_ID": record.id, "POST_DEPLOY_TRIGGER": record.trigger})
@@ -275,7 +294,7 @@ def _job_env(settings: Settings, app_env: Mapping[str, str], record: RunRecord,
 
 
 def _finish(settings: Settings, store: StateStore, record: RunRecord,
-            outcome: JobOutcome, place: RunPlace) -> RunRecord:
+            outcome: JobOutcome, run_place: RunPlace) -> RunRecord:
     """Record the outcome (unless the run ended otherwise meanwhile) and tidy up."""
     status = outcome.status
     label = f"{record.app}@{record.sha[:7]}"
@@ -291,12 +310,14 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
                     label, status, outcome.reason, record.id)
     if moved:
         notify_if_needed(settings, store, record)  # at most once per run and event
-    slot = place.slot
+    slot = run_place.slot
     if record.status == Status.SUPERSEDED:
         _patiently(lambda: store.release_claim(record.app, record.sha, slot),
                    "release the claim")
         return record
     if record.status == Status.LOST:
+        if moved and record.trigger == Trigger.AUTO:
+            _quietly(lambda: store.count_lost(record.app, record.sha))
         if moved:  # our own worker's shutdown: let the next check enqueue the commit again
             _patiently(lambda: store.release_claim(record.app, record.sha, slot),
                        "release the claim")
@@ -304,17 +325,25 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
         return record  # else declared lost by another worker, whose run owns the app now
     if record.trigger == Trigger.AUTO:
         _patiently(lambda: placement.mark_done(settings, store, record.app, record.sha,
-                                               record.id, place), "mark the commit done")
+                                               record.id, run_place), "mark the commit done")
     _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
     return record
 
 
-def _mark_lost(store: StateStore, run_id: str) -> None:
+def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:
     record = store.get_run(run_id)
-    if record is not None and not record.status.finished and lifecycle.move(
+    cancel = store.cancel_request(run_id) if record is not None else None
+    if record is not None and cancel:
+        # Cancelled while its worker was dying: keep the operator's word (and, for an
+        # automatic run, its commit is not run again).
+        cancel_run(settings, store, record, f"cancelled {cancel} (its worker had stopped "
+                   "mid-run)")
+    elif record is not None and not record.status.finished and lifecycle.move(
             store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)
+        if record.trigger == Trigger.AUTO:
+            store.count_lost(record.app, record.sha)
     # Belt and braces for the runner's job guard: if the lost attempt's processes
     # still run on this host, stop them before the commit runs again (never two
     # copies of a job at once).

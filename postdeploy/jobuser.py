@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from postdeploy.config import Settings
     from postdeploy.guard import Sandbox
 
+JOB_ROOT = Path("/run/postdeploy-jobs")  # where a sandboxed job sees its checkout and home
 DEFAULT_JOB_USER = "nobody"  # used when the executor runs as root and nothing is set
 HOMES_DIR = "homes"  # in the state dir: each app's job home (pm2 keeps its state there)
 
@@ -117,37 +118,69 @@ def describe_isolation(settings: Settings) -> tuple[int, str]:
                           "checkout and home of the state directory")
 
 
-def sandbox_for(settings: Settings, app: str, workdir: Path) -> Sandbox:
-    """Who a job of ``app`` runs as and what it may see."""
+@dataclass(frozen=True)
+class JobPlace:
+    """Where a job runs: its sandbox, and its checkout and home as the job sees them."""
+
+    sandbox: Sandbox
+    checkout: Path
+    home: Path
+
+    def inside(self, real_checkout: Path, path: Path) -> Path:
+        """``path`` (in the real checkout) as the job sees it."""
+        return self.checkout / path.relative_to(real_checkout.resolve())
+
+
+def place_job(settings: Settings, app: str, checkout: Path) -> JobPlace:
+    """Who a job of ``app`` runs as, what it may see, and where it finds its files."""
     from postdeploy.guard import Sandbox
 
     user = job_user(settings)
-    if user is None:
-        return Sandbox()
     home = prepare_home(settings.state_dir, app, user)
+    if user is None:
+        return JobPlace(Sandbox(), checkout, home)
     if not isolation_available():
-        return Sandbox(uid=user.uid, gid=user.gid, home=str(home))
+        return JobPlace(Sandbox(uid=user.uid, gid=user.gid, home=str(home)), checkout, home)
     hide = [str(settings.state_dir)]
     if settings.config_file is not None:
         hide.append(str(settings.config_file))  # it may hold the Redis URL and notify tokens
     for other in settings.apps:
-        if other.name != app and other.path and not _contains(Path(other.path), workdir):
+        if other.name != app and other.path and not _contains(Path(other.path), checkout):
             hide.append(other.path)
-    return Sandbox(uid=user.uid, gid=user.gid, home=str(home), hide=tuple(hide),
-                   expose=(str(workdir), str(home)))
+    # The job sees our clone and its home under JOB_ROOT, whatever the real path: the
+    # state dir may sit below a directory the job user may not enter (/root/...). A
+    # `path` app's working copy is the operator's: the job sees it where it is.
+    inside = JOB_ROOT / app
+    binds = [(str(home), str(inside / "home"))]
+    seen = checkout
+    if _contains(settings.state_dir, checkout):
+        seen = inside / "checkout"
+        binds.append((str(checkout), str(seen)))
+    sandbox = Sandbox(uid=user.uid, gid=user.gid, home=str(inside / "home"), hide=tuple(hide),
+                      root=str(JOB_ROOT), binds=tuple(binds))
+    return JobPlace(sandbox, seen, inside / "home")
 
 
-def job_user_env(settings: Settings, app: str, checkout: Path) -> dict[str, str]:
+def job_user_env(settings: Settings, place: JobPlace) -> dict[str, str]:
     """What a job's environment says about its user: HOME, USER; git trusts its checkout."""
     # The checkout belongs to the executor, not to the job user: without this, git in
     # the job ("git rev-parse HEAD", the guide's notification example) would refuse it.
     env = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory",
-           "GIT_CONFIG_VALUE_0": str(checkout)}
+           "GIT_CONFIG_VALUE_0": str(place.checkout), "HOME": str(place.home)}
     user = job_user(settings)
     if user is not None:
-        home = prepare_home(settings.state_dir, app, user)
-        env.update({"HOME": str(home), "USER": user.name, "LOGNAME": user.name})
+        env.update({"USER": user.name, "LOGNAME": user.name})
     return env
+
+
+def prepare_job_root() -> None:
+    """The (empty) directory sandboxed jobs find their files under; made by root."""
+    if os.geteuid() != 0:
+        return
+    JOB_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+    info = JOB_ROOT.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0:
+        raise OSError(f"{JOB_ROOT} must be a directory owned by root")
 
 
 def _contains(parent: Path, child: Path) -> bool:
@@ -174,19 +207,20 @@ def can_isolate() -> bool:
     return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-def prepare_home(state_dir: Path, app: str, user: JobUser) -> Path:
-    """The app's job home: owned by the job user, reachable through the state dir."""
+def prepare_home(state_dir: Path, app: str, user: JobUser | None) -> Path:
+    """The app's job home, kept between runs: owned by the job user (or the executor)."""
     homes = state_dir / HOMES_DIR
     homes.mkdir(parents=True, exist_ok=True)
-    os.chmod(homes, 0o711)  # traversable, not listable: no job learns the other apps
     home = homes / app
     home.mkdir(exist_ok=True)
     info = home.lstat()
     if not stat.S_ISDIR(info.st_mode):
         raise OSError(f"{home} is not a directory")
-    if (info.st_uid, info.st_gid) != (user.uid, user.gid):
-        os.chown(home, user.uid, user.gid)
-    os.chmod(home, 0o700)
+    if user is not None:
+        os.chmod(homes, 0o711)  # traversable, not listable: no job learns the other apps
+        if (info.st_uid, info.st_gid) != (user.uid, user.gid):
+            os.chown(home, user.uid, user.gid)
+        os.chmod(home, 0o700)
     return home
 
 
@@ -200,22 +234,21 @@ def lock_down_state_dir(state_dir: Path) -> None:
             os.chmod(path, 0o711)
 
 
-def enter_sandbox(sandbox: object) -> None:
+def enter_sandbox(sandbox: Sandbox) -> None:
     """In the job's process, before exec: hide what it must not see, then drop root."""
-    hide: tuple[str, ...] = getattr(sandbox, "hide", ())
-    expose: tuple[str, ...] = getattr(sandbox, "expose", ())
-    uid: int | None = getattr(sandbox, "uid", None)
-    gid: int | None = getattr(sandbox, "gid", None)
-    if hide:
+    uid, gid = sandbox.uid, sandbox.gid
+    if sandbox.hide or sandbox.binds:
         _unshare_mounts()
-        # Keep an fd on what must stay visible before covering its parents.
-        kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in expose
-                if os.path.isdir(path)]
-        for path in hide:
+        # Keep an fd on each source before covering its parents.
+        kept = [(target, os.open(source, os.O_PATH | os.O_DIRECTORY))
+                for source, target in sandbox.binds]
+        for path in sandbox.hide:
             _cover(path)
-        for path, fd in kept:
-            os.makedirs(path, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+        if sandbox.root is not None:
+            _mount("tmpfs", sandbox.root, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0755")
+        for target, fd in kept:
+            os.makedirs(target, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND | _MS_REC)
             os.close(fd)
     if uid is not None and gid is not None:
         os.setgroups([])

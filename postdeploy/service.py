@@ -16,6 +16,12 @@ from postdeploy.celery_app import QUEUE, app, configure, host_queue
 from postdeploy.config import Settings
 from postdeploy.connection import redis_client, resolve_redis_url
 from postdeploy.errors import ConfigError, RedisUnavailable
+from postdeploy.jobuser import (
+    describe_isolation,
+    job_user,
+    lock_down_state_dir,
+    prepare_job_root,
+)
 from postdeploy.logconfig import configure_logging
 from postdeploy.redaction import redact_url
 from postdeploy.setting_checks import make_state_dir
@@ -100,10 +106,18 @@ def _register_apps(settings: Settings) -> None:
 
 def run_worker(settings: Settings, argv: Sequence[str] = ()) -> None:
     make_state_dir(settings.state_dir)  # checkouts live there
+    job_user(settings)  # a wrong POSTDEPLOY_JOB_USER stops the worker now, in one line
     prepare(settings)
+    lock_down_state_dir(settings.state_dir)
+    prepare_job_root()
+    # Root is how the worker switches every job to the job user; Celery's warning about
+    # it (meant for tasks that run as root) would say the opposite of what happens.
+    warnings.filterwarnings("ignore", message=r"(?s).*running the worker with superuser")
 
     def _ready(**_: Any) -> None:
         _register_apps(settings)
+        level, how = describe_isolation(settings)  # once, when Celery took its flags
+        log.log(level, "%s", how)
         _start_reports(settings)
 
     signals.worker_ready.connect(_ready, weak=False)

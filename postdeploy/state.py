@@ -165,6 +165,16 @@ class StateStore:
     def clear_active(self, app: str, host: str | None = None) -> None:
         self.client.delete(_active(app, host))
 
+    def count_lost(self, app: str, sha: str) -> int:
+        """One more automatic attempt of ``sha`` died with its worker; how many so far."""
+        pipe = self.client.pipeline()
+        pipe.incr(keys.lost_attempts(app, sha))
+        pipe.expire(keys.lost_attempts(app, sha), DONE_TTL)
+        return int(pipe.execute()[0])
+
+    def lost_attempts(self, app: str, sha: str) -> int:
+        return int(self.client.get(keys.lost_attempts(app, sha)) or 0)
+
     def guard_client(self) -> redis.Redis:
         """A new client to the same Redis, for a job's guard (a process of its own).
 
@@ -186,6 +196,17 @@ class StateStore:
         """
         key = keys.instance_lock(app, host) if host else keys.run_lock(app)
         return Lock(self.client, key, timeout=ttl, thread_local=False)
+
+    # -- cancel requests ----------------------------------------------------
+    def request_cancel(self, run_id: str, how: str, ttl: int) -> None:
+        """Ask whichever worker runs ``run_id`` to stop it; ``how`` says who and how
+        ("from the CLI by root@host"; the run's reason becomes "cancelled <how>")."""
+        self.client.set(keys.cancel(run_id), how, ex=ttl)
+
+    def cancel_request(self, run_id: str) -> str | None:
+        """Who and how of a pending cancel of ``run_id``, or None."""
+        value = self.client.get(keys.cancel(run_id))
+        return _text(value) if value else None
 
     # -- output -------------------------------------------------------------
     def write_output(self, run_id: str, tail: bytes, total: int) -> None:

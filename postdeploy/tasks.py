@@ -10,8 +10,12 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 from celery.signals import task_revoked
+from celery.utils.functional import maybe_list
+from celery.worker import control as worker_control
+from celery.worker import state as worker_state
 
 from postdeploy.appspec import SCOPE_APP
+from postdeploy.cancel import request_cancel
 from postdeploy.celery_app import (
     UNSET_RUN_HARD_LIMIT,
     app,
@@ -225,6 +229,44 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
         cancel_run(current_settings(), state_store(), record, reason)
     except Exception:  # a signal handler must never take the worker down
         log.exception("could not record the revoke of task %s", request.id)
+
+
+REVOKED_RUNNING = "by a revoke from Flower (or celery control) while it ran"  # who and how
+_celery_revoke = worker_control.Panel.data["revoke"]
+
+
+@worker_control.control_command(name="revoke", variadic="task_id",
+                                signature="[id1 [id2 [... [idN]]]]")
+def _revoke_and_cancel(state: Any, task_id: Any, terminate: bool = False, signal: Any = None,
+                       **kwargs: Any) -> Any:
+    """Celery's revoke; without terminate it also cancels a run_job that is already running.
+
+    Celery alone only keeps a revoked task from starting (and sends no task_revoked
+    for one that runs), so the job would go on to its end. Its run gets a cancel
+    request instead, and the pool process running it stops the job as for
+    `postdeploy cancel`, staying alive. With terminate, _on_revoked does it.
+    """
+    answer = _celery_revoke(state, task_id, terminate=terminate, signal=signal, **kwargs)
+    if not terminate:
+        ids = set(maybe_list(task_id) or [])
+        for request in list(worker_state.active_requests):
+            if request.id in ids and request.task.name == run_job.name:
+                _cancel_running(request)
+    return answer
+
+
+def _cancel_running(request: Any) -> None:
+    kwargs = request.kwargs or {}
+    try:
+        store = state_store()
+        record = _revoked_run(store, kwargs.get("app"), kwargs.get("run_id"), request.id)
+        if record is None:
+            log.warning("revoke of task %s: its run is not recorded yet; the job may go on",
+                        request.id)
+        elif not record.status.finished:
+            request_cancel(current_settings(), store, record, REVOKED_RUNNING)
+    except Exception:  # a control command must never take the worker down
+        log.exception("could not cancel the run of revoked task %s", request.id)
 
 
 def _revoked_run(store: StateStore, app_name: Any, run_id: Any,

@@ -144,6 +144,28 @@ def test_compose_webhook_is_optional_signed_and_stays_on_localhost() -> None:
     assert "/healthz" in " ".join(webhook["healthcheck"]["test"])
 
 
+def test_compose_worker_is_root_only_to_run_jobs_as_the_job_user() -> None:
+    worker = SERVICES["worker"]
+    assert worker["user"] == "0:0"
+    job_user = interpolate(worker["environment"]["POSTDEPLOY_JOB_USER"], {})
+    assert job_user == "postdeploy-job" == env_example()["POSTDEPLOY_JOB_USER"]
+    # The image has that user, unprivileged, with a fixed uid and a home of its own.
+    made = re.search(r"useradd --uid (\d+) --gid (\S+) --create-home [^\n]*\\\n\s*"
+                     + re.escape(job_user) + r"\b", DOCKERFILE)
+    assert made and made.group(2) == job_user, "the job user in the Dockerfile"
+    uid = int(made.group(1))
+    assert uid not in (0, 10001) and f"groupadd --gid {uid} {job_user}" in DOCKERFILE
+    # Every other service keeps the image's user, and never gets the job user setting.
+    for name, service in SERVICES.items():
+        if name not in ("worker", "redis"):
+            assert "user" not in service, name
+            assert "POSTDEPLOY_JOB_USER" not in service["environment"], name
+    # The mount namespace's capability is a documented choice, off by default.
+    assert "SYS_ADMIN" not in worker.get("cap_add", [])
+    text = (REPO_ROOT / "compose.yaml").read_text()
+    assert "# cap_add: [SYS_ADMIN]" in text
+
+
 def test_env_example_documents_every_compose_variable() -> None:
     example = env_example()
     assert example["POSTDEPLOY_REDIS_URL"] == "redis://redis:6379/0"
@@ -168,6 +190,9 @@ def test_dockerfile_is_multi_stage_non_root_with_init_and_git() -> None:
     assert install and "git" in install.group(0).split() and "tini" in install.group(0)
     user = re.findall(r"^USER (\S+)", final, flags=re.M)
     assert user and user[-1].split(":")[0] not in ("root", "0")
+    # Services other than the worker run as the image's user: 10001, not the job user.
+    assert user[-1] == "10001:10001"
+    assert "useradd --uid 10001 " in final
     assert re.search(r"^STOPSIGNAL SIGTERM$", final, flags=re.M)
     entrypoint = re.search(r"^ENTRYPOINT (.+)$", final, flags=re.M)
     cmd = re.search(r"^CMD (.+)$", final, flags=re.M)
@@ -192,6 +217,13 @@ def service_process(name: str, variables: dict[str, str], state_dir: Path,
            if not k.startswith(("POSTDEPLOY_", "FLOWER_"))}
     env.update({k: interpolate(v, variables) for k, v in service["environment"].items()})
     env.update({"POSTDEPLOY_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1"})
+    if "POSTDEPLOY_JOB_USER" in env:
+        # The image's job user does not exist on this host; a job user is only
+        # allowed when the executor is root (the image's worker is).
+        if os.geteuid() == 0:
+            env["POSTDEPLOY_JOB_USER"] = "nobody"
+        else:
+            del env["POSTDEPLOY_JOB_USER"]
     command = [interpolate(part, variables) for part in service["command"]]
     assert command[0] == "python"
     if port is not None:

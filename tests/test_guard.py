@@ -201,14 +201,17 @@ def test_sandbox_hides_the_state_dir_but_the_checkout(tmp_path: Path) -> None:
         path.mkdir(parents=True)
         (path / "file").write_text(path.name)
     (state / "redis.url").write_text("redis://:pw@host/0")
-    job = Job(f"cat file; echo; ls {state}/checkouts; cat {other}/file 2>&1 || echo hidden",
-              own,
-              sandbox=Sandbox(hide=(str(state),), expose=(str(own),)))
+    root = tmp_path / "jobs"
+    root.mkdir()
+    seen = root / "shop"
+    job = Job(f"cat file; echo; pwd; ls {state}; cat {other}/file 2>/dev/null || echo hidden",
+              seen, sandbox=Sandbox(hide=(str(state),), root=str(root),
+                                    binds=((str(own), str(seen)),)))
     result = job.result()
     job.read()
     job.finish()
     assert result.exit_code == 0
     lines = job.output.decode().splitlines()
-    assert lines[:2] == ["shop", "shop"]  # its own file; the only checkout it can list
-    assert lines[-1] == "hidden"
+    # Its own file, where the job sees it; an empty state dir; the other app hidden.
+    assert lines == ["shop", str(seen), "hidden"]
     assert (other / "file").read_text() == "blog"  # the host's view is untouched

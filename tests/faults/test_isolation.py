@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.faults.conftest import FaultScope
+from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import (
     GitHttpServer,
     audit,
+    crash_host,
     journal_job,
     journal_lines,
     serve_dumb,
@@ -100,10 +101,8 @@ def test_job_cannot_reach_the_executor_or_other_apps(
 
 
 def test_git_hooks_planted_by_a_job_never_run(
-        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
-        services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis()
-    client = server.client()
+        tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+        fault: FaultScope) -> None:
     marker = tmp_path / "hook-ran"
     hook = f"#!/bin/sh\ntouch {marker}\n"
     plant = (f"for h in post-checkout post-merge reference-transaction; do "
@@ -112,10 +111,7 @@ def test_git_hooks_planted_by_a_job_never_run(
              f"chmod +x .git/hooks/$h 2>/dev/null; done; "
              f"git config core.hooksPath /tmp 2>/dev/null; true")
     sha1 = remote.commit({"appspec.yaml": appspec_yaml(plant)}, "plant")
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
-    services("worker", env, "worker")
-    services("beat", env, "beat")
+    client = executor().client
     with fault("job plants git hooks in its checkout") as f:
         wait_for(lambda: finished(client, "shop", sha1)(), 60, what="the planting job")
         sha2 = remote.commit({"appspec.yaml": appspec_yaml("true"), "x": "2"}, "two")
@@ -125,6 +121,36 @@ def test_git_hooks_planted_by_a_job_never_run(
         assert not marker.exists()
         f.audit = audit(client, "shop", [sha1, sha3])
         del sha2  # superseded or run: either way its checkout ran no hook
+
+
+def test_repo_token_is_not_in_the_checkout(
+        tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+        fault: FaultScope) -> None:
+    serve_dumb(remote)
+    http = GitHttpServer(tmp_path / "git", accept=("deploy", REPO_TOKEN)).start()
+    # What the job finds of its repo's address, base64-encoded so that masking of the
+    # output cannot hide a leak.
+    probe = ("echo \"origin $(git config remote.origin.url | base64 -w0)\"; "
+             "echo \"files $(cat .git/config .git/FETCH_HEAD 2>/dev/null | base64 -w0)\"")
+    first = remote.commit({"appspec.yaml": appspec_yaml(probe)}, "probe")
+    try:
+        made = executor(repo=http.url("shop.git", "deploy", REPO_TOKEN))
+        with fault("repo token in the job's checkout") as f:
+            wait_for(lambda: "succeeded" in finished(made.client, "shop", first)(), 60,
+                     what="the probe job")
+            out = output_of(made.client, runs(made.client, "shop")[-1].id)
+            origin = out.split("origin ", 1)[1].split()[0]
+            assert base64.b64decode(origin).decode().strip() == http.url("shop.git")
+            assert b64(REPO_TOKEN)[:8] not in out and REPO_TOKEN not in out
+            # New commits are still fetched, with the token the clone does not hold.
+            second = remote.commit({"appspec.yaml": appspec_yaml(probe), "v": "2"}, "two")
+            wait_for(lambda: "succeeded" in finished(made.client, "shop", second)(), 60,
+                     what="the next commit's job")
+            assert b64(REPO_TOKEN)[:8] not in output_of(
+                made.client, runs(made.client, "shop")[-1].id)
+            f.audit = audit(made.client, "shop", [first, second])
+    finally:
+        http.stop()
 
 
 def test_job_killing_its_parent_does_not_loop(
@@ -222,3 +248,34 @@ def test_stalled_worker_never_lets_a_second_copy_start(
         assert len(journal_lines(journal, "start")) == 1
         assert finished(client, "shop", sha)() == ["succeeded"]
         f.audit = audit(client, "shop", [sha])
+
+
+def test_a_commit_whose_runs_keep_dying_is_tried_three_times(
+        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
+        services: Callable[..., Service], fault: FaultScope) -> None:
+    server = private_redis()
+    client = server.client()
+    sha = remote.commit({"appspec.yaml": appspec_yaml("echo started; sleep 60")}, "deadly")
+    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
+                      POSTDEPLOY_APP="shop")
+    services("beat", env, "beat")
+    seen: set[str] = set()
+    with fault("a commit whose runs die with their worker, again and again"):
+        for attempt in range(3):
+            worker = services("worker", env, f"worker-{attempt}")
+
+            def new_running() -> str | None:
+                return next((r.id for r in runs(client, "shop") if r.sha == sha
+                             and r.status == "running" and r.id not in seen
+                             and "started" in output_of(client, r.id)), None)
+
+            run_id = wait_for(new_running, 60, what=f"attempt {attempt + 1} to run")
+            seen.add(run_id)
+            crash_host(worker, [run_id])
+        services("worker", env, "worker-last")
+        wait_for(lambda: any(r.sha == sha and r.status == "error" for r in runs(client, "shop")),
+                 60, what="the fourth attempt to end as error")
+        statuses = [r.status for r in runs(client, "shop") if r.sha == sha]
+        assert statuses == ["lost", "lost", "lost", "error"], statuses
+        error = runs(client, "shop")[-1]
+        assert "died with their worker" in (error.reason or "")

@@ -6,8 +6,9 @@ set -euo pipefail
 
 echo "[POST-DEPLOY] Seeding database for ${POST_DEPLOY_APP} at ${COMMIT_SHA:0:7} (${POST_DEPLOY_TRIGGER} run)..."
 
-# Ignored by git (.gitignore), so it survives the checkout of each new commit.
-db="$(git rev-parse --show-toplevel)/.demo-db"
+# In the job's home, which postdeploy keeps between runs (the checkout itself is
+# read-only to the job, and replaced at each commit).
+db="${HOME}/.demo-db"
 mkdir -p "$db"
 
 sleep 1  # a real check asks the database; this keeps the demo's pace visible
