@@ -271,3 +271,21 @@ def test_a_working_copy_that_moves_away_leaves_the_commit_to_a_host_that_has_it(
                    what="C2 to run on host-a")
     assert ran.host == "host-a"
     assert f"host=host-a sha={c2} head={c2}" in output_of(rclient, ran.id)
+
+
+def test_a_cancelled_waiting_run_never_starts(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis, tmp_path: Path) -> None:
+    remote.commit({"appspec.yaml": gated(POST_DEPLOY_SCOPE="instance")}, "c1")
+    a = add(fleet, "host-a")
+    a.standin.mode = "502"
+    a.start()
+    wait_for(lambda: any(r.status == "waiting" for r in runs(rclient, "shop")), 20,
+             what="a waiting run")
+    env = cli_env(POSTDEPLOY_REDIS_URL=fleet.redis_url)
+    result = cli(tmp_path / "cli", "cancel", "shop", env=env)
+    assert result.returncode == 0, result.stderr
+    a.standin.mode = "serve"  # the app comes up: the cancelled run must not start anyway
+    reports_after(rclient, [a], 4)
+    (only,) = runs(rclient, "shop")
+    assert (only.status, only.started_at) == ("cancelled", None)
+    assert output_of(rclient, only.id) == ""
