@@ -139,7 +139,7 @@ def test_up_runs_the_webhook_service(tmp_path: Path, remote: GitRemote) -> None:
                        what="the pushed commit's run")[0]
         # The interval is an hour: the push, not the poll, ran it.
         assert run.status == "succeeded" and time.monotonic() - started < 60
-        assert f"[POST-DEPLOY] at {sha}" in up.log()
+        assert f"[POST-DEPLOY] shop@{sha[:7]} | at {sha}" in up.log()
     finally:
         code = interrupt(up)
     assert code == 0, up.log()[-3000:]

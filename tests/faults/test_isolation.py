@@ -30,13 +30,10 @@ from tests.faults.harness import (
 )
 from tests.support import (
     GitRemote,
-    RedisServer,
-    Service,
     appspec_yaml,
     output_of,
     process_alive,
     runs,
-    service_env,
     wait_for,
 )
 
@@ -59,15 +56,11 @@ def b64(text: str) -> str:
 
 @pytest.mark.skipif(not ROOT, reason="jobs run as the job user only when the executor is root")
 def test_job_cannot_reach_the_executor_or_other_apps(
-        tmp_path: Path, private_redis: Callable[..., RedisServer],
-        services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis(password=REDIS_PASSWORD)
-    client = server.client()
+        tmp_path: Path, executor: Callable[..., Executor], fault: FaultScope) -> None:
     shop, billing = GitRemote(tmp_path / "git", "shop"), GitRemote(tmp_path / "git", "billing")
     for remote in (shop, billing):
         serve_dumb(remote)
     http = GitHttpServer(tmp_path / "git", accept=("deploy", REPO_TOKEN)).start()
-    state = tmp_path / "state"
     # Everything the job can get at is printed base64-encoded, so that masking of the
     # output cannot hide a leak: the test looks for the encoded secrets.
     probe = ("for f in ../../redis.url ../../../postdeploy.yaml /proc/$PPID/environ "
@@ -83,10 +76,9 @@ def test_job_cannot_reach_the_executor_or_other_apps(
         {"name": "shop", "repo": http.url("shop.git", "deploy", REPO_TOKEN), "branch": "main"},
         {"name": "billing", "repo": http.url("billing.git", "deploy", REPO_TOKEN),
          "branch": "main"}]}))
-    env = service_env(server.url, state, 1.0, POSTDEPLOY_CONFIG=str(config))
-    worker = services("worker", env, "worker")
-    services("beat", env, "beat")
     try:
+        made = executor(password=REDIS_PASSWORD, POSTDEPLOY_CONFIG=str(config))
+        client, worker = made.client, made.worker
         with fault("job reads the executor's secrets, its repo token, another app"):
             wait_for(lambda: "succeeded" in finished(client, "shop", sha)(), 60,
                      what="the probe job")
@@ -154,15 +146,10 @@ def test_repo_token_is_not_in_the_checkout(
 
 
 def test_job_killing_its_parent_does_not_loop(
-        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
-        services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis()
-    client = server.client()
+        remote: GitRemote, executor: Callable[..., Executor], fault: FaultScope) -> None:
     sha = remote.commit({"appspec.yaml": appspec_yaml("kill -9 $PPID; sleep 3")}, "evil")
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
-    worker = services("worker", env, "worker")
-    services("beat", env, "beat")
+    made = executor()
+    client, worker = made.client, made.worker
     with fault("job kills its parent (kill -9 $PPID)"):
         wait_for(lambda: finished(client, "shop", sha)(), 60, what="a finished run")
         time.sleep(15)  # long enough for several lock TTLs: no endless re-runs
@@ -173,10 +160,8 @@ def test_job_killing_its_parent_does_not_loop(
 
 
 def test_timeout_stops_escaped_descendants(
-        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
-        services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis()
-    client = server.client()
+        tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+        fault: FaultScope) -> None:
     pids = tmp_path / "pids"
     pids.touch()
     pids.chmod(0o666)
@@ -184,10 +169,7 @@ def test_timeout_stops_escaped_descendants(
               f"(setsid sh -c 'sleep 1000 & echo $! >> {pids}' &); "
               "sleep 1000")
     sha = remote.commit({"appspec.yaml": appspec_yaml(escape, timeout="2")}, "escape")
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
-    services("worker", env, "worker")
-    services("beat", env, "beat")
+    client = executor().client
     with fault("timed-out job with setsid / env -i / double-fork children"):
         wait_for(lambda: "timed_out" in finished(client, "shop", sha)(), 60,
                  what="the job to time out")
@@ -198,18 +180,13 @@ def test_timeout_stops_escaped_descendants(
 
 
 def test_daemon_of_a_succeeded_job_keeps_writing(
-        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
-        services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis()
-    client = server.client()
+        tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+        fault: FaultScope) -> None:
     pidfile = tmp_path / "daemon.pid"
     daemon = (f"(while true; do echo tick; sleep 0.2; done) & echo $! > {pidfile}; "
               "echo started")
     sha = remote.commit({"appspec.yaml": appspec_yaml(daemon)}, "daemon")
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
-    services("worker", env, "worker")
-    services("beat", env, "beat")
+    client = executor().client
     with fault("daemon of a succeeded job writing to the job's stdout"):
         wait_for(lambda: "succeeded" in finished(client, "shop", sha)(), 60,
                  what="the job")
@@ -222,23 +199,18 @@ def test_daemon_of_a_succeeded_job_keeps_writing(
 
 
 def test_stalled_worker_never_lets_a_second_copy_start(
-        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
-        services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis()
-    client = server.client()
+        tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+        fault: FaultScope) -> None:
     journal = tmp_path / "journal"
     sha = remote.commit({"appspec.yaml": appspec_yaml(journal_job(journal, "sleep 12"))},
                         "long")
-    env_a = service_env(server.url, tmp_path / "state-a", 1.0, POSTDEPLOY_REPO=remote.url,
-                        POSTDEPLOY_APP="shop")
-    env_b = service_env(server.url, tmp_path / "state-b", 1.0, POSTDEPLOY_REPO=remote.url,
-                        POSTDEPLOY_APP="shop")
-    worker_a = services("worker", env_a, "worker-a")
-    services("beat", env_a, "beat")
+    made = executor()
+    client, worker_a = made.client, made.worker
     with fault("worker stalls (SIGSTOP) for longer than the lease mid-job") as f:
         wait_for(lambda: journal_lines(journal, "start"), 60, what="the job to start")
         os.killpg(worker_a.proc.pid, signal.SIGSTOP)
-        worker_b = services("worker", env_b, "worker-b")
+        worker_b = made.start("-b", beat=False,
+                              POSTDEPLOY_STATE_DIR=str(tmp_path / "state-b"))
         wait_for(lambda: worker_ready(worker_b), 30, what="the second host")
         time.sleep(10)  # two lock TTLs: a second copy would start now
         os.killpg(worker_a.proc.pid, signal.SIGCONT)
@@ -251,18 +223,15 @@ def test_stalled_worker_never_lets_a_second_copy_start(
 
 
 def test_a_commit_whose_runs_keep_dying_is_tried_three_times(
-        tmp_path: Path, remote: GitRemote, private_redis: Callable[..., RedisServer],
-        services: Callable[..., Service], fault: FaultScope) -> None:
-    server = private_redis()
-    client = server.client()
+        remote: GitRemote, executor: Callable[..., Executor], fault: FaultScope) -> None:
     sha = remote.commit({"appspec.yaml": appspec_yaml("echo started; sleep 60")}, "deadly")
-    env = service_env(server.url, tmp_path / "state", 1.0, POSTDEPLOY_REPO=remote.url,
-                      POSTDEPLOY_APP="shop")
-    services("beat", env, "beat")
+    made = executor(start=False)
+    client = made.client
+    made.beats.append(made.services("beat", made.env, "beat"))
     seen: set[str] = set()
     with fault("a commit whose runs die with their worker, again and again"):
         for attempt in range(3):
-            worker = services("worker", env, f"worker-{attempt}")
+            worker = made.start(f"-{attempt}", beat=False)
 
             def new_running() -> str | None:
                 return next((r.id for r in runs(client, "shop") if r.sha == sha
@@ -272,7 +241,7 @@ def test_a_commit_whose_runs_keep_dying_is_tried_three_times(
             run_id = wait_for(new_running, 60, what=f"attempt {attempt + 1} to run")
             seen.add(run_id)
             crash_host(worker, [run_id])
-        services("worker", env, "worker-last")
+        made.start("-last", beat=False)
         wait_for(lambda: any(r.sha == sha and r.status == "error" for r in runs(client, "shop")),
                  60, what="the fourth attempt to end as error")
         statuses = [r.status for r in runs(client, "shop") if r.sha == sha]
