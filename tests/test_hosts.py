@@ -8,6 +8,7 @@ the app's health endpoint answering with the version it serves.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -19,7 +20,7 @@ from postdeploy.config import Settings
 from postdeploy.records import RunRecord
 from tests.clirun import cli, cli_env
 from tests.hosts import Fleet, Host
-from tests.support import GitRemote, appspec_yaml, output_of, runs, wait_for
+from tests.support import GitRemote, Service, appspec_yaml, output_of, runs, wait_for
 
 JOB = 'echo "host=$HOST_LABEL sha=$COMMIT_SHA head=$(git rev-parse HEAD)"'
 HEALTH = "http://127.0.0.1:${APP_PORT}/health"
@@ -289,3 +290,20 @@ def test_a_cancelled_waiting_run_never_starts(
     (only,) = runs(rclient, "shop")
     assert (only.status, only.started_at) == ("cancelled", None)
     assert output_of(rclient, only.id) == ""
+
+
+def test_scope_instance_for_a_repo_app_runs_in_each_hosts_own_checkout(
+        fleet: Fleet, remote: GitRemote, rclient: redis.Redis,
+        services: Callable[..., Service]) -> None:
+    c1 = remote.commit({"appspec.yaml": spec(POST_DEPLOY_SCOPE="instance")}, "c1")
+    a = fleet.add("host-a", kind="repo", extra_env={"HOST_LABEL": "host-a"})
+    b = fleet.add("host-b", kind="repo", extra_env={"HOST_LABEL": "host-b"})
+    a.start(), b.start()
+    services("beat", a.env)  # the commit check (any host) learns the scope
+    done = finished(rclient, 2)
+    assert sorted((r.host, r.sha, r.status) for r in done) == [
+        ("host-a", c1, "succeeded"), ("host-b", c1, "succeeded")]
+    for run in done:  # each in the checkout of its own host
+        assert f"host={run.host} sha={c1} head={c1}" in output_of(rclient, run.id)
+    reports_after(rclient, [a, b], 3)
+    assert len(runs(rclient, "shop")) == 2
