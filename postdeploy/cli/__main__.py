@@ -1,0 +1,5 @@
+"""`python -m postdeploy.cli`: the `postdeploy` command."""
+
+from postdeploy.cli import main
+
+main()
