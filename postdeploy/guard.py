@@ -25,27 +25,24 @@ The worker talks to it through two pipes: a control pipe (``stop <reason>``,
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import os
 import select
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import psutil
 import redis
+
+from postdeploy import processes
 
 TICK = 0.25  # seconds between lease renewals, cancel checks and looks at the job
 STOP_POLL = 0.05  # seconds between looks while waiting for stopped processes to go
 KILL_ROUNDS = 20  # SIGKILL sweeps: a job forking while it is killed cannot outrun them
 GUARD_NAME = b"postdeploy-guard"  # the process name (comm) `up` looks for at shutdown
-_PR_SET_NAME = 15
-_PR_SET_CHILD_SUBREAPER = 36
 
 # Compare-and-expire: only the holder's token may extend the lock.
 _RENEW_LOCK = """
@@ -206,7 +203,7 @@ def _guard_main(spec: GuardSpec, control: int, report: int, output_fd: int,
     # close below, and the worker's signal handlers are not ours.
     gc.disable()
     os.setsid()  # a stop of the worker's process group (SIGSTOP, Ctrl-C) does not reach us
-    _detach_fds(keep)
+    processes.detach_fds(keep)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                 signal.SIGUSR2, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
@@ -217,8 +214,8 @@ def _guard_main(spec: GuardSpec, control: int, report: int, output_fd: int,
     signal.signal(signal.SIGCHLD, lambda *_: None)
     terminated: list[str] = []
     signal.signal(signal.SIGTERM, lambda *_: terminated.append("the executor is stopping"))
-    _prctl(_PR_SET_NAME, GUARD_NAME)
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    processes.prctl(processes.PR_SET_NAME, GUARD_NAME)
+    processes.prctl(processes.PR_SET_CHILD_SUBREAPER, 1)
     guard = _Guard(spec, control, report, terminated, wake_r)
     return guard.run(output_fd)
 
@@ -239,11 +236,14 @@ class _Guard:
         self._control_buffer = b""
 
     def run(self, output_fd: int) -> int:
-        lease = self.spec.lease
-        if lease is not None:
-            self.client = lease.connect()
+        from postdeploy.jobuser import enter_sandbox  # the job's side of the sandbox
+
+        spec = self.spec
+        if spec.lease is not None:
+            self.client = spec.lease.connect()
         try:
-            job_pid = _spawn_job(self.spec, output_fd)
+            job_pid = processes.spawn_job(spec.command, spec.cwd, spec.env, output_fd,
+                                          lambda: enter_sandbox(spec.sandbox))
         except OSError as exc:
             os.close(output_fd)
             self._send({"result": asdict(GuardResult(None, None, str(exc)))})
@@ -252,14 +252,14 @@ class _Guard:
         os.close(output_fd)  # only the job holds the output pipe now: EOF when it is done
         self._send({"job_pid": job_pid})
         status, stopped = self._watch(job_pid)
-        self._send({"result": asdict(GuardResult(_exit_code(status), stopped))})
+        self._send({"result": asdict(GuardResult(processes.exit_code(status), stopped))})
         self._hold_until_done()
         return 0
 
     def _watch(self, job_pid: int) -> tuple[int | None, str | None]:
         """Until the job exits; stop it (and every descendant) when asked or fenced."""
         while True:
-            status = _reap(job_pid)
+            status = processes.reap_children(job_pid)
             if status is not None:
                 return status, None
             reason = self._tick()
@@ -316,25 +316,25 @@ class _Guard:
     def _stop_job(self, job_pid: int, reason: str) -> int | None:
         """SIGTERM the job and all its descendants, wait the grace, then SIGKILL the rest."""
         status: int | None = None
-        _signal_tree(signal.SIGTERM)
+        processes.signal_descendants(signal.SIGTERM)
         deadline = time.monotonic() + self.spec.grace
         lease = self.spec.lease
         if lease is not None and reason.startswith("lease lost"):
             # Do not let the grace outlast the lease.
             deadline = min(deadline, self.last_renewal + lease.ttl - 1.0)
         while time.monotonic() < deadline:
-            status = _reap(job_pid) if status is None else status
-            if not _descendants():
+            status = processes.reap_children(job_pid) if status is None else status
+            if not processes.live_descendants():
                 break
             time.sleep(STOP_POLL)
             if lease is not None and not reason.startswith("lease lost"):
                 self._renew_quietly()
         for _ in range(KILL_ROUNDS):
-            if not _signal_tree(signal.SIGKILL):
+            if not processes.signal_descendants(signal.SIGKILL):
                 break
             time.sleep(STOP_POLL)
-            status = _reap(job_pid) if status is None else status
-        status = _reap(job_pid) if status is None else status
+            status = processes.reap_children(job_pid) if status is None else status
+        status = processes.reap_children(job_pid) if status is None else status
         return status
 
     def _renew_quietly(self) -> None:
@@ -345,7 +345,7 @@ class _Guard:
     def _hold_until_done(self) -> None:
         """Keep the lease until the worker has recorded the run (or is gone)."""
         while not self.done and not self.worker_gone:
-            _reap(None)
+            processes.reap_children(None)
             self._read_control(TICK)
             if self.spec.lease is not None and time.monotonic() >= self.next_tick:
                 self.next_tick = time.monotonic() + TICK
@@ -387,122 +387,6 @@ class _Guard:
 def _renew_deadline(ttl: float) -> float:
     """Seconds without a renewal after which the job is stopped: well inside the lease."""
     return max(0.5, ttl / 2)
-
-
-def _spawn_job(spec: GuardSpec, output_fd: int) -> int:
-    """Fork and exec ``bash -c COMMAND`` in a session of its own, sandboxed."""
-    from postdeploy.jobuser import enter_sandbox  # the job's side of the sandbox
-
-    errors_r, errors_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(errors_r)
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(output_fd, 1)
-            os.dup2(output_fd, 2)
-            enter_sandbox(spec.sandbox)
-            os.chdir(spec.cwd)
-            os.closerange(3, errors_w)
-            os.closerange(errors_w + 1, _max_fd())  # errors_w itself closes at exec
-            os.execve("/bin/bash", ["bash", "-c", spec.command], spec.env)
-        except BaseException as exc:  # noqa: B036 (tell the guard, never return)
-            with contextlib.suppress(Exception):
-                os.write(errors_w, str(exc).encode()[:1000])
-        finally:
-            os._exit(127)
-    os.close(errors_w)
-    failure = b""
-    while chunk := os.read(errors_r, 1000):  # EOF at exec (close-on-exec) or at exit
-        failure += chunk
-    os.close(errors_r)
-    if failure:
-        _reap(pid, block=True)
-        raise OSError(f"cannot start the job: {failure.decode(errors='replace')}")
-    return pid
-
-
-def _descendants() -> list[psutil.Process]:
-    """Every live descendant: orphans of the job are re-parented to us (subreaper)."""
-    try:
-        found = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return []
-    alive = []
-    for proc in found:
-        with contextlib.suppress(psutil.Error):
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-    return alive
-
-
-def _signal_tree(sig: signal.Signals) -> int:
-    """Signal every live descendant; how many there were."""
-    targets = _descendants()
-    for proc in targets:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-    _reap(None)
-    return len(targets)
-
-
-def _reap(job_pid: int | None, block: bool = False) -> int | None:
-    """Collect exited children (orphans included); the job's wait status if it exited."""
-    status_of_job = None
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            return status_of_job
-        if pid == 0:
-            return status_of_job
-        if pid == job_pid:
-            status_of_job = status
-            if block:
-                return status
-
-
-def _exit_code(status: int | None) -> int | None:
-    if status is None:
-        return None
-    if os.WIFSIGNALED(status):
-        return -os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
-
-
-def _detach_fds(keep: set[int]) -> None:
-    """Close everything the worker had open except our pipes; 0-2 go to /dev/null."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        if fd not in keep:
-            os.dup2(null, fd)
-    for fd in _open_fds():
-        if fd > 2 and fd not in keep and fd != null:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    if null not in keep and null > 2:
-        os.close(null)
-
-
-def _open_fds() -> Iterator[int]:
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        names = [str(fd) for fd in range(_max_fd())]
-    for name in names:
-        yield int(name)
-
-
-def _max_fd() -> int:
-    return int(os.sysconf("SC_OPEN_MAX"))
-
-
-def _prctl(option: int, value: int | bytes) -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
 
 
 def _line(message: dict[str, Any]) -> bytes:
