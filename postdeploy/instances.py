@@ -26,6 +26,7 @@ from postdeploy.appspec import JobSpec, parse_appspec
 from postdeploy.config import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.gitsource import AppSource
+from postdeploy.jobenv import job_environment
 from postdeploy.readiness import Gate, Probe, gate_url, probe
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ PROBE_THREADS = 8  # health probes at once: a few hanging endpoints must not sta
 FIRST_SEEN_TTL = 90 * 86_400  # seconds a commit's first report is remembered
 DONE_TTL = 90 * 86_400  # seconds an instance remembers a commit ran there
 NOT_HERE = "the commit is not on this host yet"
-HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's settings, not the app's
 
 
 @dataclass(frozen=True)
@@ -217,15 +217,6 @@ class LocalSpecs:
         except (AppSpecError, GitError) as exc:
             log.debug("%s@%s: appspec not usable here: %s", app.name, sha[:7], exc)
             return LocalSpec(sha, None, str(exc))
-
-
-def job_environment(environ: Mapping[str, str], app_env: Mapping[str, str], app: str,
-                    sha: str) -> dict[str, str]:
-    """What a job's ``$VAR`` sees (the run adds its own id and trigger on top)."""
-    env = {k: v for k, v in environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
-    env.update(app_env)
-    env.update({"COMMIT_SHA": sha, "POST_DEPLOY_APP": app})
-    return env
 
 
 def _probe_gate(gate: Gate, env: Mapping[str, str], sha: str | None) -> Probe:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +28,13 @@ from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
 from postdeploy.guard import Lease
 from postdeploy.jobclock import JobClock
-from postdeploy.jobuser import JobPlace, job_user_env, place_job
-from postdeploy.notify import executor_secrets as notify_secrets
+from postdeploy.jobenv import executor_secrets, run_environment
+from postdeploy.jobuser import JobPlace, place_job
 from postdeploy.notify import notify_if_needed
 from postdeploy.output import OutputCapture
 from postdeploy.placement import RunPlace, claim_ttl
 from postdeploy.records import RunRecord, Status, Trigger
-from postdeploy.redaction import MIN_SECRET_LENGTH, mask_secrets, url_credentials
+from postdeploy.redaction import mask_secrets
 from postdeploy.runner import JobOutcome, kill_run_processes, run_process
 from postdeploy.state import StateStore
 from postdeploy.waiting import GateWait
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
 REVOKE_WAIT = 2.0  # seconds a SIGTERMed run waits to learn it was revoked, not shut down
 MAX_LOST_ATTEMPTS = 3  # automatic runs of one commit that may die with their worker
-HIDDEN_FROM_JOBS = ("POSTDEPLOY_", "FLOWER_")  # the executor's own settings, not the app's
 
 T = TypeVar("T")
 
@@ -215,7 +214,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                          label, record.id, record.trigger, spec.timeout, record.command)
                 place = place_job(settings, record.app, workdir)
                 job = Job(spec.command, place.inside(workdir, cwd),
-                          _job_env(settings, spec.env, record, place), secrets, label)
+                          run_environment(settings, spec.env, record, place), secrets, label)
                 outcome = _run_job_process(settings, store, clock, record, lock, job,
                                            place, lease_held, run_place)
         except (AppSpecError, GitError) as exc:
@@ -283,14 +282,6 @@ def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
         time.sleep(0.05)
     return JobOutcome(Status.LOST, outcome.exit_code,
                       _lost_reason(record, "its worker was shut down mid-run"))
-def _job_env(settings: Settings, app_env: Mapping[str, str], record: RunRecord,
-             place: JobPlace) -> dict[str, str]:
-    env = {k: v for k, v in settings.environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
-    env.update(job_user_env(settings, place))
-    env.update(app_env)
-    env.update({"COMMIT_SHA": record.sha, "POST_DEPLOY_APP": record.app,
-                "POST_DEPLOY_RUN_ID": record.id, "POST_DEPLOY_TRIGGER": record.trigger})
-    return env
 
 
 def _finish(settings: Settings, store: StateStore, record: RunRecord,
@@ -368,18 +359,6 @@ def _token(lock: Lock) -> str:
     """The lock's token, for the guard that renews it (redis-py keeps it as bytes)."""
     token = lock.local.token
     return token.decode() if isinstance(token, bytes) else str(token)
-
-
-def executor_secrets(settings: Settings) -> frozenset[str]:
-    """Everything the executor knows that a job must not print: masked like SECRET values."""
-    found = set(notify_secrets(settings))
-    for app in settings.apps:
-        found.update(url_credentials(app.repo or ""))
-        for url in app.notify:
-            found.update(url_credentials(url))
-    if settings.webhook_secret:
-        found.add(settings.webhook_secret)
-    return frozenset(s for s in found if len(s) >= MIN_SECRET_LENGTH)
 
 
 def _release(lock: Lock) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from postdeploy.appspec import JobSpec, parse_appspec
 from postdeploy.config import Settings
 from postdeploy.gitsource import AppSource
-from postdeploy.instances import job_environment
+from postdeploy.jobenv import job_environment
 from postdeploy.readiness import PROBE_EVERY, Probe, gate_url, not_ready_reason, probe
 from postdeploy.redaction import mask_secrets
 
