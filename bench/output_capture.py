@@ -54,7 +54,11 @@ def measure(root: Path, redis_url: str, size: int, rounds: int) -> list[Row]:
     client.flushdb()
     store = StateStore(client)
     remote = GitRemote(root / "git", "bench")
-    job_start = root / "job-start"
+    # The job (the job user, when we run as root) writes its start time here.
+    shared = root / "shared"
+    shared.mkdir(exist_ok=True)
+    shared.chmod(0o1777)
+    job_start = shared / "job-start"
     command = f"echo $EPOCHREALTIME > {job_start}; cat {data}"
     sha = remote.commit({"appspec.yaml": appspec_yaml(command, timeout="3600")})
     env = service_env(redis_url, root / "state", 3600, POSTDEPLOY_REPO=remote.url,
