@@ -248,3 +248,33 @@ def test_a_commit_whose_runs_keep_dying_is_tried_three_times(
         assert statuses == ["lost", "lost", "lost", "error"], statuses
         error = runs(client, "shop")[-1]
         assert "died with their worker" in (error.reason or "")
+
+
+def test_a_run_finishing_while_redis_is_full_is_recorded_once(
+        tmp_path: Path, remote: GitRemote, executor: Callable[..., Executor],
+        fault: FaultScope, report: Callable[[str], None]) -> None:
+    journal = tmp_path / "journal"
+    sha = remote.commit({"appspec.yaml": appspec_yaml(journal_job(journal, "sleep 2"))},
+                        "full")
+    made = executor()
+    client = made.client
+    with fault("Redis at maxmemory (noeviction) while a job finishes") as f:
+        wait_for(lambda: journal_lines(journal, "start"), 60, what="the job to start")
+        before = (len(made.worker.log().splitlines()), len(made.beat.log().splitlines()))
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", str(used))  # every write that needs memory fails
+        try:
+            wait_for(lambda: journal_lines(journal, "end"), 30, what="the job to end")
+            time.sleep(8)  # longer than the lock TTL (5 s): the lease must hold meanwhile
+        finally:
+            client.config_set("maxmemory", "0")
+        wait_for(lambda: finished(client, "shop", sha)(), 60, what="the run to be recorded")
+        time.sleep(4)  # a few more checks: the commit must not run again
+        assert finished(client, "shop", sha)() == ["succeeded"]
+        assert len(journal_lines(journal, "start")) == 1
+        records = [line for log in (made.worker.log().splitlines()[before[0]:],
+                                    made.beat.log().splitlines()[before[1]:])
+                   for line in log if line.startswith("20")]
+        report(f"Redis full for ~10 s: {len(records)} log records from worker and beat")
+        assert len(records) < 60, records[-20:]
+        f.audit = audit(client, "shop", [sha])
