@@ -14,11 +14,12 @@ import redis
 
 from postdeploy.celery_app import configure
 from postdeploy.config import Settings
+from postdeploy.state import StateStore
 from tests.support import GitRemote, RedisServer, Service, run_git, service_env, wait_for
 
 __all__ = ["GitRemote", "RedisServer", "Service", "run_git", "service_env", "wait_for",
-           "bare_repos", "celery_client", "tree_cpu", "tree_memory", "redis_server",
-           "process_tree", "Step", "in_rounds"]
+           "bare_repos", "celery_client", "settled_store", "tree_cpu", "tree_memory",
+           "redis_server", "process_tree", "Step", "in_rounds"]
 
 # One round of one side of a comparison: its figures by name ({"wall": 0.21, ...}).
 Step = Callable[[], dict[str, float]]
@@ -72,6 +73,17 @@ def process_tree(service: Service) -> list[psutil.Process]:
     """The service's process and all its descendants now."""
     root = psutil.Process(service.proc.pid)
     return [root, *root.children(recursive=True)]
+
+
+def settled_store(redis_url: str, names: list[str], sha: str) -> StateStore:
+    """A flushed Redis where every app's commit ``sha`` already ran: checks find nothing."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = StateStore(client)
+    for name in names:
+        store.observe(name, sha)
+        store.mark_done(name, sha, "bench")
+    return store
 
 
 def tree_cpu(processes: list[psutil.Process]) -> float:

@@ -25,12 +25,12 @@ from bench.harness import (
     process_tree,
     self_children_cpu,
     service_env,
+    settled_store,
     tree_cpu,
     wait_ready,
 )
 from bench.report import Row, median
 from postdeploy import keys
-from postdeploy.state import StateStore
 
 PARALLELISM = 2  # the worker's prefork concurrency
 
@@ -42,12 +42,7 @@ def measure(root: Path, redis_url: str, count: int, rounds: int) -> list[Row]:
     config = root / "postdeploy.yaml"
     config.write_text(yaml.safe_dump({"apps": [{"name": n, "repo": str(r)}
                                                for n, r in zip(names, repos, strict=True)]}))
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    store = StateStore(client)
-    for name in names:  # nothing changed: every app's commit already ran
-        store.observe(name, sha)
-        store.mark_done(name, sha, "bench")
+    client = settled_store(redis_url, names, sha).client  # every commit already ran
     clones = _clones(root, repos[:min(count, 200)])
     cycles = -(-200 // count)  # cycles per round: enough app checks for 10 ms CPU ticks
 

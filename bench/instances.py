@@ -19,11 +19,11 @@ import psutil
 import redis
 import yaml
 
+from bench.harness import settled_store, tree_cpu
 from bench.report import Row
 from postdeploy import keys
 from postdeploy.celery_app import configure
 from postdeploy.config import Settings
-from postdeploy.state import StateStore
 from tests.support import GitRemote, Service, service_env, wait_for
 
 HOSTS = 3
@@ -37,12 +37,7 @@ def measure(root: Path, redis_url: str, count: int = 100, rounds: int = 3,
             quick: bool = False) -> list[Row]:
     root.mkdir(parents=True, exist_ok=True)
     names, sha = _apps(root, count)
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    store = StateStore(client)
-    for name in names:  # nothing changed: every app's commit already ran
-        store.observe(name, sha)
-        store.mark_done(name, sha, "bench")
+    client = settled_store(redis_url, names, sha).client  # every commit already ran
 
     window = WINDOW_INTERVALS // 2 if quick else WINDOW_INTERVALS
     reports, cycles = [], []
@@ -65,19 +60,19 @@ def measure(root: Path, redis_url: str, count: int = 100, rounds: int = 3,
 
         procs = _trees(workers)
         for _ in range(rounds):
-            cpu0, t0 = _cpu(procs), time.monotonic()
+            cpu0, t0 = tree_cpu(procs), time.monotonic()
             time.sleep(INTERVAL * window)
-            rate = (_cpu(procs) - cpu0) / (time.monotonic() - t0)  # CPU s per second
+            rate = (tree_cpu(procs) - cpu0) / (time.monotonic() - t0)  # CPU s per second
             reports.append(rate * INTERVAL * 1000)
 
-            cpu0, t0 = _cpu(procs), time.monotonic()
+            cpu0, t0 = tree_cpu(procs), time.monotonic()
             for _ in range(CYCLES):
                 mark = time.time()
                 check_commits.apply_async()
                 _wait_checked(client, names, mark)
             wall = time.monotonic() - t0
             # The reports go on meanwhile: take their share out of the cycles' CPU.
-            cycles.append((_cpu(procs) - cpu0 - rate * wall) / CYCLES * 1000)
+            cycles.append((tree_cpu(procs) - cpu0 - rate * wall) / CYCLES * 1000)
     finally:
         for worker in workers:
             worker.stop()
@@ -119,14 +114,3 @@ def _trees(workers: list[Service]) -> list[psutil.Process]:
         root = psutil.Process(worker.proc.pid)
         procs += [root, *root.children(recursive=True)]
     return procs
-
-
-def _cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total

@@ -75,7 +75,6 @@ class Sandbox:
 
     uid: int | None = None
     gid: int | None = None
-    home: str | None = None
     hide: tuple[str, ...] = ()  # paths covered by an empty tmpfs (directories) or /dev/null
     root: str | None = None  # an empty tmpfs is mounted here for the binds below
     binds: tuple[tuple[str, str], ...] = ()  # (source, where the job sees it), under root

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import grp
+import logging
 import os
 import pwd
 import stat
@@ -102,8 +103,6 @@ def isolation_available() -> bool:
 
 def describe_isolation(settings: Settings) -> tuple[int, str]:
     """A log level and one line for the worker's start-up: how far jobs are isolated."""
-    import logging
-
     user = job_user(settings)
     if user is None:
         return logging.WARNING, (
@@ -140,7 +139,7 @@ def place_job(settings: Settings, app: str, checkout: Path) -> JobPlace:
     if user is None:
         return JobPlace(Sandbox(), checkout, home)
     if not isolation_available():
-        return JobPlace(Sandbox(uid=user.uid, gid=user.gid, home=str(home)), checkout, home)
+        return JobPlace(Sandbox(uid=user.uid, gid=user.gid), checkout, home)
     hide = [str(settings.state_dir)]
     if settings.config_file is not None:
         hide.append(str(settings.config_file))  # it may hold the Redis URL and notify tokens
@@ -156,7 +155,7 @@ def place_job(settings: Settings, app: str, checkout: Path) -> JobPlace:
     if _contains(settings.state_dir, checkout):
         seen = inside / "checkout"
         binds.append((str(checkout), str(seen)))
-    sandbox = Sandbox(uid=user.uid, gid=user.gid, home=str(inside / "home"), hide=tuple(hide),
+    sandbox = Sandbox(uid=user.uid, gid=user.gid, hide=tuple(hide),
                       root=str(JOB_ROOT), binds=tuple(binds))
     return JobPlace(sandbox, seen, inside / "home")
 
