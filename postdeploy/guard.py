@@ -229,7 +229,9 @@ class _Guard:
         self.terminated = terminated
         self.client: redis.Redis | None = None
         self.last_renewal = time.monotonic()
-        self.next_tick = 0.0
+        # The worker took the lease just now: the first renewal is due a tick later, so
+        # a short job ends before the guard even connects to Redis.
+        self.next_tick = self.last_renewal + TICK
         self.worker_gone = False
         self.done = False
         self._control_buffer = b""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import grp
 import logging
 import os
@@ -192,6 +193,7 @@ def _contains(parent: Path, child: Path) -> bool:
 
 def can_isolate() -> bool:
     """Whether a job can get a mount namespace of its own here (tried in a child)."""
+    _libc()  # loaded here, so every later job's child inherits it
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -287,7 +289,10 @@ def _bytes(value: str | None) -> bytes | None:
     return value.encode() if value is not None else None
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    # Looked up once (find_library runs ldconfig, about 2 ms): in the worker, before a
+    # job's fork, so the job's child only calls into it.
     return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 

@@ -10,6 +10,8 @@ daemon holding its stdout returns promptly: the pipe is handed to a detached
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import selectors
@@ -27,7 +29,10 @@ from postdeploy.records import Status
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024
+# The job's output pipe holds this much (Linux default: 64 KiB): a chatty job blocks,
+# and we wake, once per MiB instead of once per 64 KiB.
+PIPE_SIZE = 1024 * 1024
 TICK = 0.2  # seconds between looks at the guard and stop requests when the job is quiet
 DRAIN_QUIET = 0.2  # after the job exits: this long without output means a daemon holds the pipe
 DRAIN_MAX = 2.0  # ...and never wait longer than this for the last output
@@ -60,6 +65,8 @@ def run_process(command: str, cwd: Path, env: Mapping[str, str], grace: float, r
     """
     del run_id  # processes are found through the guard, not through markers
     read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
+        fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     spec = GuardSpec(command=command, cwd=str(cwd), env=dict(env), grace=grace, lease=lease,
                      sandbox=sandbox or Sandbox())
     try:
@@ -79,12 +86,13 @@ def _supervise(guard: GuardHandle, fd: int, on_output: Callable[[bytes], None],
     os.set_blocking(fd, False)
     selector = selectors.DefaultSelector()
     selector.register(fd, selectors.EVENT_READ)
+    buffer = memoryview(bytearray(READ_SIZE))
     pipe_open = True
     asked: StopRequest | None = None
     try:
         while True:
             if pipe_open:
-                pipe_open = _pump(selector, fd, on_output, TICK)
+                pipe_open = _pump(selector, fd, on_output, TICK, buffer)
                 result = guard.poll(0)
             else:
                 result = guard.poll(TICK)
@@ -94,7 +102,7 @@ def _supervise(guard: GuardHandle, fd: int, on_output: Callable[[bytes], None],
             if asked is None and (asked := should_stop()) is not None:
                 guard.stop(asked.reason)
         if pipe_open:
-            _drain_after_exit(selector, fd, on_output)
+            _drain_after_exit(selector, fd, on_output, buffer)
     finally:
         selector.close()
         os.close(fd)
@@ -147,22 +155,27 @@ def kill_run_processes(run_id: str) -> int:
 
 
 def _pump(selector: selectors.BaseSelector, fd: int, on_output: Callable[[bytes], None],
-          wait: float) -> bool:
-    """Read what is there (waiting up to ``wait``); False once the pipe hit EOF."""
+          wait: float, buffer: memoryview) -> bool:
+    """Read what is there (waiting up to ``wait``); False once the pipe hit EOF.
+
+    Reads go into one reused ``buffer`` and only the bytes read are copied out:
+    ``os.read`` would allocate (and the kernel fault in) READ_SIZE fresh bytes per
+    read, however few arrived.
+    """
     if not selector.select(wait):
         return True
     while True:
         try:
-            data = os.read(fd, READ_SIZE)
+            size = os.readv(fd, [buffer])
         except BlockingIOError:
             return True
-        if not data:
+        if not size:
             return False
-        on_output(data)
+        on_output(bytes(buffer[:size]))
 
 
 def _drain_after_exit(selector: selectors.BaseSelector, fd: int,
-                      on_output: Callable[[bytes], None]) -> None:
+                      on_output: Callable[[bytes], None], buffer: memoryview) -> None:
     """Collect the last output; if something still holds the pipe, detach from it."""
     deadline = time.monotonic() + DRAIN_MAX
     quiet_since = time.monotonic()
@@ -172,7 +185,7 @@ def _drain_after_exit(selector: selectors.BaseSelector, fd: int,
                 break
             continue
         quiet_since = time.monotonic()
-        if not _pump(selector, fd, on_output, 0):
+        if not _pump(selector, fd, on_output, 0, buffer):
             return
     _hand_to_sink(fd)
 

@@ -97,6 +97,9 @@ def test_folder_symlink_leading_out_is_refused(tmp_path: Path) -> None:
     ("envs:\n- key: ключ\n  value: x\n", "not a valid environment variable name"),
     ("envs:\n- key: A\n  value: [1, 2]\n", "value must be a string"),
     ("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n", "aliases"),
+    # Deep nesting within the size limit: an error, never a RecursionError.
+    ("envs: " + "[" * 30000 + "]" * 30000, "invalid YAML"),
+    ("envs:\n" + "- " * 20000 + "x", "invalid YAML"),
 ])
 def test_malformed_appspec_is_an_error(text: str, message: str) -> None:
     with pytest.raises(AppSpecError, match=message) as info:
