@@ -2,21 +2,34 @@
 
 Latency: from sending postdeploy.check_app after a commit (what `postdeploy check
 APP` does) to the job's process starting (the job prints $EPOCHREALTIME), against
-Celery's own round trip for an empty task in the same worker.
+Celery's own round trip for an empty task in the same worker, and against the
+git work any tool must do to start a new commit's job (ls-remote, fetch,
+checkout: plain git processes on the same repositories).
 Overhead: manual runs of `true` through the full path (lock, checkout, appspec,
-run, record), against `bash -c true` run directly. In each round postdeploy and
+run, record), against `bash -c true` run directly, and against the least a job
+started under its guard costs (two forks of a process the worker's size, then
+the exec). In each round postdeploy and
 its baseline run the same number of times, taking turns going first.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-from bench.harness import GitRemote, Service, celery_client, in_rounds, service_env, wait_ready
+from bench.harness import (
+    GitRemote,
+    Service,
+    celery_client,
+    in_rounds,
+    run_git,
+    service_env,
+    wait_ready,
+)
 from bench.report import Row, median, percentile
 from postdeploy.records import RunRecord
 from postdeploy.state import StateStore
@@ -78,10 +91,28 @@ def measure_latency(root: Path, redis_url: str, commits: int, rounds: int) -> li
         times = _empty_task_round_trips(commits)
         return {"base p50": median(times), "base p95": percentile(times, 95)}
 
+    floor_clone = root / "floor-clone"
+    run_git(root, "clone", "-q", "--no-checkout", remote.url, str(floor_clone))
+
+    def git_floor() -> dict[str, float]:
+        """What any tool must do with git to start a new commit's job: learn it,
+        fetch it, check it out. Plain git processes, nothing else."""
+        nonlocal made
+        times = []
+        for _ in range(commits):
+            made += 1
+            sha = remote.commit({**spec, "n": str(made)})
+            t0 = time.perf_counter()
+            run_git(floor_clone, "ls-remote", remote.url, "refs/heads/main")
+            run_git(floor_clone, "fetch", "-q", remote.url, "+refs/heads/*:refs/remotes/origin/*")
+            run_git(floor_clone, "checkout", "-q", "--force", "--detach", sha)
+            times.append((time.perf_counter() - t0) * 1000)
+        return {"git p50": median(times)}
+
     try:
         check_app.apply_async(args=["bench"]).get(timeout=60)  # warm: first clone
         _wait_run_of(store, remote.head())
-        figures = in_rounds(rounds, ours, empty_task)
+        figures = in_rounds(rounds, ours, empty_task, git_floor)
     finally:
         worker.stop()
     return [
@@ -90,6 +121,8 @@ def measure_latency(root: Path, redis_url: str, commits: int, rounds: int) -> li
             lambda r: r.value <= (r.baseline or 0) + 20),
         Row("trigger latency p95", figures["p95"], figures["base p95"], "ms",
             "empty Celery task"),
+        Row("trigger latency p50, against git's own work", figures["p50"], figures["git p50"],
+            "ms", "ls-remote + fetch + checkout of the commit"),
     ]
 
 
@@ -117,9 +150,17 @@ def measure_overhead(root: Path, redis_url: str, jobs: int, rounds: int) -> list
             times.append((time.perf_counter() - t0) * 1000)
         return {"bash": median(times)}
 
+    def guarded_floor() -> dict[str, float]:
+        times = []
+        for _ in range(jobs):
+            t0 = time.perf_counter()
+            _fork_fork_exec()
+            times.append((time.perf_counter() - t0) * 1000)
+        return {"fork fork bash": median(times)}
+
     try:
         run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=60)  # warm
-        figures = in_rounds(rounds, ours, direct)
+        figures = in_rounds(rounds, ours, direct, guarded_floor)
     finally:
         worker.stop()
     assert len(store.history("bench", jobs + 1)) >= min(jobs, store.history_limit)
@@ -129,7 +170,24 @@ def measure_overhead(root: Path, redis_url: str, jobs: int, rounds: int) -> list
             figures["bash"], "ms", "bash -c true"),
         Row("per-job overhead added (median)", added, None, "ms", "", "<= 5 ms",
             lambda r: r.value <= 5),
+        Row("per-job time, against a guarded start's floor", figures["job"],
+            figures["fork fork bash"], "ms", "fork, fork, exec bash -c true"),
     ]
+
+
+def _fork_fork_exec() -> None:
+    """The least a guarded job costs: this process (as big as a pool process, with
+    Celery and postdeploy loaded) forks a guard, which forks and execs the job."""
+    guard = os.fork()
+    if guard == 0:
+        try:
+            job = os.fork()
+            if job == 0:
+                os.execv("/bin/bash", ["bash", "-c", "true"])
+            os.waitpid(job, 0)
+        finally:
+            os._exit(0)
+    os.waitpid(guard, 0)
 
 
 def _wait_run_of(store: StateStore, sha: str, timeout: float = 60) -> RunRecord:
