@@ -136,14 +136,24 @@ class GuardHandle:
         return self.result
 
     def finish(self) -> None:
-        """The run is recorded: the guard may let the lease go and exit."""
+        """The run is recorded: the guard lets the lease go and exits.
+
+        Returns once the guard has stopped renewing the lease (it then closes its
+        report pipe), not once it has exited: unmapping its copy of the worker takes
+        a few ms more, and it is reaped later (see reap_guards).
+        """
         self._send("done\n")
         with contextlib.suppress(OSError):
             os.close(self._control)
         self._control = -1
+        if self._report >= 0:
+            os.set_blocking(self._report, True)
+            with contextlib.suppress(OSError):
+                while os.read(self._report, 65536):
+                    pass
         self._close_report()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        _exiting.add(self.pid)
+        reap_guards()
 
     def _send(self, text: str) -> None:
         if self._control >= 0:
@@ -170,9 +180,24 @@ class GuardHandle:
                 self.result = GuardResult(**message["result"])
 
 
+_exiting: set[int] = set()  # guards that let their lease go, maybe not yet reaped
+
+
+def reap_guards() -> None:
+    """Reap the guards that have exited since (zombies until then, holding nothing)."""
+    for pid in list(_exiting):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _exiting.discard(pid)
+
+
 def start_guard(spec: GuardSpec, output_fd: int,
                 on_log: Callable[[str], None] = lambda _line: None) -> GuardHandle:
     """Fork the guard; it starts the job with ``output_fd`` as stdout and stderr."""
+    reap_guards()
     control_r, control_w = os.pipe()
     report_r, report_w = os.pipe()
     pid = os.fork()
@@ -352,6 +377,10 @@ class _Guard:
                 self.next_tick = time.monotonic() + TICK
                 with contextlib.suppress(redis.RedisError):
                     self._renew()
+        # No renewal from here on: the worker may release the lease once it reads EOF.
+        with contextlib.suppress(OSError):
+            os.close(self.report)
+        self.report = -1
 
     def _read_control(self, wait: float) -> str | None:
         """Wait up to ``wait`` for a command, a child's exit or a signal; the command if any."""

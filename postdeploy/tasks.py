@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore
-from celery.signals import task_revoked
+from celery.signals import task_postrun, task_revoked
 from celery.utils.functional import maybe_list
 from celery.worker import control as worker_control
 from celery.worker import state as worker_state
@@ -26,6 +26,7 @@ from postdeploy.celery_app import (
 from postdeploy.checks import reconcile
 from postdeploy.connection import redis_client
 from postdeploy.errors import JobFailed
+from postdeploy.guard import reap_guards
 from postdeploy.jobclock import JobClock
 from postdeploy.jobs import LockBusy, cancel_run, carry_out_run
 from postdeploy.placement import HostPlacement, RunPlace, RunRequest, forward_host
@@ -202,6 +203,14 @@ def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual
     if record.status not in (Status.SUCCEEDED, Status.SUPERSEDED):
         raise JobFailed(f"{record.app}@{record.sha[:7]} {record.status}: {record.reason}")
     return summary
+
+
+@task_postrun.connect
+def _after_run(sender: Any = None, **_: Any) -> None:
+    """Reap the run's job guard once it has exited: after the result is sent, so the
+    few ms its exit takes are nobody's wait (see GuardHandle.finish)."""
+    if getattr(sender, "name", None) == run_job.name:
+        reap_guards()
 
 
 @task_revoked.connect
