@@ -18,12 +18,14 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import tornado.httpserver
+import tornado.netutil
 
 from postdeploy.celery_app import app as celery_app
 from postdeploy.celery_app import configure
@@ -32,9 +34,11 @@ from postdeploy.connection import redis_client, resolve_redis_url
 from postdeploy.errors import ConfigError, PostdeployError
 from postdeploy.logconfig import configure_logging
 from postdeploy.redaction import redact_url
+from postdeploy.webhook_dispatch import STOP_TIMEOUT as DISPATCH_STOP_TIMEOUT
 from postdeploy.webhook_dispatch import Dispatcher
 from postdeploy.webhook_http import MAX_BODY, HookServer
 from postdeploy.webhook_match import AppIndex, Push
+from postdeploy.webhook_processes import MAX_DEFAULT, default_count, run_forked
 from postdeploy.webhook_providers import PROVIDERS, Headers, HookRejected, Provider
 from postdeploy.webhook_state import Delivery, WebhookState
 
@@ -51,6 +55,8 @@ CHECK_TASK = "postdeploy.check_app"
 NO_SECRET = ("POSTDEPLOY_WEBHOOK_SECRET is not set; the webhook service only accepts signed "
              "pushes: set it to a long random value (e.g. `openssl rand -hex 32`) and give the "
              "git host the same secret")
+PROCESSES_HELP = ("server processes sharing the port (default: one per CPU, at most "
+                  f"{MAX_DEFAULT}); more answer a burst of deliveries sooner")
 
 
 class WebhookService:
@@ -140,11 +146,49 @@ def check_settings(settings: Settings) -> str:
     return settings.webhook_secret
 
 
-def serve(settings: Settings, address: str, port: int) -> int:
+def serve(settings: Settings, address: str, port: int, processes: int = 1) -> int:
     """Run the service until SIGINT/SIGTERM; 0 then. Bad settings raise ConfigError."""
     secret = check_settings(settings)
     url = resolve_redis_url(settings)
     configure(settings, url)
+    sockets = listen_sockets(address, port, processes)
+    log.info("webhook: listening on http://%s:%d/hooks/{%s} for %d app(s), %d process(es)",
+             address, port, ",".join(PROVIDERS), len(settings.apps), processes)
+    if processes == 1:
+        return _serve(settings, secret, url, sockets[0])
+
+    def serve_one(index: int) -> int:
+        for other, held in enumerate(sockets):
+            if other != index:  # each process accepts on its own socket only
+                for sock in held:
+                    sock.close()
+        return _serve(settings, secret, url, sockets[index])
+
+    return run_forked(processes, serve_one, STOP_TIMEOUT * 2 + DISPATCH_STOP_TIMEOUT)
+
+
+def listen_sockets(address: str, port: int, count: int) -> list[list[socket.socket]]:
+    """The listening sockets of each of ``count`` server processes.
+
+    Several processes each get their own sockets on the port (SO_REUSEPORT, so
+    the kernel spreads connections among them); a plain bind first makes sure
+    the port is free, so that another service on it is refused, not joined.
+    """
+    try:
+        first = tornado.netutil.bind_sockets(port, address)
+        if count == 1:
+            return [first]
+        for sock in first:
+            sock.close()
+        return [tornado.netutil.bind_sockets(port, address, reuse_port=True)
+                for _ in range(count)]
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}:{port}: {exc.strerror or exc}; "
+                          "pick another --port or --address") from None
+
+
+def _serve(settings: Settings, secret: str, url: str, sockets: list[socket.socket]) -> int:
+    """One server process: its own Redis and broker connections, its queueing thread."""
     client = redis_client(url)
     expires = settings.check_interval  # a check still queued at the next poll is moot
 
@@ -155,27 +199,21 @@ def serve(settings: Settings, address: str, port: int) -> int:
     service = WebhookService(secret, AppIndex(settings.apps), dispatcher)
     dispatcher.start()
     try:
-        return asyncio.run(_serve(service, address, port, len(settings.apps)))
+        return asyncio.run(_loop(service, sockets, len(settings.apps)))
     finally:
         dispatcher.stop()
 
 
-async def _serve(service: WebhookService, address: str, port: int, apps: int) -> int:
+async def _loop(service: WebhookService, sockets: list[socket.socket], apps: int) -> int:
     hooks = HookServer(service.handle, apps)
     server = tornado.httpserver.HTTPServer(
         hooks, max_body_size=READ_LIMIT, max_buffer_size=READ_LIMIT,
         body_timeout=BODY_TIMEOUT, idle_connection_timeout=60)
-    try:
-        server.listen(port, address)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {address}:{port}: {exc.strerror or exc}; "
-                          "pick another --port or --address") from None
+    server.add_sockets(sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("webhook: listening on http://%s:%d/hooks/{%s} for %d app(s)", address, port,
-             ",".join(PROVIDERS), apps)
     await stop.wait()
     log.info("webhook: stopping")
     server.stop()  # no new connections; the requests in hand still get their answer
@@ -187,14 +225,32 @@ async def _serve(service: WebhookService, address: str, port: int, apps: int) ->
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, like every postdeploy error
+        self.exit(2, f"postdeploy: error: {message} (see `{self.prog} --help`)\n")
+
+
+def process_count(text: str) -> int:
+    """--processes: a whole number from 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count} is not 1 or more")
+    return count
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m postdeploy.webhook",
         description="Receive signed push webhooks and check the pushed apps now.")
     parser.add_argument("--address", default=DEFAULT_ADDRESS,
                         help=f"address to listen on (default {DEFAULT_ADDRESS})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port to listen on (default {DEFAULT_PORT})")
+    parser.add_argument("--processes", type=process_count, default=None,
+                        help=PROCESSES_HELP)
     return parser.parse_args(list(argv))
 
 
@@ -207,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = Settings.load()
         check_settings(settings)
         configure_logging(settings.log_level)
-        code = serve(settings, args.address, args.port)
+        code = serve(settings, args.address, args.port, args.processes or default_count())
     except ConfigError as exc:
         print(f"postdeploy: error: {exc}", file=sys.stderr)
         code = 2

@@ -1,0 +1,140 @@
+"""Several webhook server processes on one port, and the parent that keeps them running.
+
+One event loop answers a burst of deliveries one after the other, so the last of
+200 waits for the 199 before it; N processes sharing the port (each with its own
+listening socket, SO_REUSEPORT: the kernel spreads the connections among them)
+answer a burst about N times sooner on N cores. The parent only forks and
+watches: a server process that dies is logged and started again on the same
+socket (the connections waiting on it are not lost), one that dies right after
+it started stops the service (a crash loop helps nobody), and SIGTERM or SIGINT
+is passed on to every server process, which answers the requests in hand and
+exits; what is still running after ``stop_timeout`` is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from postdeploy.supervisor import die_with_parent
+
+log = logging.getLogger(__name__)
+
+MAX_DEFAULT = 4  # past this a delivery burst is bounded by Redis and the broker, not CPU
+CRASH_LOOP = 1.0  # seconds: a process that dies sooner after its start is not restarted
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def default_count() -> int:
+    """One server process per CPU this process may use, at most MAX_DEFAULT."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT))
+
+
+def run_forked(count: int, serve: Callable[[int], int], stop_timeout: float) -> int:
+    """Run ``serve(index)`` in ``count`` forked processes until SIGTERM/SIGINT; 0 then.
+
+    ``serve`` runs in the child and returns its exit code; it must make its own
+    connections and threads (none may exist in the parent at the fork).
+    """
+    children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+    stopping = False
+    failed = False
+
+    parent = os.getpid()
+
+    def start(index: int) -> None:
+        # Signals wait until the child has its own handlers and the parent knows its pid.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(serve, index, parent)  # never returns
+            children[pid] = (index, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            signal.setitimer(signal.ITIMER_REAL, stop_timeout)
+        _signal_all(children, signal.SIGTERM)
+
+    def kill(signum: int, frame: FrameType | None) -> None:
+        nonlocal failed
+        if children:
+            log.error("webhook: %d server process(es) still running after %.0f s; killed",
+                      len(children), stop_timeout)
+            failed = True
+        _signal_all(children, signal.SIGKILL)
+
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, stop)
+    signal.signal(signal.SIGALRM, kill)
+    for index in range(count):
+        start(index)
+    while children:
+        pid, status = os.wait()  # retried after a signal handler ran (PEP 475)
+        if pid not in children:
+            continue
+        index, started = children.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            failed = failed or code != 0
+            continue
+        if time.monotonic() - started < CRASH_LOOP:
+            log.error("webhook: server process %d exited (%s) right after it started; "
+                      "stopping the service", index, _how(code))
+            failed = True
+            stop(signal.SIGTERM, None)
+            continue
+        log.error("webhook: server process %d (pid %d) exited (%s); starting it again",
+                  index, pid, _how(code))
+        start(index)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    return 1 if failed else 0
+
+
+def _child(serve: Callable[[int], int], index: int, parent: int) -> None:
+    code = 1
+    try:
+        die_with_parent()  # a parent killed outright takes its server processes with it
+        if os.getppid() != parent:  # ...even when it was killed before that took effect
+            os._exit(1)
+        for sig in _STOP_SIGNALS | {signal.SIGALRM}:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        code = serve(index)
+    except KeyboardInterrupt:
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.exception("webhook: server process %d failed", index)
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # not the parent's exit path: its atexit handlers are the parent's
+
+
+def _signal_all(children: dict[int, tuple[int, float]], sig: int) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:  # exited, not yet reaped
+            pass
+
+
+def _how(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"code {code}"
