@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import tornado.httpserver
-import tornado.netutil
 
 from postdeploy.celery_app import app as celery_app
 from postdeploy.celery_app import configure
@@ -38,7 +37,13 @@ from postdeploy.webhook_dispatch import STOP_TIMEOUT as DISPATCH_STOP_TIMEOUT
 from postdeploy.webhook_dispatch import Dispatcher
 from postdeploy.webhook_http import MAX_BODY, HookServer
 from postdeploy.webhook_match import AppIndex, Push
-from postdeploy.webhook_processes import MAX_DEFAULT, default_count, run_forked
+from postdeploy.webhook_processes import (
+    MAX_DEFAULT,
+    STOP_SIGNALS,
+    default_count,
+    listen_sockets,
+    run_servers,
+)
 from postdeploy.webhook_providers import PROVIDERS, Headers, HookRejected, Provider
 from postdeploy.webhook_state import Delivery, WebhookState
 
@@ -154,37 +159,8 @@ def serve(settings: Settings, address: str, port: int, processes: int = 1) -> in
     sockets = listen_sockets(address, port, processes)
     log.info("webhook: listening on http://%s:%d/hooks/{%s} for %d app(s), %d process(es)",
              address, port, ",".join(PROVIDERS), len(settings.apps), processes)
-    if processes == 1:
-        return _serve(settings, secret, url, sockets[0])
-
-    def serve_one(index: int) -> int:
-        for other, held in enumerate(sockets):
-            if other != index:  # each process accepts on its own socket only
-                for sock in held:
-                    sock.close()
-        return _serve(settings, secret, url, sockets[index])
-
-    return run_forked(processes, serve_one, STOP_TIMEOUT * 2 + DISPATCH_STOP_TIMEOUT)
-
-
-def listen_sockets(address: str, port: int, count: int) -> list[list[socket.socket]]:
-    """The listening sockets of each of ``count`` server processes.
-
-    Several processes each get their own sockets on the port (SO_REUSEPORT, so
-    the kernel spreads connections among them); a plain bind first makes sure
-    the port is free, so that another service on it is refused, not joined.
-    """
-    try:
-        first = tornado.netutil.bind_sockets(port, address)
-        if count == 1:
-            return [first]
-        for sock in first:
-            sock.close()
-        return [tornado.netutil.bind_sockets(port, address, reuse_port=True)
-                for _ in range(count)]
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {address}:{port}: {exc.strerror or exc}; "
-                          "pick another --port or --address") from None
+    return run_servers(sockets, lambda held: _serve(settings, secret, url, held),
+                       STOP_TIMEOUT * 2 + DISPATCH_STOP_TIMEOUT)
 
 
 def _serve(settings: Settings, secret: str, url: str, sockets: list[socket.socket]) -> int:
@@ -212,9 +188,14 @@ async def _loop(service: WebhookService, sockets: list[socket.socket], apps: int
     server.add_sockets(sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # Stopping already: a second signal (Ctrl-C reaches the parent and every server
+    # process, and the parent passes it on) is moot, and would hit the loop as it closes.
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     log.info("webhook: stopping")
     server.stop()  # no new connections; the requests in hand still get their answer
     await hooks.drain(STOP_TIMEOUT)

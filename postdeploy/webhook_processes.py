@@ -16,18 +16,22 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from types import FrameType
 
+import tornado.netutil
+
+from postdeploy.errors import ConfigError
 from postdeploy.supervisor import die_with_parent
 
 log = logging.getLogger(__name__)
 
 MAX_DEFAULT = 4  # past this a delivery burst is bounded by Redis and the broker, not CPU
 CRASH_LOOP = 1.0  # seconds: a process that dies sooner after its start is not restarted
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def default_count() -> int:
@@ -39,12 +43,50 @@ def default_count() -> int:
     return max(1, min(cpus, MAX_DEFAULT))
 
 
-def run_forked(count: int, serve: Callable[[int], int], stop_timeout: float) -> int:
-    """Run ``serve(index)`` in ``count`` forked processes until SIGTERM/SIGINT; 0 then.
+def listen_sockets(address: str, port: int, count: int) -> list[list[socket.socket]]:
+    """The listening sockets of each of ``count`` server processes.
 
-    ``serve`` runs in the child and returns its exit code; it must make its own
-    connections and threads (none may exist in the parent at the fork).
+    Several processes each get their own sockets on the port (SO_REUSEPORT, so
+    the kernel spreads connections among them); a plain bind first makes sure
+    the port is free, so that another service on it is refused, not joined.
     """
+    try:
+        first = tornado.netutil.bind_sockets(port, address)
+        if count == 1:
+            return [first]
+        for sock in first:
+            sock.close()
+        return [tornado.netutil.bind_sockets(port, address, reuse_port=True)
+                for _ in range(count)]
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}:{port}: {exc.strerror or exc}; "
+                          "pick another --port or --address") from None
+
+
+Serve = Callable[[list[socket.socket]], int]  # one server process on its sockets -> exit code
+
+
+def run_servers(sockets: list[list[socket.socket]], serve: Serve, stop_timeout: float) -> int:
+    """``serve`` on each set of ``sockets`` (from :func:`listen_sockets`): in this process
+    if there is one set, else each in a process of its own until SIGTERM/SIGINT; 0 then.
+
+    ``serve`` must make its own connections and threads: none may exist in the
+    parent at the fork.
+    """
+    if len(sockets) == 1:
+        return serve(sockets[0])
+
+    def serve_one(index: int) -> int:
+        for other, held in enumerate(sockets):
+            if other != index:  # each process accepts on its own socket only
+                for sock in held:
+                    sock.close()
+        return serve(sockets[index])
+
+    return _run_forked(len(sockets), serve_one, stop_timeout)
+
+
+def _run_forked(count: int, serve: Callable[[int], int], stop_timeout: float) -> int:
     children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
     stopping = False
     failed = False
@@ -53,14 +95,14 @@ def run_forked(count: int, serve: Callable[[int], int], stop_timeout: float) -> 
 
     def start(index: int) -> None:
         # Signals wait until the child has its own handlers and the parent knows its pid.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
                 _child(serve, index, parent)  # never returns
             children[pid] = (index, time.monotonic())
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -77,7 +119,7 @@ def run_forked(count: int, serve: Callable[[int], int], stop_timeout: float) -> 
             failed = True
         _signal_all(children, signal.SIGKILL)
 
-    for sig in _STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, stop)
     signal.signal(signal.SIGALRM, kill)
     for index in range(count):
@@ -88,8 +130,8 @@ def run_forked(count: int, serve: Callable[[int], int], stop_timeout: float) -> 
             continue
         index, started = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            failed = failed or code != 0
+        if stopping:  # ended by the signal passed on if its own handlers were gone
+            failed = failed or code not in (0, -signal.SIGTERM, -signal.SIGINT)
             continue
         if time.monotonic() - started < CRASH_LOOP:
             log.error("webhook: server process %d exited (%s) right after it started; "
@@ -110,10 +152,10 @@ def _child(serve: Callable[[int], int], index: int, parent: int) -> None:
         die_with_parent()  # a parent killed outright takes its server processes with it
         if os.getppid() != parent:  # ...even when it was killed before that took effect
             os._exit(1)
-        for sig in _STOP_SIGNALS | {signal.SIGALRM}:
+        for sig in STOP_SIGNALS | {signal.SIGALRM}:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         code = serve(index)
     except KeyboardInterrupt:
         code = 0
