@@ -1,15 +1,16 @@
 """Several webhook server processes on one port, and the parent that keeps them running.
 
 One event loop answers a burst of deliveries one after the other, so the last of
-200 waits for the 199 before it; N processes sharing the port (each with its own
+200 waits for the 199 before it. N processes sharing the port (each with its own
 listening socket, SO_REUSEPORT: the kernel spreads the connections among them)
-answer a burst about N times sooner on N cores. The parent only forks and
-watches: a server process that dies is logged and started again on the same
-socket (the connections waiting on it are not lost), one that dies right after
-it started stops the service (a crash loop helps nobody), and SIGTERM or SIGINT
-is passed on to every server process, which answers the requests in hand and
-exits; what is still running after ``stop_timeout`` is killed.
-"""
+spread a burst over N cores; each has its own Redis and broker connections and
+its own batches, and the delivery ids they share in Redis still catch a replay
+whichever process gets it. The parent only forks and watches: a server process
+that dies is logged and started again on the same socket (the connections
+waiting on it are not lost), one that dies right after it started stops the
+service (a crash loop helps nobody), and SIGTERM or SIGINT is passed on to
+every server process, which answers the requests in hand and exits; what is
+still running after ``stop_timeout`` is killed."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from postdeploy.supervisor import die_with_parent
 
 log = logging.getLogger(__name__)
 
-MAX_DEFAULT = 4  # past this a delivery burst is bounded by Redis and the broker, not CPU
+# Each process batches on its own, so a burst queues up to N checks per app: few suffice.
+MAX_DEFAULT = 4
 CRASH_LOOP = 1.0  # seconds: a process that dies sooner after its start is not restarted
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
