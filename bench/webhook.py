@@ -11,7 +11,9 @@ connections at once, each timed from its request leaving the client to its
 answer arriving, while the worker consumes the checks; against the floor of
 the server library: Tornado's HTTP server with the service's settings
 answering 202 to each request without looking at it, under the same load
-(rounds alternate between the two so both see the same machine).
+(rounds alternate between the servers so all see the same machine). The
+service runs with its default number of processes (one per CPU, at most 4) and
+with one, each against the bare server in as many processes sharing the port.
 """
 
 from __future__ import annotations
