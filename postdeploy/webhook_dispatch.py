@@ -1,7 +1,8 @@
 """Queueing the commit checks that pushes ask for, off the HTTP event loop, in batches.
 
 Redis and the broker are reached with blocking clients, so one thread does that
-work while the event loop goes on answering. Deliveries that arrive while it is
+work while the event loop goes on answering. The deliveries of one turn of the
+event loop are handed over together, and those that arrive while the thread is
 busy form the next batch: one pipeline records all of them, and each app gets
 one ``check_app`` per batch however many pushes named it. That is correct
 because every check is sent after every push of its batch arrived, so it sees
@@ -37,7 +38,8 @@ class Dispatcher:
     def __init__(self, state: WebhookState, send_check: Callable[[str], None]) -> None:
         self.state = state
         self.send_check = send_check
-        self._pending: list[_Pending] = []
+        self._gathered: list[_Pending] = []  # submitted in this turn of the event loop
+        self._pending: list[_Pending] = []  # handed to the thread
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="webhook-dispatch", daemon=True)
@@ -56,16 +58,26 @@ class Dispatcher:
         """Record ``delivery`` and queue its apps' checks; False if it was a replay.
 
         Raises what Redis or the broker raised, having forgotten the delivery, so
-        the host's retry counts as new.
+        the host's retry counts as new. Called from one event loop.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        with self._wakeup:
-            if self._stopping:
-                raise RuntimeError("the webhook service is stopping")
-            self._pending.append(_Pending(delivery, future, loop))
-            self._wakeup.notify()
+        self._gathered.append(_Pending(delivery, future, loop))
+        if len(self._gathered) == 1:  # the first of this turn of the loop
+            loop.call_soon(self._hand_over)
         return await future
+
+    def _hand_over(self) -> None:
+        """Give the thread what this turn of the event loop gathered, in one go: a lock
+        and a wake-up per delivery made a burst cost about an eighth more CPU."""
+        gathered, self._gathered = self._gathered, []
+        with self._wakeup:
+            if not self._stopping:
+                self._pending += gathered
+                self._wakeup.notify()
+                return
+        for item in gathered:
+            item.future.set_exception(RuntimeError("the webhook service is stopping"))
 
     def _run(self) -> None:
         while True:

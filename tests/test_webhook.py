@@ -95,7 +95,8 @@ def hook(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
                   POSTDEPLOY_CONFIG=str(config), POSTDEPLOY_STATE_DIR=str(state_dir),
                   POSTDEPLOY_WEBHOOK_SECRET=SECRET)
     port = free_port()
-    service = start_hook(env, root / "webhook.log", port)
+    # Two server processes on the port: every test below also holds across processes.
+    service = start_hook(env, root / "webhook.log", port, processes=2)
     yield Hook(service, port, env, state_dir, bare)
     service.stop(signal.SIGTERM)
     assert service.proc.returncode == 0, service.log()[-2000:]
@@ -127,8 +128,11 @@ def test_without_redis_it_says_where_to_point_it(hook: Hook, tmp_path: Path) -> 
     assert "POSTDEPLOY_REDIS_URL" in line
 
 
-def test_refuses_a_port_in_use(hook: Hook) -> None:
-    result = cli_run(["-m", "postdeploy.cli", "webhook", "--port", str(hook.port)], hook.env)
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_refuses_a_port_in_use(hook: Hook, processes: str) -> None:
+    # The running service's processes share the port: another service must not join them.
+    result = cli_run(["-m", "postdeploy.cli", "webhook", "--port", str(hook.port),
+                      "--processes", processes], hook.env)
     assert result.returncode == 2
     assert result.stderr.startswith(f"postdeploy: error: cannot listen on 127.0.0.1:{hook.port}")
     assert len(result.stderr.strip().splitlines()) == 1

@@ -48,7 +48,7 @@ def test_200_concurrent_deliveries_are_all_answered_and_the_commit_runs_once(
     wait_for(lambda: rclient.hexists(keys.APPS, "shop") or not worker.alive(), 60,
              what="worker ready")
     port = free_port()
-    hook_service = start_hook(env, tmp_path / "webhook.log", port)
+    hook_service = start_hook(env, tmp_path / "webhook.log", port, processes=2)
     try:
         for round_ in range(2):
             sha = remote.commit({"appspec.yaml": appspec_yaml('echo "job for $COMMIT_SHA"'),

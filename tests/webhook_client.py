@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 
 from postdeploy import keys
@@ -235,11 +236,22 @@ def healthy(port: int) -> bool:
         return False
 
 
-def start_hook(env: dict[str, str], log: Path, port: int) -> Service:
-    service = Service(["-m", "postdeploy.cli", "webhook", "--port", str(port)], env, log)
-    wait_for(lambda: healthy(port) or not service.alive(), 30, what="the webhook service")
+def start_hook(env: dict[str, str], log: Path, port: int, processes: int = 1) -> Service:
+    service = Service(["-m", "postdeploy.cli", "webhook", "--port", str(port),
+                       "--processes", str(processes)], env, log)
+    wait_for(lambda: (healthy(port) and len(server_pids(service)) == processes)
+             or not service.alive(), 30, what="the webhook service")
     assert service.alive(), service.log()
     return service
+
+
+def server_pids(service: Service) -> list[int]:
+    """The processes that answer: the service itself, or the ones it forked."""
+    try:
+        children = psutil.Process(service.proc.pid).children()
+    except psutil.Error:
+        return []
+    return [child.pid for child in children] or [service.proc.pid]
 
 
 def queued_checks(client: redis.Redis) -> list[str]:

@@ -64,14 +64,17 @@ def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | Non
 @click.option("--address", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback: put a TLS proxy in front).")
 @click.option("--port", type=click.IntRange(1, 65535), default=9810, show_default=True)
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="Server processes sharing the port (default: one per CPU, at most 4).")
 @with_settings
-def webhook(settings: Settings, address: str, port: int) -> int:
+def webhook(settings: Settings, address: str, port: int, processes: int | None) -> int:
     """Receive signed push webhooks (GitHub, GitLab, Gitea, generic); check those apps now."""
     from postdeploy.webhook import check_settings, serve
+    from postdeploy.webhook_processes import default_count
 
     check_settings(settings)  # refuse before anything else: no secret, no service
     configure_logging(settings.log_level)
-    return serve(settings, address, port)
+    return serve(settings, address, port, processes or default_count())
 
 
 
