@@ -187,3 +187,44 @@ def test_operators_own_credential_helper_still_works(
         cwd=workdir, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert not marker.exists()
+
+
+def test_a_git_host_that_never_answers_ends_at_the_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ref lookup is bounded: one line when it runs out, and git is not left running."""
+    import socket
+    import time
+
+    import psutil
+
+    from postdeploy import gitsource
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers
+    monkeypatch.setattr(gitsource, "LS_REMOTE_TIMEOUT", 1.5)
+    port = silent.getsockname()[1]
+    source = AppSource(AppConfig("shop", repo=f"http://127.0.0.1:{port}/shop.git"),
+                       tmp_path / "state")
+    started = time.monotonic()
+    try:
+        with pytest.raises(GitError, match=r"^git ls-remote timed out after 1.5 s") as info:
+            source.current_sha()
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 5
+    assert "\n" not in str(info.value)
+    left = [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
+    assert not left, left
+
+
+def test_git_output_and_exit_status_are_collected_whatever_their_order(tmp_path: Path) -> None:
+    from postdeploy.gitsource import _run
+
+    done = _run(["sh", "-c", "printf out; printf err >&2; exit 3"], tmp_path, {}, 5)
+    assert (done.returncode, done.stdout, done.stderr) == (3, b"out", b"err")
+    big = _run(["sh", "-c", "head -c 300000 /dev/zero; head -c 200000 /dev/zero >&2"],
+               None, {}, 5)
+    assert (len(big.stdout), len(big.stderr), big.returncode) == (300000, 200000, 0)
+    with pytest.raises(subprocess.TimeoutExpired):  # output closed, then it hangs
+        _run(["sh", "-c", "exec >/dev/null 2>&1; sleep 30"], None, {}, 0.5)
