@@ -16,11 +16,12 @@ import re
 import select
 import selectors
 import shutil
+import signal
 import stat
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import git
@@ -247,13 +248,17 @@ def _run(argv: list[str], cwd: Path | None, env: dict[str, str],
     (the process killed) when it takes longer than ``timeout`` in all.
     """
     deadline = time.monotonic() + timeout
+    # A session of its own, so that stopping git stops the helpers it started too
+    # (git-remote-http, ssh): killing git alone left them waiting on a silent host.
     with subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          start_new_session=True) as proc:
         try:
             out, err = _read_to_end(proc, deadline)
             _await_exit(proc, deadline)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        except BaseException:  # the timeout, Ctrl-C, a worker stopping: git goes too
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
             raise
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
