@@ -84,6 +84,11 @@ def last_push(app: str) -> str:
     return f"{PREFIX}app:{app}:last_push"
 
 
+def check_pending(app: str) -> str:
+    """String with expiry: a push's check of ``app`` is queued and has not started yet."""
+    return f"{PREFIX}app:{app}:check_pending"
+
+
 def webhook_delivery(provider: str, delivery_id: str) -> str:
     """String with expiry: a webhook delivery already received (replays are ignored)."""
     return f"{PREFIX}webhook:delivery:{provider}:{delivery_id}"

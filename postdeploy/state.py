@@ -239,6 +239,10 @@ class StateStore:
         pipe.execute()
         return streak if due else None
 
+    def check_started(self, app: str) -> None:
+        """A check of ``app`` starts: pushes from now on need a check of their own."""
+        self.client.delete(keys.check_pending(app))
+
     def check_recovered(self, app: str) -> dict[str, Any] | None:
         """End a streak of failed checks; return it (None if checks were fine)."""
         raw = self.client.getdel(keys.check_failure(app))

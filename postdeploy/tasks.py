@@ -113,6 +113,7 @@ def check_app(app_name: str) -> dict[str, str | None]:
     app_config = settings.app(app_name)
     if app_config is None:
         raise JobFailed(f"unknown app {app_name!r}")
+    state_store().check_started(app_name)  # before git: a push from now on queues another
     if app_config.path:
         from postdeploy.instances import InstanceReporter
 

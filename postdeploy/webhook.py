@@ -173,7 +173,7 @@ def _serve(settings: Settings, secret: str, url: str, sockets: list[socket.socke
     def send_check(app: str) -> None:
         celery_app.send_task(CHECK_TASK, args=[app], expires=expires, ignore_result=True)
 
-    dispatcher = Dispatcher(WebhookState(client), send_check)
+    dispatcher = Dispatcher(WebhookState(client), send_check, expires)
     service = WebhookService(secret, AppIndex(settings.apps), dispatcher)
     # What is loaded by now lives as long as the process: the collector need not walk it
     # again. A delivery makes ~90 objects, so the default (collect every 700 new ones)

@@ -8,6 +8,9 @@ one ``check_app`` per batch however many pushes named it. That is correct
 because every check is sent after every push of its batch arrived, so it sees
 at least their commits; and it keeps a stampede of deliveries (a busy
 monorepo, a host redelivering a backlog) from becoming a stampede of checks.
+Across batches and server processes, an app whose check is queued and not
+started yet gets no second one (a mark in Redis, cleared by the check as it
+starts): that check will see the new push's commit too.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ class _Pending:
 class Dispatcher:
     """Records deliveries and sends one check per app and batch, in a thread of its own."""
 
-    def __init__(self, state: WebhookState, send_check: Callable[[str], None]) -> None:
+    def __init__(self, state: WebhookState, send_check: Callable[[str], None],
+                 check_expires: float) -> None:
         self.state = state
         self.send_check = send_check
+        self.check_expires = check_expires  # seconds a queued check stays valid
         self._gathered: list[_Pending] = []  # submitted in this turn of the event loop
         self._pending: list[_Pending] = []  # handed to the thread
         self._wakeup = threading.Condition()
@@ -92,24 +97,27 @@ class Dispatcher:
     def _dispatch(self, batch: list[_Pending]) -> None:
         deliveries = [item.delivery for item in batch]
         fresh: list[bool] = []
+        apps: list[str] = []
         try:
             fresh = self.state.record(deliveries)
-            apps = sorted({app for item, new in zip(deliveries, fresh, strict=True) if new
-                           for app in item.apps})
+            pushed = sorted({app for item, new in zip(deliveries, fresh, strict=True) if new
+                             for app in item.apps})
+            apps = self.state.claim_checks(pushed, self.check_expires)
             for app in apps:
                 self.send_check(app)
         except Exception as exc:
             log.warning("cannot queue the checks for %d push(es): %s", len(batch), exc)
-            self._forget([d for d, new in zip(deliveries, fresh, strict=False) if new])
+            self._forget([d for d, new in zip(deliveries, fresh, strict=False) if new], apps)
             _settle(batch, [exc] * len(batch))
             return
         if apps:
             log.debug("queued checks of %s for %d push(es)", ", ".join(apps), len(batch))
         _settle(batch, fresh)
 
-    def _forget(self, deliveries: list[Delivery]) -> None:
+    def _forget(self, deliveries: list[Delivery], apps: list[str]) -> None:
         try:
             self.state.forget(deliveries)
+            self.state.release_checks(apps)
         except Exception as exc:  # Redis is down: the marks may not even exist
             log.debug("cannot forget %d delivery mark(s): %s", len(deliveries), exc)
 

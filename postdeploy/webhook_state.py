@@ -71,6 +71,20 @@ class WebhookState:
             args += ["1" if item.key else "0", repr(item.arrived), len(item.apps)]
         return [bool(flag) for flag in self._record(keys=names, args=args)]
 
+    def claim_checks(self, apps: Sequence[str], ttl: float) -> list[str]:
+        """The apps whose check must be queued: those without one queued and not
+        started yet (the check clears its mark as it starts, before it looks at git,
+        so a queued check sees every push that found the mark)."""
+        pipe = self.client.pipeline(transaction=False)
+        for app in apps:
+            pipe.set(keys.check_pending(app), "1", nx=True, ex=max(1, int(ttl)))
+        return [app for app, claimed in zip(apps, pipe.execute(), strict=True) if claimed]
+
+    def release_checks(self, apps: Sequence[str]) -> None:
+        """The checks could not be queued: the next push queues them."""
+        if apps:
+            self.client.delete(*[keys.check_pending(app) for app in apps])
+
     def forget(self, deliveries: Sequence[Delivery]) -> None:
         """Drop delivery marks, so that the host's retry of a failed delivery is not a replay."""
         names = [item.key for item in deliveries if item.key]

@@ -27,6 +27,7 @@ import redis
 import yaml
 
 from postdeploy import keys
+from postdeploy.state import StateStore
 from tests.clirun import cli, cli_env
 from tests.conftest import EXTERNAL_REDIS
 from tests.support import (
@@ -179,7 +180,23 @@ def test_gitlab_push_follows_the_default_branch_of_a_branchless_app(
     moved = hook.send("gitlab", gitlab_push("acme/blog", ref="refs/heads/main",
                                             default_branch="main"), event="Push Hook")
     assert moved.body["apps"] == ["blog"]
-    assert queued_checks(rclient) == ["blog", "blog"]
+    # (One check: the first is still queued, and it will see this push's commit too.)
+    assert queued_checks(rclient) == ["blog"]
+
+
+def test_a_push_while_its_apps_check_waits_queues_no_second_check(
+        hook: Hook, rclient: redis.Redis) -> None:
+    """A stampede of pushes makes one queued check per app; once that check has
+    started (and cleared its mark, before it looks at git), the next push queues
+    another, since the started check may not see that push's commit."""
+    push = gitea_push("acme/wiki", ref="refs/heads/production")
+    for _ in range(5):  # each a delivery of its own
+        assert hook.send("gitea", push).body["apps"] == ["wiki"]
+    assert queued_checks(rclient) == ["wiki"]
+    assert rclient.ttl(keys.check_pending("wiki")) > 0  # a lost check blocks nothing for long
+    StateStore(rclient).check_started("wiki")  # what postdeploy.check_app does first
+    assert hook.send("gitea", push).body["apps"] == ["wiki"]
+    assert queued_checks(rclient) == ["wiki", "wiki"]
 
 
 def test_generic_hook_by_app_or_by_repository_and_ref(hook: Hook, rclient: redis.Redis) -> None:
