@@ -30,7 +30,7 @@ from postdeploy.supervisor import die_with_parent
 
 log = logging.getLogger(__name__)
 
-# Each process holds its own connections and memory (~60 MiB); beyond a few, a burst
+# Each process holds its own connections and memory; beyond a few, a burst
 # gains nothing on a host that also runs the workers.
 MAX_DEFAULT = 4
 CRASH_LOOP = 1.0  # seconds: a process that dies sooner after its start is not restarted
