@@ -92,8 +92,8 @@ def _keep_freed_reads() -> None:
 
     Reads of 128 KiB and more are otherwise mapped fresh and unmapped when freed
     (or trimmed off the heap), so every page of a chatty job's output is faulted
-    in anew: about a third of the capture's time. The pool process keeps a few MiB
-    more instead (below M_TRIM_THRESHOLD). Elsewhere (musl, macOS): nothing.
+    in anew: up to a third of the time of a bare read loop. The pool process keeps
+    a few MiB more instead (below M_TRIM_THRESHOLD). Elsewhere (musl, macOS): nothing.
     """
     with contextlib.suppress(AttributeError, OSError):
         libc = ctypes.CDLL(None)
