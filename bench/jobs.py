@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -46,14 +47,19 @@ def _start(root: Path, redis_url: str, remote: GitRemote) -> Service:
     return worker
 
 
-def _empty_task_round_trips(count: int) -> list[float]:
-    from postdeploy.celery_app import app
+def _times_ms(count: int, action: Callable[[], object]) -> list[float]:
+    """Milliseconds each of ``count`` calls of ``action`` took."""
     times = []
     for _ in range(count):
         t0 = time.perf_counter()
-        app.send_task("celery.accumulate", args=[1]).get(timeout=30)
+        action()
         times.append((time.perf_counter() - t0) * 1000)
     return times
+
+
+def _empty_task_round_trips(count: int) -> list[float]:
+    from postdeploy.celery_app import app
+    return _times_ms(count, lambda: app.send_task("celery.accumulate", args=[1]).get(timeout=30))
 
 
 def _fresh(root: Path, redis_url: str) -> tuple[StateStore, GitRemote]:
@@ -73,12 +79,15 @@ def measure_latency(root: Path, redis_url: str, commits: int, rounds: int) -> li
     from postdeploy.tasks import check_app
     made = 0
 
-    def ours() -> dict[str, float]:
+    def next_commit() -> str:
         nonlocal made
+        made += 1
+        return remote.commit({**spec, "n": str(made)})
+
+    def ours() -> dict[str, float]:
         latencies = []
         for _ in range(commits):
-            made += 1
-            sha = remote.commit({**spec, "n": str(made)})
+            sha = next_commit()
             t0 = time.time()
             check_app.apply_async(args=["bench"])
             record = _wait_run_of(store, sha)
@@ -97,11 +106,9 @@ def measure_latency(root: Path, redis_url: str, commits: int, rounds: int) -> li
     def git_floor() -> dict[str, float]:
         """What any tool must do with git to start a new commit's job: learn it,
         fetch it, check it out. Plain git processes, nothing else."""
-        nonlocal made
         times = []
         for _ in range(commits):
-            made += 1
-            sha = remote.commit({**spec, "n": str(made)})
+            sha = next_commit()
             t0 = time.perf_counter()
             run_git(floor_clone, "ls-remote", remote.url, "refs/heads/main")
             run_git(floor_clone, "fetch", "-q", remote.url, "+refs/heads/*:refs/remotes/origin/*")
@@ -133,30 +140,21 @@ def measure_overhead(root: Path, redis_url: str, jobs: int, rounds: int) -> list
     worker = _start(root, redis_url, remote)
     from postdeploy.tasks import run_job
 
+    def one_job() -> None:
+        result = run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=60)
+        assert result["status"] == "succeeded", result
+
     def ours() -> dict[str, float]:
-        times = []
-        for _ in range(jobs):
-            t0 = time.perf_counter()
-            result = run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=60)
-            times.append((time.perf_counter() - t0) * 1000)
-            assert result["status"] == "succeeded", result
-        return {"job": median(times)}
+        return {"job": median(_times_ms(jobs, one_job))}
+
+    def bash_true() -> None:
+        subprocess.run(["bash", "-c", "true"], check=True)
 
     def direct() -> dict[str, float]:
-        times = []
-        for _ in range(jobs):
-            t0 = time.perf_counter()
-            subprocess.run(["bash", "-c", "true"], check=True)
-            times.append((time.perf_counter() - t0) * 1000)
-        return {"bash": median(times)}
+        return {"bash": median(_times_ms(jobs, bash_true))}
 
     def guarded_floor() -> dict[str, float]:
-        times = []
-        for _ in range(jobs):
-            t0 = time.perf_counter()
-            _fork_fork_exec()
-            times.append((time.perf_counter() - t0) * 1000)
-        return {"fork fork bash": median(times)}
+        return {"fork fork bash": median(_times_ms(jobs, _fork_fork_exec))}
 
     try:
         run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=60)  # warm
