@@ -5,7 +5,9 @@ Every worker reports, for each app it serves, the commit on its host (a
 seen commit), whether the app is ready (the readiness gate's probe, when the
 app sets POST_DEPLOY_WAIT_URL), the host's boot id and when it reported: at
 start-up and every check interval. An instance not reported for three of its
-intervals is gone.
+intervals is gone. Reports never wait on a probe: probes run in threads of
+their own and a report says what the latest finished one found, so one app's
+slow health endpoint never delays the reports (and placements) of the others.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 GONE_AFTER = 3  # missed reports (intervals) after which an instance is gone
 PROBE_THREADS = 8  # health probes at once: a few hanging endpoints must not stall a round
+# Seconds a report waits for the probes it started: a healthy endpoint answers within
+# it, so reports are fresh; a slow one is reported on its next round.
+FRESH_PROBE_WAIT = 0.5
 FIRST_SEEN_TTL = 90 * 86_400  # seconds a commit's first report is remembered
 DONE_TTL = 90 * 86_400  # seconds an instance remembers a commit ran there
 NOT_HERE = "the commit is not on this host yet"
@@ -127,11 +132,15 @@ class InstanceReporter:
     """This host's reports: what each app's commit is here and whether it is ready."""
 
     def __init__(self, settings: Settings, client: redis.Redis,
-                 specs: LocalSpecs | None = None) -> None:
+                 specs: LocalSpecs | None = None, probes: ReadinessWatch | None = None
+                 ) -> None:
+        """Without ``probes`` readiness is not probed: each report keeps what this host's
+        previous one said (a one-off check must not wait on a health endpoint)."""
         self.settings = settings
         self.client = client
         self.registry = InstanceRegistry(client)
         self.specs = specs or LocalSpecs(settings)
+        self.probes = probes
 
     def report_once(self, only: Sequence[AppConfig] | None = None
                     ) -> list[tuple[str, Instance]]:
@@ -141,13 +150,9 @@ class InstanceReporter:
         shas.update({app.name: self._path_sha(app) for app in apps if not app.repo})
         gated = {app.name: self._gate(app, sha) for app in apps
                  if (sha := shas[app.name]) is not None}
-        probes: dict[str, Probe] = {}
         todo = {name: g for name, g in gated.items() if g is not None}
-        if todo:
-            with ThreadPoolExecutor(min(PROBE_THREADS, len(todo))) as pool:
-                futures = {name: pool.submit(_probe_gate, gate, env, shas[name])
-                           for name, (gate, env) in todo.items()}
-                probes = {name: future.result() for name, future in futures.items()}
+        probes = self.probes.latest(todo, shas) if self.probes else {}
+        probes.update(self._previous([name for name in todo if name not in probes]))
         now = time.time()
         reports = []
         for app in apps:
@@ -159,6 +164,20 @@ class InstanceReporter:
                 answer=result.answer if result else None)))
         self.registry.report(reports)
         return reports
+
+    def _previous(self, names: Sequence[str]) -> dict[str, Probe]:
+        """What this host last reported about these apps' readiness."""
+        if not names:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(keys.instances(name), self.settings.host)
+        found = {}
+        for name, raw in zip(names, pipe.execute(), strict=True):
+            before = Instance.from_json(raw) if raw else None
+            if before is not None and before.ready is not None:
+                found[name] = Probe(before.ready, before.answer or "")
+        return found
 
     def _repo_shas(self, apps: Sequence[AppConfig]) -> dict[str, str | None]:
         """A ``repo`` app's commit is its last seen one: one round trip for all of them."""
@@ -217,6 +236,37 @@ class LocalSpecs:
         except (AppSpecError, GitError) as exc:
             log.debug("%s@%s: appspec not usable here: %s", app.name, sha[:7], exc)
             return LocalSpec(sha, None, str(exc))
+
+
+class ReadinessWatch:
+    """This host's gate probes, in threads of their own; at most one per app at a time."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="readiness")
+        self._running: dict[str, tuple[str | None, Future[Probe]]] = {}
+        self._found: dict[str, tuple[str | None, Probe]] = {}
+
+    def latest(self, gated: Mapping[str, tuple[Gate, dict[str, str]]],
+               shas: Mapping[str, str | None]) -> dict[str, Probe]:
+        """Start a probe of each app that has none running; return the latest finished
+        result of each app at its current commit, waiting at most FRESH_PROBE_WAIT."""
+        started = []
+        for name, (gate, env) in gated.items():
+            if name not in self._running:
+                future = self._pool.submit(_probe_gate, gate, env, shas.get(name))
+                self._running[name] = (shas.get(name), future)
+                started.append(future)
+        if started:
+            wait(started, FRESH_PROBE_WAIT)
+        for name, (sha, future) in list(self._running.items()):
+            if future.done():
+                del self._running[name]
+                self._found[name] = (sha, future.result())
+        return {name: probe for name, (sha, probe) in self._found.items()
+                if name in gated and sha == shas.get(name)}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _probe_gate(gate: Gate, env: Mapping[str, str], sha: str | None) -> Probe:

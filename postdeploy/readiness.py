@@ -2,28 +2,35 @@
 
 An app asks for it in appspec.yaml (POST_DEPLOY_WAIT_URL, _WAIT_FOR_COMMIT,
 _WAIT_TIMEOUT) so that a cache warm-up or a notification never hits the
-previous version. One probe is one bounded HTTP GET: a per-request timeout,
-a capped body, a limited number of redirects, so a health endpoint that hangs,
+previous version. One probe is one bounded HTTP GET: a timeout per read, a
+total deadline for the whole look, a capped body, a limited number of
+redirects, so a health endpoint that hangs, sends its answer a byte at a time,
 redirects in a loop or answers 10 MB costs a few seconds and 64 KiB at most.
 """
 
 from __future__ import annotations
 
+import functools
+import http.client
 import re
 import socket
-import time
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.client import HTTPMessage
-from typing import IO
+from types import TracebackType
+from typing import IO, Any
 
 from postdeploy.errors import AppSpecError
 
 DEFAULT_WAIT_TIMEOUT = 300  # seconds the gate waits for the app; the guide's job timeout too
-PROBE_TIMEOUT = 3.0  # seconds for one probe: a health endpoint answers at once or not at all
+PROBE_TIMEOUT = 3.0  # seconds one connect or read may wait: a health endpoint answers at once
+# Seconds for a whole probe: a socket timeout only bounds each read, so an endpoint
+# sending a byte every 0.5 s would otherwise hold the look for hours.
+PROBE_DEADLINE = 5.0
 PROBE_BODY_LIMIT = 64 * 1024  # bytes of the answer read: a version string is a few bytes
 MAX_REDIRECTS = 5  # a health URL may redirect once or twice; a loop ends here
 PROBE_EVERY = 2.0  # seconds between probes while the gate waits
@@ -110,15 +117,30 @@ def check_template(template: str) -> None:
 
 
 def probe(url: str, sha: str | None = None, timeout: float = PROBE_TIMEOUT,
-          body_limit: int = PROBE_BODY_LIMIT) -> Probe:
-    """GET ``url`` once; ready on 2xx (and, with ``sha``, its first 7+ chars in the body)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _Redirects())
+          body_limit: int = PROBE_BODY_LIMIT, within: float = PROBE_DEADLINE) -> Probe:
+    """GET ``url`` once; ready on 2xx (and, with ``sha``, its first 7+ chars in the body).
+
+    Returns within about ``within`` seconds whatever the server does: at that moment
+    the probe's sockets are shut, which ends a read in progress.
+    """
+    within = max(0.05, within)
+    with _Deadline(within) as deadline:
+        result = _probe(url, sha, min(timeout, within), body_limit, deadline)
+    if deadline.expired and not result.ready:
+        return Probe(False, f"no complete answer within {within:g} s")
+    return result
+
+
+def _probe(url: str, sha: str | None, timeout: float, body_limit: int,
+           deadline: _Deadline) -> Probe:
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), _Redirects(),
+        _HTTPHandler(deadline), _HTTPSHandler(deadline))
     request = urllib.request.Request(url, headers={"User-Agent": "postdeploy-readiness"})
-    deadline = time.monotonic() + timeout
     try:
         with opener.open(request, timeout=timeout) as response:
             status = int(response.status)
-            body = _read_capped(response, body_limit, deadline) if sha else b""
+            body = _read_capped(response, body_limit) if sha else b""
     except urllib.error.HTTPError as exc:
         exc.close()
         if 300 <= exc.code < 400:
@@ -127,7 +149,8 @@ def probe(url: str, sha: str | None = None, timeout: float = PROBE_TIMEOUT,
         return Probe(False, str(exc.code))
     except urllib.error.URLError as exc:
         return Probe(False, _describe(exc.reason, timeout))
-    except (OSError, ValueError) as exc:  # timeouts while reading, bad status lines, ...
+    # Timeouts while reading, bad status lines, a body cut short, ...
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         return Probe(False, _describe(exc, timeout))
     if not 200 <= status < 300:
         return Probe(False, str(status))
@@ -141,11 +164,11 @@ def not_ready_reason(url: str, last: Probe | None, waited: float) -> str:
     return f"not ready: {url} {answered} after {waited:.0f} s"
 
 
-def _read_capped(response: IO[bytes], limit: int, deadline: float) -> bytes:
-    """At most ``limit`` bytes, and no reading past ``deadline`` (a trickling server)."""
+def _read_capped(response: IO[bytes], limit: int) -> bytes:
+    """At most ``limit`` bytes (a trickling server is cut by the probe's deadline)."""
     chunks: list[bytes] = []
     size = 0
-    while size < limit and time.monotonic() < deadline:
+    while size < limit:
         chunk = response.read(min(16 * 1024, limit - size))
         if not chunk:
             break
@@ -188,3 +211,83 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
             raise urllib.error.HTTPError(req.full_url, code, "redirect to a non-http URL",
                                          headers, fp)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _Deadline:
+    """Shuts every socket a probe opens once ``within`` seconds have passed.
+
+    Shutting a socket ends a read blocked on it at once, in any thread; so the
+    probe ends on time however the server paces its bytes, and leaves nothing
+    running behind it.
+    """
+
+    def __init__(self, within: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(within, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection whose socket the probe's deadline can shut."""
+
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = lambda *a, **k: deadline.watch(
+            socket.create_connection(*a, **k))
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """The same for https: the raw socket below TLS is the one shut."""
+
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = lambda *a, **k: deadline.watch(
+            socket.create_connection(*a, **k))
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_HTTPConnection, deadline=self.deadline), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_HTTPSConnection, deadline=self.deadline), req)

@@ -135,13 +135,19 @@ def run_worker(settings: Settings, argv: Sequence[str] = ()) -> None:
 
 def _start_reports(settings: Settings) -> None:
     """This host's instance reports: now, then every check interval, until shutdown."""
-    from postdeploy.instances import HostLoop, InstanceReporter
+    from postdeploy.instances import HostLoop, InstanceReporter, ReadinessWatch
     from postdeploy.tasks import host_placement
 
     placement = host_placement()
-    loop = HostLoop(InstanceReporter(settings, placement.client, placement.specs),
+    probes = ReadinessWatch()
+    loop = HostLoop(InstanceReporter(settings, placement.client, placement.specs, probes),
                     settings.check_interval, placement.reconcile).start()
-    signals.worker_shutdown.connect(lambda **_: loop.stop(), weak=False)
+
+    def stop(**_: Any) -> None:
+        loop.stop()
+        probes.close()
+
+    signals.worker_shutdown.connect(stop, weak=False)
 
 
 def run_beat(settings: Settings, argv: Sequence[str] = ()) -> None:

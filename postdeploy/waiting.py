@@ -3,7 +3,8 @@
 Each attempt reads the gate from the appspec at the run's commit (once per
 process and commit), expands the URL from the job's environment, probes once
 and says: go, wait (the task re-queues itself, holding no worker process), or
-give up (past POST_DEPLOY_WAIT_TIMEOUT: the run fails, LENIENT).
+give up (past POST_DEPLOY_WAIT_TIMEOUT: the run fails, LENIENT). A look never
+runs past the wait's end: the probe is cut there even mid-read.
 """
 
 from __future__ import annotations
@@ -16,11 +17,22 @@ from postdeploy.appspec import JobSpec, parse_appspec
 from postdeploy.config import Settings
 from postdeploy.gitsource import AppSource
 from postdeploy.jobenv import job_environment
-from postdeploy.readiness import PROBE_EVERY, Probe, gate_url, not_ready_reason, probe
+from postdeploy.readiness import (
+    PROBE_DEADLINE,
+    PROBE_EVERY,
+    Probe,
+    gate_url,
+    not_ready_reason,
+    probe,
+)
 from postdeploy.redaction import mask_secrets
 
 _SPECS: dict[tuple[str, str], JobSpec] = {}  # (app, sha) -> spec, in this process
 _SPECS_KEPT = 256
+# Seconds of wait left below which a look is not worth starting: it could not finish,
+# and cut that short it would only say "no complete answer"; the last look's answer stands.
+MIN_LOOK = 0.5
+_LAST = ": last answered "  # in a waiting run's reason, before what the app answered
 
 
 class GateWait(Exception):
@@ -45,11 +57,11 @@ class Verdict:
 
     @property
     def timed_out(self) -> bool:
-        return not self.ready and time.time() - self.since >= self.timeout
+        return not self.ready and time.time() - self.since >= self.timeout - MIN_LOOK
 
     @property
     def waiting_reason(self) -> str:
-        return f"waiting for {self.url}: last answered {self.last.answer}"
+        return f"waiting for {self.url}{_LAST}{self.last.answer}"
 
     @property
     def failed_reason(self) -> str:
@@ -57,8 +69,11 @@ class Verdict:
 
 
 def look(settings: Settings, source: AppSource, sha: str, since: float | None,
-         extra_env: Mapping[str, str]) -> Verdict | None:
+         extra_env: Mapping[str, str], waiting_reason: str | None = None) -> Verdict | None:
     """Probe the app's readiness gate once; None when the app sets none.
+
+    ``waiting_reason``: the run's reason from its previous look, whose answer
+    stands when this look comes too late to probe (the wait is over).
 
     Raises AppSpecError for a malformed appspec or a URL that cannot be used
     (the run then ends as ``error``), GitError when the commit cannot be read.
@@ -68,9 +83,15 @@ def look(settings: Settings, source: AppSource, sha: str, since: float | None,
         return None
     env = {**job_environment(settings.environ, spec.env, source.app.name, sha), **extra_env}
     url = gate_url(spec.gate, env)
-    result = probe(url, sha if spec.gate.wait_for_commit else None)
-    return Verdict(result.ready, mask_secrets(url, spec.secrets), result,
-                   since if since is not None else time.time(), spec.gate.timeout)
+    since = since if since is not None else time.time()
+    left = since + spec.gate.timeout - time.time()
+    if left < MIN_LOOK and waiting_reason and _LAST in waiting_reason:
+        result = Probe(False, waiting_reason.split(_LAST, 1)[1])
+    else:
+        result = probe(url, sha if spec.gate.wait_for_commit else None,
+                       within=min(PROBE_DEADLINE, max(left, MIN_LOOK)))
+    return Verdict(result.ready, mask_secrets(url, spec.secrets), result, since,
+                   spec.gate.timeout)
 
 
 def next_look() -> float:

@@ -1,7 +1,8 @@
 """A small HTTP stand-in for an app's health endpoint, run in the test process.
 
 It answers with the version (commit) it serves, and can be told to misbehave:
-answer 502, hang, redirect in a loop, or send 10 MB.
+answer 502, hang, redirect in a loop, send 10 MB, or dribble its answer a byte
+every half second, for ever.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 HANG_SECONDS = 30.0  # a hanging answer; the probe must give up long before
+DRIBBLE_EVERY = 0.5  # seconds between two bytes of a dribbled answer: under any read timeout
 
 
 class AppStandIn:
-    """``mode``: "serve" (200 + version), "502", "hang", "loop", "big", "down"."""
+    """``mode``: "serve" (200 + version), "502", "hang", "loop", "big", "dribble"."""
 
     def __init__(self, version: str = "", mode: str = "serve") -> None:
         self.version = version
@@ -45,6 +47,17 @@ class AppStandIn:
         mode = self.mode
         if mode == "hang":
             self._release.wait(HANG_SECONDS)
+            return
+        if mode == "dribble":  # a status line, then one header that never ends
+            head = b"HTTP/1.1 200 OK\r\nX-Slow: "
+            sent = 0
+            while not self._release.wait(DRIBBLE_EVERY):
+                try:
+                    handler.wfile.write(head[sent:sent + 1] if sent < len(head) else b"a")
+                    handler.wfile.flush()
+                except OSError:
+                    return  # the prober gave up
+                sent += 1
             return
         if mode == "loop":
             handler.send_response(302)

@@ -121,3 +121,43 @@ def test_hostile_gates_and_scopes_are_error_runs_or_bounded(
     finally:
         for server in (hang, loop, big):
             server.close()
+
+
+def test_a_dribbling_gate_ends_at_its_wait_timeout_and_other_apps_go_on(
+        tmp_path: Path, redis_url: str, rclient: redis.Redis, services: Start) -> None:
+    dribble = AppStandIn(mode="dribble")  # a byte every 0.5 s: under any read timeout
+    try:
+        config = fleet_of(tmp_path, {"slow": appspec_yaml("echo slow", envs={
+            "POST_DEPLOY_WAIT_URL": dribble.url, "POST_DEPLOY_WAIT_TIMEOUT": "8"})})
+        # Scope instance: its runs are placed by the host's own loop, which reports
+        # every app's readiness too; it must not wait on the slow app's endpoint.
+        other = GitRemote(tmp_path / "git", "other")
+        instance = {"POST_DEPLOY_SCOPE": "instance"}
+        other.commit({"appspec.yaml": appspec_yaml("echo other", envs=instance)})
+        data = yaml.safe_load(config.read_text())
+        data["apps"].append({"name": "other", "repo": other.url})
+        config.write_text(yaml.safe_dump(data))
+        env = service_env(redis_url, tmp_path / "state", POSTDEPLOY_CONFIG=str(config))
+        worker, _ = services("worker", env), services("beat", env)
+
+        wait_for(lambda: latest(rclient, "slow") == "waiting", 60, 0.2,
+                 what="the slow app's run to wait")
+        wait_for(lambda: latest(rclient, "other") == "succeeded", 30, what="other's first run")
+        sha = other.commit({"appspec.yaml": appspec_yaml("echo other again", envs=instance)})
+        run = wait_for(lambda: next((r for r in runs(rclient, "other")
+                                     if r.sha == sha and r.status == "succeeded"), None), 30,
+                       what="the other app's new commit to run")
+        assert run.queued_at is not None
+
+        ended = wait_for(lambda: next((r for r in runs(rclient, "slow")
+                                       if r.status not in ("queued", "waiting")), None), 40,
+                         0.2, what="the slow app's run to end")
+        assert ended.status == "failed", ended
+        reason = ended.reason or ""
+        assert reason.startswith(f"not ready: {dribble.url} last answered no complete "
+                                 "answer within"), reason
+        waited = float(reason.rsplit("after ", 1)[1].split()[0])
+        assert 8 <= waited < 12, reason  # cut at the wait timeout, even mid-read
+        assert ended.started_at is None and worker.alive()
+    finally:
+        dribble.close()
