@@ -45,7 +45,7 @@ from postdeploy.webhook_processes import (
     listen_sockets,
     run_servers,
 )
-from postdeploy.webhook_providers import PROVIDERS, Headers, HookRejected, Provider
+from postdeploy.webhook_providers import PROVIDERS, Event, Headers, HookRejected, Provider
 from postdeploy.webhook_state import Delivery, WebhookState
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ BODY_TIMEOUT = 10.0  # seconds a client may take to send its body
 READ_LIMIT = 4 * MAX_BODY
 STOP_TIMEOUT = 5.0  # seconds the requests in hand get to be answered at shutdown
 CHECK_TASK = "postdeploy.check_app"
+# Seconds a delivery waits for Redis and the broker before it is answered 503: git
+# hosts give up on an answer after 10 s, and a 503 tells them to retry.
+QUEUE_DEADLINE = 4.0
+REDIS_TIMEOUT = 2.0  # seconds one Redis call of the service may take; it retries once
 GC_YOUNG = 10_000  # new objects between two collections of the youngest generation
 NO_SECRET = ("POSTDEPLOY_WEBHOOK_SECRET is not set; the webhook service only accepts signed "
              "pushes: set it to a long random value (e.g. `openssl rand -hex 32`) and give the "
@@ -85,10 +89,8 @@ class WebhookService:
         if not provider.verify(body, signature, self.secret):
             log.warning("%s webhook from %s: bad %s; nothing queued", provider.name, peer,
                         provider.signature_header)
-            raise HookRejected(401, f"{provider.signature_header} does not match the body; "
-                                    "the secret differs from POSTDEPLOY_WEBHOOK_SECRET (or the "
-                                    "body was changed on the way)")
-        event = provider.classify(headers, _json_object(body))
+            raise HookRejected(401, provider.mismatch.format(header=provider.signature_header))
+        event = _classify(provider, headers, _json_object(body))
         if event.kind == "ping":
             log.info("%s webhook from %s: ping answered", provider.name, peer)
             return (200, {"status": "pong", "apps": []})
@@ -96,6 +98,11 @@ class WebhookService:
             return (202, {"status": "ignored", "apps": [],
                                 "reason": f"event {event.name!r} is not a push"})
         push = event.push
+        if push.deleted:
+            log.info("%s push from %s deletes %s; nothing to check", provider.name, peer,
+                     _shown(push.ref or "a ref"))
+            return (202, {"status": "ignored", "apps": [],
+                          "reason": "the push deletes its branch: no commit to run"})
         unknown = self.index.unknown([*named, *push.apps])
         if unknown:
             raise HookRejected(404, f"unknown app {unknown[0][:100]!r}; known apps: "
@@ -106,7 +113,12 @@ class WebhookService:
             _log_unmatched(provider, push, peer)
             return (202, {"status": "unmatched", "apps": []})
         try:
-            fresh = await self.dispatcher.submit(delivery)
+            fresh = await asyncio.wait_for(self.dispatcher.submit(delivery), QUEUE_DEADLINE)
+        except TimeoutError:
+            log.warning("%s webhook from %s: Redis did not answer within %g s; answered 503",
+                        provider.name, peer, QUEUE_DEADLINE)
+            raise HookRejected(503, f"Redis did not answer within {QUEUE_DEADLINE:g} s; "
+                                    "retry later") from None
         except Exception as exc:
             raise HookRejected(503, f"cannot queue the check now ({type(exc).__name__}: "
                                     f"{redact_url(str(exc))}); retry later") from None
@@ -125,14 +137,32 @@ class WebhookService:
 
 
 def _log_unmatched(provider: Provider, push: Push, peer: str) -> None:
-    urls = ", ".join(redact_url(u) for u in push.repo_urls[:2]) or "no repository"
+    urls = ", ".join(_shown(redact_url(u)) for u in push.repo_urls[:2]) or "no repository"
     log.info("%s push from %s: %s of %s matches no app", provider.name, peer,
-             push.ref or "no ref", urls)
+             _shown(push.ref or "no ref"), urls)
+
+
+def _shown(text: str) -> str:
+    """``text`` for a log line: cut short, control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:200])
+
+
+def _classify(provider: Provider, headers: Headers, payload: dict[str, Any]) -> Event:
+    """The provider's reading of the payload; a shape it did not expect is a 400."""
+    try:
+        return provider.classify(headers, payload)
+    except HookRejected:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:
+        raise HookRejected(400, f"the {provider.name} payload has an unexpected shape "
+                                f"({type(exc).__name__}); send the host's push event") from None
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(body)
+    except RecursionError:
+        raise HookRejected(400, "the body nests JSON too deeply for a push event") from None
     except UnicodeDecodeError:
         raise HookRejected(400, "the body is not UTF-8 JSON") from None
     except ValueError as exc:
@@ -167,7 +197,11 @@ def serve(settings: Settings, address: str, port: int, processes: int = 1) -> in
 
 def _serve(settings: Settings, secret: str, url: str, sockets: list[socket.socket]) -> int:
     """One server process: its own Redis and broker connections, its queueing thread."""
-    client = redis_client(url)
+    client = redis_client(url, REDIS_TIMEOUT)
+    # The broker's calls as well: a frozen Redis must not hold the queueing thread long.
+    celery_app.conf.broker_transport_options = {
+        **celery_app.conf.broker_transport_options, "socket_timeout": REDIS_TIMEOUT,
+        "socket_connect_timeout": REDIS_TIMEOUT}
     expires = settings.check_interval  # a check still queued at the next poll is moot
 
     def send_check(app: str) -> None:

@@ -20,6 +20,9 @@ from postdeploy.config import AppConfig
 BRANCH_PREFIX = "refs/heads/"
 # git's scp-like syntax: [user@]host:path, with no slash before the colon.
 _SCP = re.compile(r"^(?:[^@/]+@)?(?P<host>[^/:]+):(?P<path>.*)$")
+# No repository URL or path holds control characters (a NUL cannot even be a path) or
+# lone surrogates (JSON can carry them; no file name can be encoded with one).
+_UNUSABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 # (host, path) of a remote repository; ("", real path) of one on this machine.
 RepoKey = tuple[str, str]
@@ -35,7 +38,7 @@ def repo_key(url: str) -> RepoKey | None:
     eagerly only gets one extra, idempotent commit check.
     """
     text = url.strip()
-    if not text:
+    if not text or _UNUSABLE.search(text):
         return None
     if text.lower().startswith("file://"):
         return _local(urlsplit(text).path)
@@ -87,10 +90,16 @@ class Push:
     ref: str | None = None  # None: the sender did not say (only the generic hook)
     default_branch: str | None = None  # the repository's HEAD branch, when the payload says
     apps: tuple[str, ...] = ()  # apps named by the sender (generic {"app": NAME})
+    deleted: bool = False  # the push removed its ref: no commit to deploy
+    refs: tuple[str, ...] = ()  # every ref a push changed, when several (Bitbucket)
+
+    @property
+    def all_refs(self) -> tuple[str | None, ...]:
+        return self.refs or (self.ref,)
 
     @property
     def is_branch(self) -> bool:
-        return self.ref is None or branch_of(self.ref) is not None
+        return any(ref is None or branch_of(ref) is not None for ref in self.all_refs)
 
 
 class AppIndex:
@@ -109,8 +118,10 @@ class AppIndex:
 
     def matching(self, push: Push) -> list[str]:
         """Names of the apps whose repository and branch the push is for."""
-        if not push.is_branch:
-            return []  # tags and other refs never change what a branch deploys
+        if push.deleted or not push.is_branch:
+            # A deleted branch has no commit to run; tags and other refs never
+            # change what a branch deploys.
+            return []
         keys = {key for url in push.repo_urls if (key := repo_key(url)) is not None}
         found: list[str] = []
         for key in keys:
@@ -121,7 +132,13 @@ class AppIndex:
 
 
 def _branch_matches(app: AppConfig, push: Push) -> bool:
-    branch = branch_of(push.ref)
+    return any(_ref_matches(app, ref, push.default_branch) for ref in push.all_refs)
+
+
+def _ref_matches(app: AppConfig, ref: str | None, default_branch: str | None) -> bool:
+    if ref is not None and branch_of(ref) is None:
+        return False  # a tag among a push's branches
+    branch = branch_of(ref)
     if branch is None or app.path:
         # The sender gave no ref, or the app is a working copy whose branch is
         # whatever someone checked out: the check itself reads what is deployed.
@@ -129,4 +146,4 @@ def _branch_matches(app: AppConfig, push: Push) -> bool:
     if app.branch:
         return branch == app.branch
     # The app follows the remote HEAD: the repository's default branch, when known.
-    return push.default_branch is None or branch == push.default_branch
+    return default_branch is None or branch == default_branch

@@ -3,7 +3,10 @@
 Field names follow each host's documentation of its push event: GitHub's and
 Gitea's ``repository`` (``clone_url``, ``ssh_url``, ``git_url``, ``html_url``,
 ``default_branch``), GitLab's ``project`` and ``repository`` (``git_http_url``,
-``git_ssh_url``, ``web_url``, ``homepage``, ``default_branch``).
+``git_ssh_url``, ``web_url``, ``homepage``, ``default_branch``), Bitbucket
+Cloud's ``repository`` (``full_name``, ``links.html.href``) and
+``push.changes[].new`` (``type``, ``name``; null when the branch was deleted).
+Every field is read as untrusted: a value of the wrong type is as if absent.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from postdeploy.webhook_match import Push
+from postdeploy.webhook_match import BRANCH_PREFIX, Push
 
 # Every field of a repository object that holds a URL git or a browser can use.
 URL_FIELDS = ("clone_url", "ssh_url", "git_url", "html_url", "svn_url", "url", "mirror_url",
               "git_http_url", "git_ssh_url", "http_url", "web_url", "homepage")
 _DELIVERY_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+NO_COMMIT = "0" * 40  # the "after" of a push that deleted its ref
+BITBUCKET = "bitbucket.org"
 
 
 class HookRejected(Exception):
@@ -50,6 +55,10 @@ class Provider:
     verify: Callable[[bytes, str, str], bool]  # (body, header value, secret) -> good?
     classify: Callable[[Headers, dict[str, Any]], Event]
     delivery_headers: tuple[str, ...] = ()
+    # Why a request was refused (401): a signature the body does not match, or a token
+    # that is not the secret; both name POSTDEPLOY_WEBHOOK_SECRET.
+    mismatch: str = ("{header} does not match the body; the secret differs from "
+                     "POSTDEPLOY_WEBHOOK_SECRET (or the body was changed on the way)")
 
     def delivery_id(self, headers: Headers) -> str | None:
         """The host's id of this delivery (the same on a redelivery), safe as a key part."""
@@ -97,12 +106,26 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _field(obj: Any, *path: str) -> Any:
+    """``obj[path[0]][path[1]]...``, or None where a level is missing or not an object."""
+    for name in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(name)
+    return obj
+
+
+def _deleted(payload: dict[str, Any]) -> bool:
+    """The push removed its ref (GitHub's and Gitea's ``deleted``, an all-zero ``after``)."""
+    return payload.get("deleted") is True or payload.get("after") == NO_COMMIT
+
+
 def _hub_push(payload: dict[str, Any]) -> Push:
     """GitHub's and Gitea's push payload (Gitea copies GitHub's shape)."""
     repository = payload.get("repository")
-    default = repository.get("default_branch") if isinstance(repository, dict) else None
     return Push(repo_urls=_repository_urls(repository), ref=_text(payload.get("ref")) or "",
-                default_branch=_text(default))
+                default_branch=_text(_field(repository, "default_branch")),
+                deleted=_deleted(payload))
 
 
 def _github(headers: Headers, payload: dict[str, Any]) -> Event:
@@ -132,10 +155,36 @@ def _gitlab(headers: Headers, payload: dict[str, Any]) -> Event:
     if kind not in ("push", "tag_push"):
         return Event("ignored", f"{event} ({kind})" if kind else event)
     project, repository = payload.get("project"), payload.get("repository")
-    default = project.get("default_branch") if isinstance(project, dict) else None
+    # A deleted branch: "after" all zeros and no commit to check out.
+    deleted = _deleted(payload) or ("checkout_sha" in payload
+                                    and payload["checkout_sha"] is None)
     push = Push(repo_urls=_repository_urls(project, repository),
-                ref=_text(payload.get("ref")) or "", default_branch=_text(default))
+                ref=_text(payload.get("ref")) or "",
+                default_branch=_text(_field(project, "default_branch")), deleted=deleted)
     return Event("push", event, push)
+
+
+def _bitbucket(headers: Headers, payload: dict[str, Any]) -> Event:
+    """Bitbucket Cloud's repo:push: one push may change several branches."""
+    event = headers.get("X-Event-Key", "").strip().lower()
+    if event.startswith("diagnostics:") or event == "ping":
+        return Event("ping", event)
+    if event != "repo:push":
+        return Event("ignored", event)
+    repository = payload.get("repository")
+    urls = [u for u in (_text(_field(repository, "links", "html", "href")),) if u]
+    if (full_name := _text(_field(repository, "full_name"))) is not None:
+        urls += [f"https://{BITBUCKET}/{full_name}", f"git@{BITBUCKET}:{full_name}.git"]
+    changes = _field(payload, "push", "changes")
+    branches = []
+    for change in changes if isinstance(changes, list) else []:
+        new = _field(change, "new")  # null: the branch (or tag) was deleted
+        if _field(new, "type") == "branch" and (name := _text(_field(new, "name"))):
+            branches.append(BRANCH_PREFIX + name)
+    if not branches:  # deletions, tags only, or nothing readable
+        return Event("push", event, Push(repo_urls=tuple(urls), ref="", deleted=True))
+    return Event("push", event, Push(repo_urls=tuple(urls), ref=branches[0],
+                                     refs=tuple(branches)))
 
 
 GENERIC_SHAPE = ('{"app": NAME} or {"repository": URL, "ref": "refs/heads/BRANCH"}')
@@ -158,7 +207,8 @@ def _generic(headers: Headers, payload: dict[str, Any]) -> Event:
     if ref is not None and not (isinstance(ref, str) and ref.startswith("refs/")):
         raise HookRejected(400, f"'ref' must look like refs/heads/BRANCH, not {str(ref)[:80]!r}")
     return Event("push", "generic", Push(repo_urls=urls, ref=ref,
-                                         default_branch=_text(payload.get("default_branch"))))
+                                         default_branch=_text(payload.get("default_branch")),
+                                         deleted=_deleted(payload)))
 
 
 PROVIDERS = {
@@ -168,7 +218,13 @@ PROVIDERS = {
                       ("X-Gitea-Delivery",)),
     # Idempotency-Key (GitLab 17.4+) stays the same on GitLab's retries.
     "gitlab": Provider("gitlab", "X-Gitlab-Token", _token, _gitlab,
-                       ("X-Gitlab-Event-UUID", "Idempotency-Key")),
+                       ("X-Gitlab-Event-UUID", "Idempotency-Key"),
+                       "X-Gitlab-Token is not the secret; set the webhook's secret token "
+                       "to the value of POSTDEPLOY_WEBHOOK_SECRET"),
     "generic": Provider("generic", "X-Signature", _prefixed_hmac, _generic,
                         ("X-Delivery",)),
+    # X-Request-UUID stays the same on Bitbucket's retries; X-Hook-UUID names the
+    # webhook, the same for every delivery, so it can never tell two pushes apart.
+    "bitbucket": Provider("bitbucket", "X-Hub-Signature", _prefixed_hmac, _bitbucket,
+                          ("X-Request-UUID",)),
 }

@@ -38,6 +38,8 @@ from tests.support import (
     free_port,
 )
 from tests.webhook_client import (
+    NO_COMMIT,
+    bitbucket_push,
     cli_run,
     gitea_push,
     github_ping,
@@ -90,6 +92,7 @@ def hook(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
         {"name": "wiki", "repo": "https://gitea.example.com/acme/wiki", "branch": "production"},
         {"name": "local", "repo": str(root / "link"), "branch": "main"},
         {"name": "site", "path": str(root / "site")},
+        {"name": "bucket", "repo": "git@bitbucket.org:acme/bucket.git", "branch": "main"},
     ]}))
     state_dir = root / "state"
     env = cli_env(POSTDEPLOY_REDIS_URL=EXTERNAL_REDIS or redis_server.url,
@@ -215,7 +218,7 @@ def test_query_app_names_the_app_whatever_the_payload(hook: Hook, rclient: redis
     assert (reply.status, reply.body["apps"]) == (202, ["blog", "shop"])
     unknown = hook.send("github", github_push("Acme/Shop"), query="?app=nope")
     assert unknown.status == 404 and "unknown app 'nope'" in unknown.body["error"]
-    assert "blog, local, shop, site, wiki" in unknown.body["error"]
+    assert "blog, bucket, local, shop, site, wiki" in unknown.body["error"]
     bad_app = hook.send("generic", {"app": "nope"})
     assert bad_app.status == 404
     assert queued_checks(rclient) == ["blog", "shop"]
@@ -250,6 +253,128 @@ def test_ping_is_answered_200_and_other_events_are_ignored(hook: Hook,
     note = hook.send("gitlab", {"object_kind": "note"}, event="Note Hook")
     assert (note.status, note.body["apps"]) == (202, [])
     assert queued_checks(rclient) == []
+
+
+# -- Bitbucket Cloud ----------------------------------------------------------------
+
+def test_bitbucket_push_ping_signature_and_replay(hook: Hook, rclient: redis.Redis) -> None:
+    delivery = str(uuid.uuid4())
+    push = hook.send("bitbucket", bitbucket_push("Acme/Bucket"), event="repo:push",
+                     delivery=delivery)
+    assert (push.status, push.body["status"], push.body["apps"]) == (202, "queued", ["bucket"])
+    again = hook.send("bitbucket", bitbucket_push("Acme/Bucket"), event="repo:push",
+                      delivery=delivery)  # Bitbucket's retry keeps its X-Request-UUID
+    assert (again.status, again.body["status"]) == (200, "duplicate")
+    # Another delivery of the same webhook (same X-Hook-UUID) is a new push.
+    other = hook.send("bitbucket", bitbucket_push("acme/bucket"), event="repo:push")
+    assert other.status == 202 and other.body["apps"] == ["bucket"]
+    ping = hook.send("bitbucket", {}, event="diagnostics:ping")
+    assert (ping.status, ping.body["status"]) == (200, "pong")
+    for payload, event in [(bitbucket_push("acme/bucket", "develop"), "repo:push"),
+                           (bitbucket_push("acme/bucket", "v1.0", kind="tag"), "repo:push"),
+                           (bitbucket_push("acme/elsewhere"), "repo:push"),
+                           (bitbucket_push("acme/bucket"), "pullrequest:created")]:
+        reply = hook.send("bitbucket", payload, event=event)
+        assert reply.status == 202 and reply.body["apps"] == [], (event, reply.body)
+    body, headers = signed("bitbucket", "not-the-secret", bitbucket_push("acme/bucket"),
+                           event="repo:push")
+    wrong = post(hook.port, "/hooks/bitbucket", body, headers)
+    assert wrong.status == 401 and "X-Hub-Signature does not match" in wrong.body["error"]
+    del headers["X-Hub-Signature"]
+    assert post(hook.port, "/hooks/bitbucket", body, headers).status == 401
+    # Matched by its web link alone, or by its full name alone.
+    by_link = bitbucket_push("acme/bucket")
+    del by_link["repository"]["full_name"]
+    by_name = bitbucket_push("acme/bucket")
+    del by_name["repository"]["links"]
+    for payload in (by_link, by_name):
+        assert hook.send("bitbucket", payload, event="repo:push").body["apps"] == ["bucket"]
+    assert queued_checks(rclient) == ["bucket"]  # one check queued, the others joined it
+
+
+def test_the_gitlab_token_is_not_a_signature(hook: Hook) -> None:
+    body, headers = signed("gitlab", "not-the-secret", gitlab_push("acme/blog"))
+    reply = post(hook.port, "/hooks/gitlab", body, headers)
+    assert reply.status == 401
+    assert reply.body["error"].startswith("X-Gitlab-Token is not the secret")
+    assert "changed" not in reply.body["error"]
+
+
+# -- pushes that delete the branch --------------------------------------------------
+
+def _deleted_github() -> dict[str, Any]:
+    return {**github_push("Acme/Shop", after=NO_COMMIT), "deleted": True, "head_commit": None}
+
+
+def _deleted_gitlab() -> dict[str, Any]:
+    return {**gitlab_push("acme/blog"), "after": NO_COMMIT, "checkout_sha": None,
+            "commits": [], "total_commits_count": 0}
+
+
+@pytest.mark.parametrize("provider,payload,event", [
+    ("github", _deleted_github(), "push"),
+    ("github", {**github_push("Acme/Shop", after=NO_COMMIT)}, "push"),
+    ("gitea", {**gitea_push("acme/wiki", ref="refs/heads/production"), "after": NO_COMMIT},
+     "push"),
+    ("gitlab", _deleted_gitlab(), "Push Hook"),
+    ("gitlab", {**gitlab_push("acme/blog"), "checkout_sha": None}, "Push Hook"),
+    ("bitbucket", bitbucket_push("acme/bucket", None), "repo:push"),
+    ("generic", {"repository": "https://github.com/acme/shop", "ref": "refs/heads/main",
+                 "after": NO_COMMIT}, "push"),
+])
+def test_a_push_deleting_the_apps_branch_matches_nothing(
+        hook: Hook, rclient: redis.Redis, provider: str, payload: Any, event: str) -> None:
+    reply = hook.send(provider, payload, event=event)
+    assert (reply.status, reply.body["status"], reply.body["apps"]) == (202, "ignored", [])
+    assert "deletes its branch" in reply.body["reason"]
+    assert queued_checks(rclient) == []
+
+
+# -- whatever a signed sender sends: 2xx or 4xx, never 500 --------------------------
+
+def _nested(depth: int, key: str | None = None) -> bytes:
+    if key is None:
+        return b"[" * depth + b"]" * depth
+    return (b'{"%s": ' % key.encode()) * depth + b"{}" + b"}" * depth
+
+
+HOSTILE = [
+    ("github", _nested(50_000)),
+    ("gitlab", _nested(50_000, "project")),
+    ("generic", _nested(50_000, "repository")),
+    ("bitbucket", _nested(50_000, "push")),
+    ("generic", json.dumps({"repository": "/srv/shop\u0000.git",
+                            "ref": "refs/heads/main"}).encode()),
+    ("generic", json.dumps({"repository": "/srv/\u0001shop\n"}).encode()),
+    ("github", json.dumps({**github_push("Acme/Shop"),
+                           "repository": {"clone_url": "/tmp/x\u0000y", "html_url": 7,
+                                          "default_branch": ["main"]}}).encode()),
+    ("generic", json.dumps({"app": "sh\u0000op"}).encode()),
+    ("generic", json.dumps({"app": ["shop", None]}).encode()),
+    ("generic", json.dumps({"repository": {"clone_url": ["x"]}, "ref": {"a": 1}}).encode()),
+    ("github", json.dumps({"ref": 5, "repository": [1, 2], "deleted": "yes"}).encode()),
+    ("gitlab", json.dumps({"object_kind": ["push"], "project": "x"}).encode()),
+    ("gitlab", json.dumps({"object_kind": "push", "project": {"default_branch": 3},
+                           "repository": None, "ref": None}).encode()),
+    ("bitbucket", json.dumps({"push": {"changes": "all"}, "repository": "x"}).encode()),
+    ("bitbucket", json.dumps({"push": {"changes": [1, None, {"new": 5},
+                                                   {"new": {"type": "branch", "name": 3}}]},
+                              "repository": {"links": {"html": {"href": None}},
+                                             "full_name": ["a"]}}).encode()),
+    ("gitea", b"3"), ("gitea", b"null"), ("gitea", b'"text"'), ("gitea", b"1e999999"),
+    ("github", br'{"ref": "refs/heads/main\u0000", "repository": {"url": "\ud800"}}'),
+]
+
+
+@pytest.mark.parametrize("provider,body", HOSTILE, ids=range(len(HOSTILE)))
+def test_any_signed_body_is_answered_2xx_or_4xx(hook: Hook, rclient: redis.Redis,
+                                                provider: str, body: bytes) -> None:
+    event = {"bitbucket": "repo:push", "gitlab": "Push Hook"}.get(provider, "push")
+    _, headers = signed(provider, SECRET, None, event=event, body=body)
+    reply = post(hook.port, f"/hooks/{provider}", body, headers)
+    assert 200 <= reply.status < 500, (reply.status, reply.body)
+    assert queued_checks(rclient) == []
+    assert "Traceback" not in hook.service.log()
 
 
 # -- replays ------------------------------------------------------------------------
@@ -400,8 +525,9 @@ def test_deliveries_on_one_kept_alive_connection(hook: Hook, rclient: redis.Redi
 
 def test_unknown_endpoint_and_method(hook: Hook) -> None:
     body, headers = signed("github", SECRET, github_push("Acme/Shop"))
-    reply = post(hook.port, "/hooks/bitbucket", body, headers)
+    reply = post(hook.port, "/hooks/bitbucket-server", body, headers)
     assert reply.status == 404 and "/hooks/github" in reply.body["error"]
+    assert "/hooks/bitbucket" in reply.body["error"]
     for method in ("GET", "HEAD", "PUT"):
         request = urllib.request.Request(f"http://127.0.0.1:{hook.port}/hooks/github",
                                          method=method)

@@ -2,8 +2,9 @@
 running and watching a real webhook service.
 
 The payloads follow each host's documentation of its push event (GitHub
-"push" and "ping", Gitea "push", GitLab "Push Hook" / "Tag Push Hook"), with
-the fields a real delivery has, not only those postdeploy reads.
+"push" and "ping", Gitea "push", GitLab "Push Hook" / "Tag Push Hook",
+Bitbucket Cloud "repo:push"), with the fields a real delivery has, not only
+those postdeploy reads.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tests.support import Service, wait_for
 
 SHA_BEFORE = "95790bf891e76fee5e1747ab589903a6a1f80f22"
 SHA_AFTER = "da1560886d4f094c3e6c9ef40349f7d38b5d27d7"
+NO_COMMIT = "0" * 40  # the "after" of a push that deleted its branch
 
 
 def hub_signature(secret: str, body: bytes) -> str:
@@ -147,6 +149,36 @@ def gitlab_push(path: str, ref: str = "refs/heads/master", host: str = "gitlab.e
     }
 
 
+def bitbucket_push(full_name: str, branch: str | None = "main",
+                   kind: str = "branch") -> dict[str, Any]:
+    """A Bitbucket Cloud repo:push payload; ``branch=None``: the push deleted it."""
+    web = f"https://bitbucket.org/{full_name}"
+    actor = {"type": "user", "display_name": "Emma", "uuid": "{a7f8c1d2-0000-4000-8000-1}",
+             "account_id": "557058:c0b72ad0", "nickname": "emma"}
+    target = {"type": "commit", "hash": SHA_AFTER, "message": "Fix the build\n",
+              "date": "2026-11-29T03:00:00+00:00", "author": {"type": "author",
+                                                            "raw": "Emma <emma@example.com>"},
+              "links": {"html": {"href": f"{web}/commits/{SHA_AFTER}"}}, "parents": []}
+    new = None if branch is None else {
+        "type": kind, "name": branch, "target": target,
+        "links": {"html": {"href": f"{web}/branch/{branch}"}}}
+    old = {"type": kind, "name": branch or "main", "target": {**target, "hash": SHA_BEFORE}}
+    return {
+        "push": {"changes": [{"new": new, "old": old, "created": False,
+                              "closed": branch is None, "forced": False,
+                              "truncated": False, "commits": [target]}]},
+        "actor": actor,
+        "repository": {
+            "type": "repository", "full_name": full_name, "name": full_name.split("/")[1],
+            "uuid": "{0b8e33c8-0000-4000-8000-2}", "is_private": True, "scm": "git",
+            "links": {"self": {"href": f"https://api.bitbucket.org/2.0/repositories/"
+                                       f"{full_name}"},
+                      "html": {"href": web}, "avatar": {"href": f"{web}/avatar/32/"}},
+            "workspace": {"type": "workspace", "slug": full_name.split("/")[0]},
+            "project": {"type": "project", "key": "PROJ", "name": "Project"}},
+    }
+
+
 def signed(provider: str, secret: str, payload: Any, event: str = "push",
            delivery: str | None = None, body: bytes | None = None
            ) -> tuple[bytes, dict[str, str]]:
@@ -170,6 +202,12 @@ def signed(provider: str, secret: str, payload: Any, event: str = "push",
                         "X-Gitlab-Token": secret, "X-Gitlab-Event-UUID": delivery,
                         "X-Gitlab-Webhook-UUID": "13792a34-cac6-4fda-95a8-c58e00a3954e",
                         "X-Gitlab-Instance": "https://gitlab.example.com"})
+    elif provider == "bitbucket":
+        headers.update({"User-Agent": "Bitbucket-Webhooks/2.0", "X-Event-Key": event,
+                        "X-Request-UUID": delivery,
+                        "X-Hook-UUID": "c4a84d68-42e3-4f2a-9d5e-6c8f2b7e9a11",
+                        "X-Attempt-Number": "1",
+                        "X-Hub-Signature": hub_signature(secret, data)})
     else:
         headers.update({"X-Signature": hub_signature(secret, data), "X-Delivery": delivery})
     return data, headers
