@@ -3,6 +3,7 @@ webhook service; what ran is read from the run history in Redis."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -91,6 +92,44 @@ def test_redis_outage_is_503_and_the_service_recovers(tmp_path: Path) -> None:
         again = post(port, "/hooks/github", body, headers)  # the host's retry
         assert (again.status, again.body["apps"]) == (202, ["shop"])
         assert queued_checks(server.client()) == ["shop"]
+    finally:
+        service.stop(signal.SIGTERM)
+        server.stop()
+    assert "Traceback" not in service.log()
+
+
+def test_a_frozen_redis_is_answered_503_within_5_s(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    env = cli_env(POSTDEPLOY_REDIS_URL=server.url, POSTDEPLOY_REPO="https://github.com/acme/shop",
+                  POSTDEPLOY_APP="shop", POSTDEPLOY_STATE_DIR=str(tmp_path / "state"),
+                  POSTDEPLOY_WEBHOOK_SECRET=SECRET)
+    port = free_port()
+    service = start_hook(env, tmp_path / "webhook.log", port)
+    assert server.proc is not None
+    try:
+        # One delivery first, so the service's connections to Redis are open when it freezes.
+        body, headers = signed("github", SECRET, github_push("acme/shop"))
+        assert post(port, "/hooks/github", body, headers).status == 202
+        os.kill(server.proc.pid, signal.SIGSTOP)  # accepts, never answers: a hung server
+        for delivery in ("frozen-1", "frozen-2"):
+            body, headers = signed("github", SECRET, github_push("acme/shop"),
+                                   delivery=delivery)
+            started = time.monotonic()
+            frozen = post(port, "/hooks/github", body, headers, timeout=30)
+            took = time.monotonic() - started
+            assert frozen.status == 503 and "retry later" in frozen.body["error"], frozen
+            assert took < 5.0, took
+        assert healthy(port) and service.alive()
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    try:
+        def fresh_push() -> Any:
+            body, headers = signed("github", SECRET, github_push("acme/shop"))
+            reply = post(port, "/hooks/github", body, headers)
+            return reply.status != 503 and reply
+
+        after = wait_for(fresh_push, 30, what="an answer once Redis is back")
+        assert after.status == 202
     finally:
         service.stop(signal.SIGTERM)
         server.stop()
