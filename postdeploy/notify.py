@@ -4,11 +4,14 @@ The run lifecycle calls :func:`notify_if_needed` once a run has its final
 status; that decides the event (at most once per run and event, by a SET NX
 marker) and queues the ``postdeploy.notify`` task, which calls :func:`deliver`.
 Sending happens there, never in the job's own task: a receiver that is down or
-slow costs a retry later, never the run's record or the worker.
+slow costs a retry later, never the run's record or the worker. Each message to
+each URL is sent from a child process with a total deadline (SEND_DEADLINE), so
+a receiver that dribbles its answer frees the worker process on time.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +26,7 @@ import redis
 from postdeploy import keys
 from postdeploy.celery_app import app as celery
 from postdeploy.config import Settings
+from postdeploy.forked import DeadlinePassed, call_forked
 from postdeploy.notify_config import MAX_SOCKET_TIMEOUT, mask_url, quiet_apprise, url_secrets
 from postdeploy.records import RunRecord, Status
 from postdeploy.redaction import mask_secrets
@@ -39,6 +43,9 @@ LINE_CHARS = 300  # longest output line in a message; the rest is cut
 FAILURES = frozenset({Status.FAILED.value, Status.TIMED_OUT.value, Status.ERROR.value,
                       Status.LOST.value})
 ALL_URLS = "*"  # in a retry's pending list: every URL (the try failed before sending)
+# Seconds one message to one URL may take in all: Apprise bounds each socket read
+# (MAX_SOCKET_TIMEOUT), not a receiver that sends its answer a byte at a time.
+SEND_DEADLINE = 10.0
 _HEADLINE = {"failed": "failed", "timed_out": "timed out", "error": "could not run",
              "lost": "was lost", "cancelled": "was cancelled", "succeeded": "succeeded",
              "recovered": "recovered"}
@@ -227,16 +234,27 @@ def send(urls: Iterable[str], message: Message, secrets: list[str]) -> list[Deli
     """Send ``message`` to each URL in turn; what happened to each, masked."""
     results = []
     for url in urls:
-        shown = mask_url(url)
-        with _apprise_errors() as errors:
-            try:
-                ok = _send_one(url, message)
-            except Exception as exc:  # a plugin's bug is one failed URL, not a crash
-                errors.append(f"{type(exc).__name__}: {exc}")
-                ok = False
+        try:
+            ok, errors = call_forked(functools.partial(_send_collecting, url, message),
+                                     SEND_DEADLINE)
+        except DeadlinePassed:
+            ok, errors = False, [f"no complete answer within {SEND_DEADLINE:g} s"]
+        except Exception as exc:  # the child could not run or report: one failed URL
+            ok, errors = False, [f"{type(exc).__name__}: {exc}"]
         error = None if ok else mask_secrets("; ".join(errors) or "not sent", secrets)
-        results.append(Delivery(url, shown, ok, error))
+        results.append(Delivery(url, mask_url(url), bool(ok), error))
     return results
+
+
+def _send_collecting(url: str, message: Message) -> tuple[bool, list[str]]:
+    """Send to ``url`` here (in the child); whether it went, and Apprise's reasons if not."""
+    with _apprise_errors() as errors:
+        try:
+            ok = _send_one(url, message)
+        except Exception as exc:  # a plugin's bug is one failed URL, not a crash
+            errors.append(f"{type(exc).__name__}: {exc}")
+            ok = False
+    return ok, errors
 
 
 def _send_one(url: str, message: Message) -> bool:

@@ -37,8 +37,9 @@ EnvFor = Callable[..., dict[str, str]]
 
 
 class Receiver:
-    """A webhook endpoint in a thread: answers ``ok`` (200), ``500``, ``slow`` (30 s)
-    or ``flaky`` (500 to the first request, then 200); keeps every accepted message."""
+    """A webhook endpoint in a thread: answers ``ok`` (200), ``500``, ``slow`` (30 s),
+    ``flaky`` (500 to the first request, then 200) or ``dribble`` (its answer a byte
+    every 0.5 s, for ever); keeps every accepted message."""
 
     def __init__(self, mode: str = "ok", slow_for: float = 30.0) -> None:
         self.mode = mode
@@ -59,6 +60,15 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 owner.requests += 1
+                if owner.mode == "dribble":  # under any read timeout, never complete
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    while not owner._release.wait(0.5):
+                        try:
+                            self.wfile.write(b"X")
+                            self.wfile.flush()
+                        except OSError:
+                            return  # the sender gave up
+                    return
                 if owner.mode == "slow":
                     owner._release.wait(owner.slow_for)
                 failing = owner.mode == "500" or (owner.mode == "flaky" and owner.requests == 1)
@@ -253,6 +263,32 @@ def test_unreachable_receivers_change_nothing_and_the_worker_goes_on(
     remote.commit({"appspec.yaml": appspec_yaml("echo third")})
     third = wait_run(rclient, 3)
     assert third.status == "succeeded" and "third" in output_of(rclient, third.id)
+
+
+def test_a_dribbling_receiver_frees_the_worker_at_the_send_deadline(
+        remote: GitRemote, rclient: redis.Redis, services: Start, env_for: EnvFor,
+        receivers: Callable[..., Receiver]) -> None:
+    dribble = receivers("dribble")
+    remote.commit({"appspec.yaml": appspec_yaml("echo broken; exit 3")})
+    # One pool process: while the notification holds it, no other job can start.
+    env = env_for(remote, POSTDEPLOY_NOTIFY=dribble.url("tok3nDRIBBLE"),
+                  POSTDEPLOY_NOTIFY_BACKOFF="60", POSTDEPLOY_CONCURRENCY="1")
+    worker = services("worker", env)
+    services("beat", env)
+
+    assert wait_run(rclient, 1).status == "failed"
+    wait_for(lambda: dribble.requests >= 1, 30, what="the notification to reach the receiver")
+    sent_at = time.monotonic()
+    sha = remote.commit({"appspec.yaml": appspec_yaml("echo next")})
+    run = wait_for(lambda: next((r for r in runs(rclient, "shop")
+                                 if r.sha == sha and r.started_at), None), 45,
+                   what="the next job to start while the receiver still dribbles")
+    waited = time.monotonic() - sent_at
+    assert waited < 10 + 15, waited  # the send deadline, and the machine's load
+    assert wait_run(rclient, 2).status == "succeeded" and run.sha == sha
+    wait_for(lambda: "no complete answer within 10 s" in worker.log(), 10,
+             what="the failed try in the worker's log")
+    assert "tok3nDRIBBLE" not in worker.log() and worker.alive()
 
 
 def test_notify_test_command(receivers: Callable[..., Receiver], tmp_path: Path,
