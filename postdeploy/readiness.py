@@ -127,7 +127,7 @@ def probe(url: str, sha: str | None = None, timeout: float = PROBE_TIMEOUT,
     with _Deadline(within) as deadline:
         result = _probe(url, sha, min(timeout, within), body_limit, deadline)
     if deadline.expired and not result.ready:
-        return Probe(False, f"no complete answer within {within:g} s")
+        return Probe(False, f"no complete answer within {within:.1f} s")
     return result
 
 
