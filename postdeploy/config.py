@@ -307,8 +307,8 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
         if user is not None:
             if not isinstance(user, str):
                 # YAML reads an unquoted 1001:1001 as a base-60 number.
-                raise ConfigError(f"{label}: 'user' must be a user name or a quoted "
-                                  "uid:gid (user: \"1001:1001\")")
+                raise ConfigError(f"{label}: user: {user!r} is not a user name or a quoted "
+                                  "uid:gid; write user: \"1001:1001\" (quoted)")
             # Looked up now: a user missing on this host stops start-up, not each run.
             parse_user(user, f"{label}: user")
         apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch"),
