@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from postdeploy.appuser import parse_uid_range, parse_user
 from postdeploy.errors import ConfigError
 from postdeploy.notify_config import DEFAULT_NOTIFY_ON, parse_events, parse_urls
 from postdeploy.redaction import redact_url
@@ -65,6 +66,7 @@ class AppConfig:
     path: str | None = None
     branch: str | None = None
     notify: tuple[str, ...] = ()  # Apprise URLs for this app's runs (besides the global ones)
+    user: str | None = None  # who its job runs as (a name or uid:gid; see postdeploy.appuser)
 
     @property
     def source(self) -> str:
@@ -99,9 +101,11 @@ class Settings:
     notify_backoff: float = DEFAULT_NOTIFY_BACKOFF
     # Signs push webhooks (POSTDEPLOY_WEBHOOK_SECRET); never shown, hence no repr.
     webhook_secret: str | None = field(default=None, repr=False)
-    # Who jobs run as when the executor is root (POSTDEPLOY_JOB_USER: a name or uid:gid;
-    # checked by the worker at start-up, see postdeploy.jobuser).
+    # One user for every app that has none of its own (POSTDEPLOY_JOB_USER: a name or
+    # uid:gid; checked by the worker at start-up), and the uids apps of their own get
+    # otherwise (POSTDEPLOY_JOB_UIDS, LOW-HIGH); see postdeploy.appuser.
     job_user: str | None = None
+    job_uids: str | None = None
     # The executor's own environment: the base of every job's environment and the
     # fallback for POST_DEPLOY_* keys an appspec leaves out.
     environ: Mapping[str, str] = field(default_factory=dict)
@@ -177,6 +181,7 @@ class Settings:
                 "POSTDEPLOY_NOTIFY_BACKOFF", DEFAULT_NOTIFY_BACKOFF),
             webhook_secret=env.get("POSTDEPLOY_WEBHOOK_SECRET") or None,
             job_user=env.get("POSTDEPLOY_JOB_USER", "").strip() or None,
+            job_uids=_uid_range(env.get("POSTDEPLOY_JOB_UIDS")),
             environ=env,
         )
         repo = flags.get("repo") or env.get("POSTDEPLOY_REPO")
@@ -271,10 +276,10 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
         if isinstance(item.get("name"), str):  # name the app as soon as we can
             label = f"{where}: app {item['name']!r}"
         unknown = sorted(str(k) for k in item
-                         if k not in {"name", "repo", "path", "branch", "notify"})
+                         if k not in {"name", "repo", "path", "branch", "notify", "user"})
         if unknown:
             raise ConfigError(f"{label}: unknown field {unknown[0]!r}; "
-                              "use name, repo, path, branch, notify")
+                              "use name, repo, path, branch, notify, user")
         for key in ("name", "repo", "path", "branch"):
             if key in item and not isinstance(item[key], str):
                 raise ConfigError(f"{label}: {key!r} must be a string")
@@ -298,8 +303,17 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
                               "case); give each app its own 'name'")
         if item.get("branch"):
             check_branch(item["branch"], f"{label}: branch")
+        user = item.get("user")
+        if user is not None:
+            if not isinstance(user, str):
+                # YAML reads an unquoted 1001:1001 as a base-60 number.
+                raise ConfigError(f"{label}: user: {user!r} is not a user name or a quoted "
+                                  "uid:gid; write user: \"1001:1001\" (quoted)")
+            # Looked up now: a user missing on this host stops start-up, not each run.
+            parse_user(user, f"{label}: user")
         apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch"),
-                              notify=parse_urls(item.get("notify"), f"{label}: invalid 'notify'")))
+                              notify=parse_urls(item.get("notify"), f"{label}: invalid 'notify'"),
+                              user=user.strip() if user is not None else None))
     return tuple(apps)
 
 
@@ -321,6 +335,13 @@ def _host(value: str | None) -> str:
         raise ConfigError(f"invalid POSTDEPLOY_HOST: {name[:60]!r}; use letters, digits, "
                           "'.', '_' and '-' (it names the host's queue)")
     return name
+
+
+def _uid_range(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    parse_uid_range(value)  # ConfigError now, not at the first run
+    return value.strip()
 
 
 def _boot_id() -> str:

@@ -27,3 +27,7 @@ class RedisUnavailable(PostdeployError):
 
 class JobFailed(PostdeployError):
     """Raised by run_job so Celery and Flower show FAILURE with the reason."""
+
+
+class JobUserError(PostdeployError):
+    """The user an app's job must run as cannot be had on this host; the run ends as `error`."""

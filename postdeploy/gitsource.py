@@ -222,6 +222,11 @@ class AppSource:
             # when the job user owns its files.
             options = [*options, "-c", f"safe.directory={cwd}",
                        f"--git-dir={cwd / '.git'}", f"--work-tree={cwd}"]
+        elif self.app.path and cwd == self.workdir:
+            # A working copy someone else owns (the app's user): trusted for this
+            # command only, never by a change to the operator's git config.
+            options = [*options, "-c", f"safe.directory={cwd}",
+                       "-c", f"safe.directory={cwd.resolve()}"]
         try:
             # The executor's environment is read here only to pass on the part git
             # needs (see gitsafety.ALLOWED_ENV); it holds no settings of ours.

@@ -30,7 +30,7 @@ def run_environment(settings: Settings, app_env: Mapping[str, str], record: RunR
     """The environment one run's job starts with: the executor's (less its own
     settings), the job user's, the appspec's, then the run's own variables."""
     env = {k: v for k, v in settings.environ.items() if not k.startswith(HIDDEN_FROM_JOBS)}
-    env.update(job_user_env(settings, place))
+    env.update(job_user_env(place))
     env.update(app_env)
     env.update({"COMMIT_SHA": record.sha, "POST_DEPLOY_APP": record.app,
                 "POST_DEPLOY_RUN_ID": record.id, "POST_DEPLOY_TRIGGER": record.trigger})

@@ -24,7 +24,7 @@ from redis.lock import Lock
 from postdeploy import keys, lifecycle, placement, waiting
 from postdeploy.appspec import parse_appspec, resolve_folder
 from postdeploy.config import Settings
-from postdeploy.errors import AppSpecError, GitError, JobFailed
+from postdeploy.errors import AppSpecError, GitError, JobFailed, JobUserError
 from postdeploy.gitsource import AppSource, is_sha
 from postdeploy.guard import Lease
 from postdeploy.jobclock import JobClock
@@ -218,7 +218,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                           run_environment(settings, spec.env, record, place), secrets, label)
                 outcome = _run_job_process(settings, store, clock, record, lock, job,
                                            place, lease_held, run_place)
-        except (AppSpecError, GitError) as exc:
+        except (AppSpecError, GitError, JobUserError) as exc:
             outcome = JobOutcome(Status.ERROR, None, mask_secrets(str(exc), secrets))
         except SoftTimeLimitExceeded:
             outcome = JobOutcome(Status.TIMED_OUT, None, f"{clock.timeout_reason()}, before "

@@ -1,9 +1,10 @@
-"""Who a job runs as and what it can see: the job user and the job's mount namespace.
+"""Where and as whom a job runs: its app's user, and the job's mount namespace.
 
 A job is the app author's code; the executor is the operator's. When the executor
-runs as root, every job runs as ``POSTDEPLOY_JOB_USER`` (never as root), so the
-executor's files (mode 0600/0700: the Redis address, the embedded Redis data,
-postdeploy.yaml) and processes (``/proc/PID/environ`` of the worker) are out of its
+runs as root, each job runs as its app's user (see :mod:`postdeploy.appuser`: never
+root, never another app's uid unless the operator says so), so the executor's files
+(mode 0600/0700: the Redis address, the embedded Redis data, postdeploy.yaml) and
+processes, and other apps' jobs (``/proc/PID/environ``, signals), are out of its
 reach. Where the kernel allows it (root with CAP_SYS_ADMIN), the job also gets a
 mount namespace of its own in which the state directory and every other app's
 working copy are covered by an empty tmpfs; only its own checkout and its home
@@ -17,24 +18,22 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import grp
 import logging
 import os
-import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from postdeploy.errors import ConfigError
+from postdeploy.appuser import JobUser, app_user, parse_user, passwd_user
+from postdeploy.errors import ConfigError, JobUserError
 
 if TYPE_CHECKING:
     from postdeploy.config import Settings
     from postdeploy.guard import Sandbox
 
 JOB_ROOT = Path("/run/postdeploy-jobs")  # where a sandboxed job sees its checkout and home
-DEFAULT_JOB_USER = "nobody"  # used when the executor runs as root and nothing is set
-HOMES_DIR = "homes"  # in the state dir: each app's job home (pm2 keeps its state there)
+HOMES_DIR = "homes"  # in the state dir: the job home of each app without a real one
 
 _CLONE_NEWNS = 0x00020000
 _MS_NOSUID = 0x2
@@ -44,55 +43,17 @@ _MS_REC = 0x4000
 _MS_PRIVATE = 1 << 18
 
 
-@dataclass(frozen=True)
-class JobUser:
-    uid: int
-    gid: int
-    name: str
-
-    def describe(self) -> str:
-        return f"{self.name} (uid {self.uid}, gid {self.gid})"
-
-
-def resolve_job_user(value: str | None, executor_uid: int | None = None) -> JobUser | None:
-    """The user jobs run as: ``name`` or ``uid:gid``; None when we cannot switch users.
-
-    Raises ConfigError for a user that does not exist, or for root.
-    """
-    if (os.geteuid() if executor_uid is None else executor_uid) != 0:
-        if value:
-            raise ConfigError(f"invalid POSTDEPLOY_JOB_USER: {value!r} needs the executor to "
-                              "run as root (to switch users); unset it or run as root")
-        return None
-    text = (value or DEFAULT_JOB_USER).strip()
-    if ":" in text:
-        uid_text, _, gid_text = text.partition(":")
-        if not (uid_text.isdigit() and gid_text.isdigit()):
-            raise ConfigError(f"invalid POSTDEPLOY_JOB_USER: {text!r}; give a user name "
-                              "or uid:gid (numbers)")
-        uid, gid = int(uid_text), int(gid_text)
-        name = _user_name(uid)
-    else:
-        try:
-            entry = pwd.getpwnam(text)
-        except KeyError:
-            raise ConfigError(f"invalid POSTDEPLOY_JOB_USER: no user {text!r} on this host; "
-                              "create it (useradd --system) or give uid:gid") from None
-        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
-    if uid == 0 or gid == 0:
-        raise ConfigError(f"invalid POSTDEPLOY_JOB_USER: {text!r} is root; jobs must run "
-                          "as an unprivileged user")
-    return JobUser(uid, gid, name)
+def check_job_user_setting(settings: Settings) -> None:
+    """POSTDEPLOY_JOB_USER, when set: a real unprivileged user, and we are root to use it."""
+    if settings.job_user is None:
+        return
+    if os.geteuid() != 0:
+        raise ConfigError(f"invalid POSTDEPLOY_JOB_USER: {settings.job_user!r} needs the "
+                          "executor to run as root (to switch users); unset it or run as root")
+    parse_user(settings.job_user, "invalid POSTDEPLOY_JOB_USER")
 
 
-_cache: dict[str, object] = {}  # per process: the job user and whether namespaces work
-
-
-def job_user(settings: Settings) -> JobUser | None:
-    """The user this executor runs jobs as (None: as itself); resolved once per process."""
-    if "user" not in _cache:
-        _cache["user"] = resolve_job_user(settings.job_user)
-    return _cache["user"]  # type: ignore[return-value]
+_cache: dict[str, object] = {}  # per process: whether namespaces work
 
 
 def isolation_available() -> bool:
@@ -104,27 +65,34 @@ def isolation_available() -> bool:
 
 def describe_isolation(settings: Settings) -> tuple[int, str]:
     """A log level and one line for the worker's start-up: how far jobs are isolated."""
-    user = job_user(settings)
-    if user is None:
+    if os.geteuid() != 0:
         return logging.WARNING, (
             f"jobs run as this executor's own user (uid {os.geteuid()}): they can read its "
-            "state directory, environment and every app's checkout; run the worker as root "
-            "(jobs then run as POSTDEPLOY_JOB_USER, default 'nobody') to isolate them")
+            "state directory, environment and every app's checkout, and each other's; run "
+            "the worker as root (each app's job then runs as the app's user) to isolate them")
+    users = []
+    for app in settings.apps:
+        try:
+            users.append(f"{app.name} as {app_user(settings, app).describe()}")
+        except JobUserError as exc:
+            users.append(f"{app.name}: {exc}")
+    who = "; ".join(users) or "no apps"
     if not isolation_available():
         return logging.WARNING, (
-            f"jobs run as {user.describe()}, but this host gives them no mount namespace "
-            "(needs CAP_SYS_ADMIN): a job can read other apps' checkouts")
-    return logging.INFO, (f"jobs run as {user.describe()}, each seeing only its own "
-                          "checkout and home of the state directory")
+            f"jobs run as their app's user ({who}), but this host gives them no mount "
+            "namespace (needs CAP_SYS_ADMIN): a job can read other apps' checkouts")
+    return logging.INFO, (f"jobs run as their app's user ({who}), each seeing only its "
+                          "own checkout and home of the state directory")
 
 
 @dataclass(frozen=True)
 class JobPlace:
-    """Where a job runs: its sandbox, and its checkout and home as the job sees them."""
+    """Where a job runs: its sandbox, its checkout and home as the job sees them, its user."""
 
     sandbox: Sandbox
     checkout: Path
     home: Path
+    user_name: str | None = None  # for USER and LOGNAME: a passwd user's name
 
     def inside(self, real_checkout: Path, path: Path) -> Path:
         """``path`` (in the real checkout) as the job sees it."""
@@ -132,15 +100,22 @@ class JobPlace:
 
 
 def place_job(settings: Settings, app: str, checkout: Path) -> JobPlace:
-    """Who a job of ``app`` runs as, what it may see, and where it finds its files."""
+    """Who a job of ``app`` runs as, what it may see, and where it finds its files.
+
+    Raises JobUserError when the app's user cannot be had on this host.
+    """
+    from postdeploy.config import AppConfig
     from postdeploy.guard import Sandbox
 
-    user = job_user(settings)
-    home = prepare_home(settings.state_dir, app, user)
-    if user is None:
-        return JobPlace(Sandbox(), checkout, home)
+    user = app_user(settings, settings.app(app) or AppConfig(name=app)).user
+    if user is None:  # not root: the job runs as we do, with our HOME when we have one
+        own = passwd_user(os.geteuid(), os.getegid())
+        home = Path(own.home) if own.home else prepare_home(settings.state_dir, app, None)
+        return JobPlace(Sandbox(), checkout, home, own.name)
+    # A passwd user's own HOME, so that `pm2 list` as that user shows what the job started.
+    home = Path(user.home) if user.home else prepare_home(settings.state_dir, app, user)
     if not isolation_available():
-        return JobPlace(Sandbox(uid=user.uid, gid=user.gid), checkout, home)
+        return JobPlace(Sandbox(uid=user.uid, gid=user.gid), checkout, home, user.name)
     hide = [str(settings.state_dir)]
     if settings.config_file is not None:
         hide.append(str(settings.config_file))  # it may hold the Redis URL and notify tokens
@@ -149,27 +124,30 @@ def place_job(settings: Settings, app: str, checkout: Path) -> JobPlace:
             hide.append(other.path)
     # The job sees our clone and its home under JOB_ROOT, whatever the real path: the
     # state dir may sit below a directory the job user may not enter (/root/...). A
-    # `path` app's working copy is the operator's: the job sees it where it is.
+    # `path` app's working copy and a user's own home are theirs: seen where they are.
     inside = JOB_ROOT / app
-    binds = [(str(home), str(inside / "home"))]
+    binds = []
+    if user.home is None:
+        binds.append((str(home), str(inside / "home")))
+        home = inside / "home"
     seen = checkout
     if _contains(settings.state_dir, checkout):
         seen = inside / "checkout"
         binds.append((str(checkout), str(seen)))
     sandbox = Sandbox(uid=user.uid, gid=user.gid, hide=tuple(hide),
                       root=str(JOB_ROOT), binds=tuple(binds))
-    return JobPlace(sandbox, seen, inside / "home")
+    return JobPlace(sandbox, seen, home, user.name)
 
 
-def job_user_env(settings: Settings, place: JobPlace) -> dict[str, str]:
+def job_user_env(place: JobPlace) -> dict[str, str]:
     """What a job's environment says about its user: HOME, USER; git trusts its checkout."""
-    # The checkout belongs to the executor, not to the job user: without this, git in
-    # the job ("git rev-parse HEAD", the guide's notification example) would refuse it.
+    # The checkout belongs to the executor (a clone) or to someone else (a `path` app's
+    # working copy), not to the job's user: without this, git in the job ("git rev-parse
+    # HEAD", the guide's notification example) would refuse it as of dubious ownership.
     env = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory",
            "GIT_CONFIG_VALUE_0": str(place.checkout), "HOME": str(place.home)}
-    user = job_user(settings)
-    if user is not None:
-        env.update({"USER": user.name, "LOGNAME": user.name})
+    if place.user_name is not None:
+        env.update({"USER": place.user_name, "LOGNAME": place.user_name})
     return env
 
 
@@ -299,17 +277,3 @@ def _libc() -> ctypes.CDLL:
 def _os_error(what: str) -> OSError:
     errno = ctypes.get_errno()
     return OSError(errno, f"{what}: {os.strerror(errno)}")
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)

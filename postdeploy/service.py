@@ -12,13 +12,14 @@ from typing import Any
 
 from celery import signals
 
+from postdeploy.appuser import check_app_users
 from postdeploy.celery_app import QUEUE, app, configure, host_queue
 from postdeploy.config import Settings
 from postdeploy.connection import redis_client, resolve_redis_url
 from postdeploy.errors import ConfigError, RedisUnavailable
 from postdeploy.jobuser import (
+    check_job_user_setting,
     describe_isolation,
-    job_user,
     lock_down_state_dir,
     prepare_job_root,
 )
@@ -106,7 +107,9 @@ def _register_apps(settings: Settings) -> None:
 
 def run_worker(settings: Settings, argv: Sequence[str] = ()) -> None:
     make_state_dir(settings.state_dir)  # checkouts live there
-    job_user(settings)  # a wrong POSTDEPLOY_JOB_USER stops the worker now, in one line
+    # A wrong POSTDEPLOY_JOB_USER or app user stops the worker now, in one line.
+    check_job_user_setting(settings)
+    check_app_users(settings)
     prepare(settings)
     lock_down_state_dir(settings.state_dir)
     prepare_job_root()

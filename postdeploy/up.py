@@ -17,10 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from postdeploy.appuser import check_app_users
 from postdeploy.config import DEFAULT_FLOWER_PORT, DEFAULT_LISTEN_ADDRESS, Settings
 from postdeploy.connection import address_file, connect, redis_client
 from postdeploy.embedded_redis import EmbeddedRedis
 from postdeploy.errors import ConfigError
+from postdeploy.jobuser import check_job_user_setting
 from postdeploy.notify_config import mask_url
 from postdeploy.records import Status
 from postdeploy.redaction import redact_url
@@ -58,6 +60,9 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     if options.webhook_port is not None:
         from postdeploy.webhook import check_settings
         check_settings(settings)  # no secret: refuse now, not after starting everything
+    # Who each app's job runs as: refused now in one line, not by a worker that died.
+    check_job_user_setting(settings)
+    check_app_users(settings)
     make_state_dir(settings.state_dir)
     with _exclusive(settings.state_dir):
         embedded: EmbeddedRedis | None = None

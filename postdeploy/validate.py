@@ -2,7 +2,8 @@
 
 Checks what a run would trip over: appspec.yaml syntax and shapes, the
 folder (exists, stays inside the repo, symlinks included), the command, the
-script it names, and the timeout. Values are never printed (some are secrets).
+script it names, and the timeout; given the app, who its job runs as. Values are
+never printed (some are secrets).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from postdeploy.appspec import (
     parse_appspec,
     resolve_folder,
 )
-from postdeploy.errors import AppSpecError
+from postdeploy.appuser import app_user
+from postdeploy.config import AppConfig, Settings
+from postdeploy.errors import AppSpecError, JobUserError
 from postdeploy.readiness import gate_url
 
 ERROR, WARNING, OK = "error", "warning", "ok"
@@ -182,6 +185,15 @@ def _git_findings(directory: Path) -> list[Finding]:
         return [Finding(WARNING, "uncommitted changes; the executor runs what is committed, "
                                  "so commit them before deploying")]
     return []
+
+
+def job_user_finding(settings: Settings, app: AppConfig) -> Finding:
+    """Who ``app``'s job runs as on this host, and why; nothing is allocated or written."""
+    try:
+        who = app_user(settings, app, allocate=False)
+    except JobUserError as exc:
+        return Finding(ERROR, f"{exc}; its runs would end as 'error'")
+    return Finding(OK, f"job of app {app.name} runs as {who.describe()}")
 
 
 def has_errors(findings: list[Finding]) -> bool:

@@ -7,7 +7,9 @@ tests that kill or restart Redis always use a private server.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,9 +21,10 @@ from tests.hosts import Fleet, namespaces_work
 from tests.support import GitRemote, RedisServer, Service, service_env
 
 EXTERNAL_REDIS = os.environ.get("POSTDEPLOY_TEST_REDIS_URL")
-# Run as root (as CI does), workers run every job as the unprivileged job user
-# (POSTDEPLOY_JOB_USER, default nobody), as in production.
+# Run as root (as CI does), workers run every job as its app's unprivileged user
+# (a passwd user, or a dynamic uid of the app's own), as in production.
 AS_ROOT = os.geteuid() == 0
+APP_USERS = ("pdtest-shop", "pdtest-blog")  # real users that tests' apps run as
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -126,3 +129,18 @@ def fleet(tmp_path: Path, remote: GitRemote, redis_url: str) -> Iterator[Fleet]:
     hosts = Fleet(tmp_path / "hosts", remote, redis_url)
     yield hosts
     hosts.close()
+
+
+@pytest.fixture(scope="session")
+def app_users() -> tuple[str, ...]:
+    """Real passwd users with a home, for apps' ``user:`` (made once, kept: root only)."""
+    if not AS_ROOT:
+        pytest.skip("making users and switching to them needs root")
+    for name in APP_USERS:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--user-group", "--shell",
+                            "/bin/bash", name], capture_output=True, check=False)
+            pwd.getpwnam(name)  # made now, or by a session racing us
+    return APP_USERS

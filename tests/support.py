@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -151,10 +151,11 @@ class Service:
     """A real `python -m worker` / `python -m beat` (or CLI) process with its log file."""
 
     def __init__(self, args: list[str], env: Mapping[str, str], log_path: Path,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, prefix: Sequence[str] = ()) -> None:
+        # prefix: a command that execs the rest, e.g. setpriv to run as another user.
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, *args], env=dict(env), cwd=cwd,
+        self.proc = subprocess.Popen([*prefix, sys.executable, *args], env=dict(env), cwd=cwd,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from postdeploy.appuser import parse_user
 from postdeploy.guard import GuardHandle, GuardResult, GuardSpec, Lease, Sandbox, start_guard
-from postdeploy.jobuser import can_isolate, resolve_job_user
+from postdeploy.jobuser import can_isolate
 from tests.support import RedisServer, process_alive, wait_for
 
 ROOT = os.geteuid() == 0
@@ -167,8 +168,8 @@ def test_taken_lease_stops_the_job(tmp_path: Path, private_redis: RedisServer) -
 
 @pytest.mark.skipif(not ROOT, reason="switching to the job user needs root")
 def test_job_runs_as_the_job_user_and_cannot_read_the_executors_files() -> None:
-    user = resolve_job_user(None)
-    assert user is not None and user.uid != 0
+    user = parse_user("nobody", "test")
+    assert user.uid != 0
     # pytest's own temp dirs are private to root: the job user could not even enter them.
     with tempfile.TemporaryDirectory() as name:
         workdir = Path(name)

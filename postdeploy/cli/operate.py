@@ -254,11 +254,23 @@ def notify(settings: Settings, app: str | None, send_test: bool) -> int:
 @cli.command()
 @click.argument("directory", required=False, default=".",
                 type=click.Path(file_okay=False, path_type=Path))
-def validate(directory: Path) -> int:
-    """Lint an app repo's appspec.yaml, folder, command and script."""
-    from postdeploy.validate import has_errors, validate_app_dir
+@click.option("--app", "app_name", default=None,
+              help="The configured app DIR belongs to: also say who its job runs as "
+                   "(default: the `path` app whose working copy DIR is).")
+@with_settings
+def validate(settings: Settings, directory: Path, app_name: str | None) -> int:
+    """Lint an app repo's appspec.yaml, folder, command and script; and its job user."""
+    from postdeploy.validate import has_errors, job_user_finding, validate_app_dir
 
     findings = validate_app_dir(directory)
+    app = settings.app(app_name) if app_name else next(
+        (a for a in settings.apps if a.path and Path(a.path).resolve() == directory.resolve()),
+        None)
+    if app_name and app is None:
+        names = ", ".join(a.name for a in settings.apps) or "none"
+        raise ConfigError(f"unknown app {app_name!r}; apps in this configuration: {names}")
+    if app is not None:
+        findings.append(job_user_finding(settings, app))
     for finding in findings:
         click.echo(str(finding))
     errors = sum(1 for f in findings if f.level == "error")
