@@ -277,7 +277,7 @@ def _heed_cancel_request(store: StateStore, clock: JobClock, record: RunRecord) 
 def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
                          outcome: JobOutcome) -> JobOutcome:
     """SIGTERM stopped the job: a revoke (the worker's main process cancels the run), or
-    the worker shutting down (the run is lost and its commit is run again)."""
+    the worker shutting down (the run is lost and its deployment is run again)."""
     deadline = time.monotonic() + REVOKE_WAIT
     while time.monotonic() < deadline:
         stored = _quietly(lambda: store.get_run(record.id))
