@@ -92,7 +92,8 @@ end
 return {cjson.encode(d), started, claimed}
 """
 
-# KEYS: deployments, last_seen, checked_at, host heads. ARGV: host, head, now, KEEP.
+# KEYS: deployments, last_seen, checked_at, host heads. ARGV: host, head, now, marker
+# prefix, the marker of head before deployments were recorded, done ttl, KEEP.
 # Returns {the app's current deployment JSON, started, id of the latest deployment
 # of head (0: never deployed)}.
 _HOST_HEAD = _START + """
@@ -104,6 +105,10 @@ local started = 0
 if d == nil then
   d = start(head, '', ARGV[3])
   started = 1
+  local legacy = redis.call('GET', ARGV[5])
+  if legacy then  -- ran before deployments were recorded
+    redis.call('SET', ARGV[4] .. d.id .. ':done', legacy, 'EX', ARGV[6])
+  end
 elseif d.sha ~= head and before and before ~= head and
     (before == d.sha or redis.call('HEXISTS', KEYS[1], 'sha:' .. head) == 0) then
   d = start(head, d.sha, ARGV[3])
@@ -151,8 +156,9 @@ class Observation:
 class DeploymentLog:
     """An app's deployments in Redis: the current one, and the latest of each commit."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, done_ttl: int) -> None:
         self.client = client
+        self.done_ttl = done_ttl  # seconds a deployment's done marker lives unrefreshed
         self._observe = client.register_script(_OBSERVE)
         self._host_head = client.register_script(_HOST_HEAD)
         self._current = client.register_script(_CURRENT)
@@ -181,8 +187,8 @@ class DeploymentLog:
         value = self.client.hget(keys.deployments(app), f"sha:{sha}")
         return self.get(app, int(value)) if value else None
 
-    def observe(self, app: str, sha: str, seen_before: int | None, claim_ttl: int,
-                done_ttl: int) -> Observation:
+    def observe(self, app: str, sha: str, seen_before: int | None,
+                claim_ttl: int) -> Observation:
         """A ``repo`` app's branch is at ``sha``: record a deployment if it changed,
         and claim the current deployment's run unless it ran or is claimed.
 
@@ -192,7 +198,7 @@ class DeploymentLog:
         raw, started, claimed = self._observe(
             keys=[keys.deployments(app), keys.last_seen(app), keys.checked_at(app)],
             args=[sha, "" if seen_before is None else str(seen_before), repr(now),
-                  keys.deployment_prefix(app), claim_ttl, done_ttl,
+                  keys.deployment_prefix(app), claim_ttl, self.done_ttl,
                   keys.commit_done(app, sha), KEEP])
         return Observation(Deployment.from_json(raw), int(started) == 1, bool(claimed),
                            stale=int(started) == -1)
@@ -202,5 +208,6 @@ class DeploymentLog:
         raw, started, mine = self._host_head(
             keys=[keys.deployments(app), keys.last_seen(app), keys.checked_at(app),
                   keys.host_heads(app)],
-            args=[host, head, repr(time.time()), KEEP])
+            args=[host, head, repr(time.time()), keys.deployment_prefix(app),
+                  keys.commit_done(app, head), self.done_ttl, KEEP])
         return Observation(Deployment.from_json(raw), bool(started), mine=int(mine) or None)

@@ -50,7 +50,7 @@ class StateStore:
         self.client = client
         self.history_limit = history_limit
         self._replace = client.register_script(_REPLACE_RUN)
-        self.deployments = DeploymentLog(client)
+        self.deployments = DeploymentLog(client, DONE_TTL)
 
     # -- apps ---------------------------------------------------------------
     def register_apps(self, apps: Iterable[AppConfig]) -> None:
@@ -76,7 +76,7 @@ class StateStore:
         deployment never forgets it ran. ``seen_before``: :meth:`DeploymentLog.current_id`
         read before the git lookup.
         """
-        return self.deployments.observe(app, sha, seen_before, claim_ttl, DONE_TTL)
+        return self.deployments.observe(app, sha, seen_before, claim_ttl)
 
     def checked_at(self, app: str) -> float | None:
         value = self.client.get(keys.checked_at(app))

@@ -64,6 +64,10 @@ def test_a_commit_that_ran_before_deployments_does_not_run_again(
     first = StateStore(rclient).observe("shop", SHA, None)
     assert first.started and not first.claimed
     assert first.deployment.previous_sha is None
+    rclient.set(keys.commit_done("blog", SHA), "run-0")  # a path app's, the same
+    store = StateStore(rclient)
+    path_first = store.deployments.host_head("blog", "h1", SHA)
+    assert path_first.started and store.is_done("blog", path_first.deployment.id)
 
 
 def test_a_host_that_is_behind_never_undoes_the_fleets_commit(rclient: redis.Redis) -> None:
