@@ -88,15 +88,13 @@ class HostPlacement:
                 if instance.sha is not None and (app := self.settings.app(name)) is not None]
         # A repo app's scope is learned by the commit check (it reads the appspec) and
         # left in its deployment's done marker: two round trips for every repo app.
-        repo = [app for app, _ in mine if app.repo]
-        current = dict(zip([a.name for a in repo],
-                           self.store.deployments.current_ids([a.name for a in repo]),
-                           strict=True))
-        marks = self.client.mget([keys.done(name, n) for name, n in current.items()
-                                  if n is not None]) if any(current.values()) else []
-        per_instance = {name for (name, _), mark in zip(
-            [(name, n) for name, n in current.items() if n is not None], marks, strict=True)
-            if _text(mark) == INSTANCE_SCOPE_MARK}
+        repo = [app.name for app, _ in mine if app.repo]
+        current = {name: n for name, n in zip(
+            repo, self.store.deployments.current_ids(repo), strict=True) if n is not None}
+        marks = self.client.mget([keys.done(name, n) for name, n in current.items()]) \
+            if current else []
+        per_instance = {name for name, mark in zip(current, marks, strict=True)
+                        if _text(mark) == INSTANCE_SCOPE_MARK}
         queued: list[RunRequest] = []
         for app, instance in mine:
             assert instance.sha is not None

@@ -47,6 +47,11 @@ class SimHost:
     def pull(self) -> None:
         run_git(self.workdir, "pull", "-q", "origin", self.remote.branch)
 
+    def move(self, sha: str) -> None:
+        """The deploy tool puts this host's working copy at ``sha`` (backwards too)."""
+        run_git(self.workdir, "fetch", "-q", "origin")
+        run_git(self.workdir, "reset", "-q", "--hard", sha)
+
 
 def test_a_commit_runs_on_the_host_that_has_it(tmp_path: Path, remote: GitRemote,
                                                rclient: redis.Redis) -> None:
@@ -130,3 +135,63 @@ def test_a_cancelled_instance_run_is_done_on_its_instance_only(
     assert not registry.instance_done("shop", "host-b", "boot-1", 1)
     assert rclient.get(keys.done("shop", 1)) == INSTANCE_SCOPE_MARK.encode()
     assert a.step() == []  # not run again there
+
+
+def finish(rclient: redis.Redis, requests: list[RunRequest]) -> None:
+    """As the runs would on their hosts: each request's run done, for its scope."""
+    store, registry = StateStore(rclient), InstanceRegistry(rclient)
+    for request in requests:
+        record = store.get_run(request.run_id)
+        assert record is not None and record.deployment is not None
+        if request.scope == "instance":
+            registry.mark_instance_done("shop", request.host, "boot-1", record.deployment,
+                                        request.run_id)
+        else:
+            store.mark_done("shop", record.deployment, request.run_id)
+
+
+def test_a_host_catching_up_through_commits_the_fleet_left_starts_nothing(
+        tmp_path: Path, remote: GitRemote, rclient: redis.Redis) -> None:
+    c1 = remote.commit({"appspec.yaml": appspec_yaml("echo hi")}, "c1")
+    a = SimHost("host-a", tmp_path, remote, rclient)
+    b = SimHost("host-b", tmp_path, remote, rclient)
+    finish(rclient, a.step() + b.step())
+    c2 = remote.commit({"appspec.yaml": appspec_yaml("echo hi"), "v": "2"}, "c2")
+    a.move(c2)
+    finish(rclient, a.step())
+    c3 = remote.commit({"appspec.yaml": appspec_yaml("echo hi"), "v": "3"}, "c3")
+    a.move(c3)
+    assert [(r.sha, r.host) for r in a.step() + b.step()] == [(c3, "host-a")]
+    b.move(c2)  # host-b, behind at C1, moves to C2: a commit the fleet already left
+    assert a.step() + b.step() == []
+    store = StateStore(rclient)
+    assert store.last_seen("shop") == c3 and store.deployments.current_id("shop") == 3
+    b.move(c3)  # and reaches the fleet's commit: it joins deployment 3
+    assert a.step() + b.step() == [] and store.deployments.current_id("shop") == 3
+    assert [(r.sha, r.deployment, r.previous_sha) for r in reversed(store.history("shop"))] \
+        == [(c1, 1, None), (c2, 2, c1), (c3, 3, c2)]
+
+
+def test_scope_instance_runs_each_deployment_once_per_host_a_rollback_too(
+        tmp_path: Path, remote: GitRemote, rclient: redis.Redis) -> None:
+    spec = appspec_yaml("echo hi", envs={"POST_DEPLOY_SCOPE": "instance"})
+    c1 = remote.commit({"appspec.yaml": spec}, "c1")
+    a = SimHost("host-a", tmp_path, remote, rclient)
+    b = SimHost("host-b", tmp_path, remote, rclient)
+
+    def step() -> list[tuple[str, str]]:
+        requests = a.step() + b.step()
+        finish(rclient, requests)
+        return [(r.host, r.sha) for r in requests]
+
+    assert step() == [("host-a", c1), ("host-b", c1)]
+    c2 = remote.commit({"appspec.yaml": spec, "v": "2"}, "c2")
+    a.move(c2)  # deployment 2
+    assert step() == [("host-a", c2)]
+    b.move(c2)  # joins it: its own instance runs it once
+    assert step() == [("host-b", c2)]
+    a.move(c1)  # the fleet moves back: deployment 3, on every instance again
+    assert step() == [("host-a", c1)]
+    b.move(c1)
+    assert step() == [("host-b", c1)]
+    assert step() == []  # unchanged heads: nothing more
