@@ -18,6 +18,7 @@ from typing import Any
 
 from postdeploy.appspec import DEFAULT_TIMEOUT, SCOPE_INSTANCE, parse_appspec
 from postdeploy.config import AppConfig, Settings
+from postdeploy.deployments import Observation
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.gitsource import AppSource
 from postdeploy.lifecycle import new_run
@@ -28,6 +29,7 @@ from postdeploy.state import StateStore
 log = logging.getLogger(__name__)
 
 FAILURE_LOG_EVERY = 600.0  # seconds between WARNINGs while an app's check keeps failing
+STALE_LOOKS = 2  # git lookups of one check when another check raced it (then the next decides)
 
 # (app, sha, trigger, run_id, timeout) -> None; puts a run_job message on the queue.
 Enqueue = Callable[[str, str, str, str, int], None]
@@ -38,6 +40,23 @@ def _streak_text(streak: dict[str, Any]) -> str:
         return "no run until it works; reported again every 10 min while it fails"
     minutes = (time.time() - streak["since"]) / 60
     return f"still failing: {streak['count']} checks over {minutes:.0f} min"
+
+
+def _look(store: StateStore, source: AppSource, app: AppConfig) -> Observation:
+    """Learn the branch head and record it (a deployment if it changed).
+
+    The current deployment is read before git: when another check records one
+    while git runs, this answer may predate it and records nothing. Git is then
+    asked once more, so a push's check never leaves its commit to the next interval.
+    """
+    for _ in range(STALE_LOOKS):
+        seen_before = store.deployments.current_id(app.name)
+        seen = store.observe(app.name, source.current_sha(), seen_before)
+        if not seen.stale:
+            break
+        log.debug("%s: deployment %d (%s) was recorded while this check looked; looking "
+                  "again", app.name, seen.deployment.id, seen.deployment.sha[:7])
+    return seen
 
 
 @dataclass(frozen=True)
@@ -55,10 +74,8 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
               enqueue: Enqueue) -> CheckResult:
     """Check one app's deployed commit; enqueue an automatic run if its deployment has none."""
     source = AppSource(app, settings.state_dir)
-    # Read before git: a deployment recorded meanwhile makes this look's answer stale.
-    seen_before = store.deployments.current_id(app.name)
     try:
-        sha = source.current_sha()
+        seen = _look(store, source, app)
     except GitError as exc:
         streak = store.check_failed(app.name, str(exc), FAILURE_LOG_EVERY)
         if streak is not None:
@@ -69,19 +86,14 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
         log.info("commit check of %s works again after %d failed check(s)", app.name,
                  ended["count"])
 
-    seen = store.observe(app.name, sha, seen_before)
     deployment = seen.deployment
-    if seen.stale:
-        log.debug("%s@%s: deployment %d (%s) was recorded while this check looked; "
-                  "the next check decides", app.name, sha[:7], deployment.id,
-                  deployment.sha[:7])
+    sha = deployment.sha
     if seen.started:
         log.info("%s: deployment %d: %s (was %s)", app.name, deployment.id, sha[:7],
                  (deployment.previous_sha or "-")[:7])
     if not seen.claimed:
         log.debug("%s@%s: unchanged", app.name, sha[:7])
-        return CheckResult(app.name, deployment.sha, "unchanged")
-    sha = deployment.sha
+        return CheckResult(app.name, sha, "unchanged")
 
     timeout = DEFAULT_TIMEOUT
     try:
