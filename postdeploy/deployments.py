@@ -125,6 +125,15 @@ if id then return redis.call('HGET', KEYS[1], id) end
 return false
 """
 
+# KEYS: deployments. ARGV: id, JSON, sha. Puts one deployment back as the current one,
+# only when Redis lost the app's deployments (a restart without persistence).
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'current', ARGV[1], ARGV[1], ARGV[2],
+           'sha:' .. ARGV[3], ARGV[1])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -134,6 +143,10 @@ class Deployment:
     sha: str
     previous_sha: str | None
     at: float
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "sha": self.sha,
+                           "previous_sha": self.previous_sha or "", "at": self.at})
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Deployment:
@@ -211,3 +224,14 @@ class DeploymentLog:
             args=[host, head, repr(time.time()), keys.deployment_prefix(app),
                   keys.commit_done(app, head), self.done_ttl, KEEP])
         return Observation(Deployment.from_json(raw), bool(started), mine=int(mine) or None)
+
+
+def restore(client: redis.Redis, app: str, deployment: Deployment) -> bool:
+    """Put ``deployment`` back if Redis lost every deployment of ``app``; True if it did.
+
+    A running job's guard calls this with its lease, so that the checks after the
+    loss see its deployment in progress instead of recording a new one that would
+    run the same commit a second time.
+    """
+    return bool(client.eval(_RESTORE, 1, keys.deployments(app), deployment.id,
+                            deployment.to_json(), deployment.sha))

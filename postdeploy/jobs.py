@@ -21,9 +21,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from postdeploy import keys, lifecycle, placement, waiting
+from postdeploy import deployments, keys, lifecycle, placement, waiting
 from postdeploy.appspec import parse_appspec, resolve_folder
 from postdeploy.config import Settings
+from postdeploy.deployments import Deployment
 from postdeploy.errors import AppSpecError, GitError, JobFailed
 from postdeploy.gitsource import AppSource, is_sha
 from postdeploy.guard import Lease
@@ -255,7 +256,7 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
     lease = Lease(connect=store.guard_client, lock_key=run_place.lock_key(record.app),
                   token=_token(lock), ttl=float(settings.lock_ttl),
                   claim_key=run_place.claim_key(record.app, record.deployment),
-                  cancel_key=keys.cancel(record.id))
+                  cancel_key=keys.cancel(record.id), restore=_deployment_restorer(record))
     outcome = lease_held.enter_context(run_process(
         job.command, job.cwd, job.env, settings.kill_grace, record.id, capture.feed,
         capture.flush_if_due, clock.stop_request, lease, place.sandbox))
@@ -263,6 +264,15 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
         capture.note(f"[postdeploy] {outcome.reason}; the job's processes were stopped")
     capture.close()
     return outcome
+
+
+def _deployment_restorer(record: RunRecord) -> Callable[[redis.Redis], object] | None:
+    """For the guard: put the run's deployment back should Redis lose its data."""
+    if record.deployment is None:
+        return None
+    deployment = Deployment(record.deployment, record.sha, record.previous_sha,
+                            record.queued_at or time.time())
+    return lambda client: deployments.restore(client, record.app, deployment)
 
 
 def _heed_cancel_request(store: StateStore, clock: JobClock, record: RunRecord) -> None:
