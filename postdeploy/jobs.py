@@ -110,8 +110,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
         if auto and (skipped := placement.skip_reason(settings, store, app, record, run_place)):
             return _finish(settings, store, record,
                            JobOutcome(Status.SUPERSEDED, None, skipped), run_place)
-        if auto and record.deployment is not None and store.lost_attempts(
-                app.name, record.deployment) >= MAX_LOST_ATTEMPTS:
+        if auto and store.lost_attempts(app.name, record.deployment) >= MAX_LOST_ATTEMPTS:
             # A job that takes its worker down with it (OOM, `kill $PPID`) would
             # otherwise be run again for ever.
             return _finish(settings, store, record, JobOutcome(Status.ERROR, None, (
@@ -189,8 +188,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
         # Cancelled (or otherwise ended) while it waited in the queue: it never starts.
         _patiently(lambda: store.clear_active(app, run_place.slot), "clear the active run")
         return record
-    if record.deployment is not None:
-        store.hold_claim(app, record.deployment, settings.lock_ttl, run_place.slot)
+    store.hold_claim(app, record.deployment, settings.lock_ttl, run_place.slot)
     label = f"{app}@{record.sha[:7]}"
     secrets: frozenset[str] = executor_secrets(settings)
     # The job's guard holds the run's lease until the run is recorded (the end of this
@@ -319,17 +317,15 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
     slot = run_place.slot
     deployment = record.deployment
     if record.status == Status.SUPERSEDED:
-        if deployment is not None:
-            _patiently(lambda: store.release_claim(record.app, deployment, slot),
-                       "release the claim")
+        _patiently(lambda: store.release_claim(record.app, deployment, slot),
+                   "release the claim")
         return record
     if record.status == Status.LOST:
-        if moved and record.trigger == Trigger.AUTO and deployment is not None:
+        if moved and record.trigger == Trigger.AUTO:
             _quietly(lambda: store.count_lost(record.app, deployment))
         if moved:  # our own worker's shutdown: let the next check enqueue it again
-            if deployment is not None:
-                _patiently(lambda: store.release_claim(record.app, deployment, slot),
-                           "release the claim")
+            _patiently(lambda: store.release_claim(record.app, deployment, slot),
+                       "release the claim")
             _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
         return record  # else declared lost by another worker, whose run owns the app now
     if record.trigger == Trigger.AUTO and deployment is not None:
@@ -352,7 +348,7 @@ def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:
             store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)
-        if record.trigger == Trigger.AUTO and record.deployment is not None:
+        if record.trigger == Trigger.AUTO:
             store.count_lost(record.app, record.deployment)
     # Belt and braces for the runner's job guard: if the lost attempt's processes
     # still run on this host, stop them before the deployment runs again (never two

@@ -40,7 +40,8 @@ def history(app: str) -> str:
 
 
 def deployments(app: str) -> str:
-    """Hash: ``app``'s deployments: "current" -> id, id -> JSON, "sha:<sha>" -> latest id."""
+    """Hash: ``app``'s deployments: "seq" and "current" -> ids, id -> JSON (id, sha,
+    previous_sha, at), "sha:<sha>" -> the latest id of that commit (see deployments.py)."""
     return f"{PREFIX}app:{app}:deployments"
 
 

@@ -91,15 +91,19 @@ class StateStore:
         pipe.delete(keys.claim(app, deployment))
         pipe.execute()
 
-    def hold_claim(self, app: str, deployment: int, ttl: int, host: str | None = None) -> None:
+    def hold_claim(self, app: str, deployment: int | None, ttl: int,
+                   host: str | None = None) -> None:
         """Keep the claim alive while the run works; it lapses soon after a crash.
 
         ``host``: the claim of that instance (scope instance), not the app's.
+        ``deployment`` None (a manual run of a commit never deployed): no claim.
         """
-        self.client.set(_claim(app, deployment, host), "running", ex=ttl)
+        if deployment is not None:
+            self.client.set(_claim(app, deployment, host), "running", ex=ttl)
 
-    def release_claim(self, app: str, deployment: int, host: str | None = None) -> None:
-        self.client.delete(_claim(app, deployment, host))
+    def release_claim(self, app: str, deployment: int | None, host: str | None = None) -> None:
+        if deployment is not None:
+            self.client.delete(_claim(app, deployment, host))
 
     # -- runs ---------------------------------------------------------------
     def add_run(self, record: RunRecord) -> None:
@@ -162,14 +166,18 @@ class StateStore:
     def clear_active(self, app: str, host: str | None = None) -> None:
         self.client.delete(_active(app, host))
 
-    def count_lost(self, app: str, deployment: int) -> int:
+    def count_lost(self, app: str, deployment: int | None) -> int:
         """One more automatic attempt of ``deployment`` died with its worker; how many so far."""
+        if deployment is None:
+            return 0
         pipe = self.client.pipeline()
         pipe.incr(keys.lost_attempts(app, deployment))
         pipe.expire(keys.lost_attempts(app, deployment), DONE_TTL)
         return int(pipe.execute()[0])
 
-    def lost_attempts(self, app: str, deployment: int) -> int:
+    def lost_attempts(self, app: str, deployment: int | None) -> int:
+        if deployment is None:
+            return 0
         return int(self.client.get(keys.lost_attempts(app, deployment)) or 0)
 
     def guard_client(self) -> redis.Redis:
