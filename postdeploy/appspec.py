@@ -21,8 +21,8 @@ JOB_KEYS = ("POST_DEPLOY_COMMAND", "POST_DEPLOY_FOLDER", "POST_DEPLOY_TIMEOUT")
 # Where and when the job runs (DESIGN.md "Where and when a job runs").
 PLACEMENT_KEYS = ("POST_DEPLOY_SCOPE", "POST_DEPLOY_WAIT_URL", "POST_DEPLOY_WAIT_FOR_COMMIT",
                   "POST_DEPLOY_WAIT_TIMEOUT")
-SCOPE_APP = "app"  # once per commit across the fleet
-SCOPE_INSTANCE = "instance"  # once per commit on every host that serves the app
+SCOPE_APP = "app"  # once per deployment across the fleet
+SCOPE_INSTANCE = "instance"  # once per deployment on every host that serves the app
 SCOPES = (SCOPE_APP, SCOPE_INSTANCE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -68,8 +68,8 @@ def _placement(values: Mapping[str, str], warnings: list[str]) -> tuple[str, Gat
     scope = (values.get("POST_DEPLOY_SCOPE") or SCOPE_APP).strip().lower()
     if scope not in SCOPES:
         raise AppSpecError(f"invalid POST_DEPLOY_SCOPE: {values['POST_DEPLOY_SCOPE'][:40]!r}; "
-                           f"use {SCOPE_APP!r} (once per commit) or {SCOPE_INSTANCE!r} "
-                           "(once per commit on every host)")
+                           f"use {SCOPE_APP!r} (once per deployment) or {SCOPE_INSTANCE!r} "
+                           "(once per deployment on every host)")
     url = (values.get("POST_DEPLOY_WAIT_URL") or "").strip()
     for_commit = parse_wait_for_commit(values.get("POST_DEPLOY_WAIT_FOR_COMMIT"))
     wait_timeout = _timeout(values.get("POST_DEPLOY_WAIT_TIMEOUT"), warnings,

@@ -1,9 +1,11 @@
 """The commit check: a reconciliation, not an edge trigger.
 
-For one app: learn the deployed commit (a ref lookup), store it as last seen,
-and enqueue an automatic run when that commit has no finished run and none
+For one app: learn the deployed commit (a ref lookup); when it differs from the
+last seen one, record a deployment (see :mod:`postdeploy.deployments`); enqueue
+an automatic run when the current deployment has no finished run and none
 queued or running. So the first check runs the job, a restart with the same
-commit runs nothing, and a run lost with its worker is enqueued again.
+commit runs nothing, a rollback runs it again, and a run lost with its worker
+is enqueued again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from postdeploy.appspec import DEFAULT_TIMEOUT, SCOPE_INSTANCE, parse_appspec
 from postdeploy.config import AppConfig, Settings
+from postdeploy.deployments import Observation
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.gitsource import AppSource
 from postdeploy.lifecycle import new_run
@@ -26,6 +29,7 @@ from postdeploy.state import StateStore
 log = logging.getLogger(__name__)
 
 FAILURE_LOG_EVERY = 600.0  # seconds between WARNINGs while an app's check keeps failing
+STALE_LOOKS = 2  # git lookups of one check when another check raced it (then the next decides)
 
 # (app, sha, trigger, run_id, timeout) -> None; puts a run_job message on the queue.
 Enqueue = Callable[[str, str, str, str, int], None]
@@ -36,6 +40,23 @@ def _streak_text(streak: dict[str, Any]) -> str:
         return "no run until it works; reported again every 10 min while it fails"
     minutes = (time.time() - streak["since"]) / 60
     return f"still failing: {streak['count']} checks over {minutes:.0f} min"
+
+
+def _look(store: StateStore, source: AppSource, app: AppConfig) -> Observation:
+    """Learn the branch head and record it (a deployment if it changed).
+
+    The current deployment is read before git: when another check records one
+    while git runs, this answer may predate it and records nothing. Git is then
+    asked once more, so a push's check never leaves its commit to the next interval.
+    """
+    for _ in range(STALE_LOOKS):
+        seen_before = store.deployments.current_id(app.name)
+        seen = store.observe(app.name, source.current_sha(), seen_before)
+        if not seen.stale:
+            break
+        log.debug("%s: deployment %d (%s) was recorded while this check looked; looking "
+                  "again", app.name, seen.deployment.id, seen.deployment.sha[:7])
+    return seen
 
 
 @dataclass(frozen=True)
@@ -51,10 +72,10 @@ class CheckResult:
 
 def reconcile(settings: Settings, store: StateStore, app: AppConfig,
               enqueue: Enqueue) -> CheckResult:
-    """Check one app's deployed commit; enqueue an automatic run if it has none."""
+    """Check one app's deployed commit; enqueue an automatic run if its deployment has none."""
     source = AppSource(app, settings.state_dir)
     try:
-        sha = source.current_sha()
+        seen = _look(store, source, app)
     except GitError as exc:
         streak = store.check_failed(app.name, str(exc), FAILURE_LOG_EVERY)
         if streak is not None:
@@ -65,7 +86,12 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
         log.info("commit check of %s works again after %d failed check(s)", app.name,
                  ended["count"])
 
-    if not store.observe(app.name, sha):
+    deployment = seen.deployment
+    sha = deployment.sha
+    if seen.started:
+        log.info("%s: deployment %d: %s (was %s)", app.name, deployment.id, sha[:7],
+                 (deployment.previous_sha or "-")[:7])
+    if not seen.claimed:
         log.debug("%s@%s: unchanged", app.name, sha[:7])
         return CheckResult(app.name, sha, "unchanged")
 
@@ -76,12 +102,12 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
         if spec.command is None:
             log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",
                      app.name, sha[:7])
-            store.mark_done(app.name, sha, "no-command")
+            store.mark_done(app.name, deployment.id, "no-command")
             return CheckResult(app.name, sha, "no-command")
         if spec.scope == SCOPE_INSTANCE:
             # Each host's loop runs it for its own instance (see postdeploy.placement).
-            store.mark_done(app.name, sha, INSTANCE_SCOPE_MARK)
-            log.info("%s@%s: new commit, POST_DEPLOY job runs on every instance",
+            store.mark_done(app.name, deployment.id, INSTANCE_SCOPE_MARK)
+            log.info("%s@%s: new deployment, POST_DEPLOY job runs on every instance",
                      app.name, sha[:7])
             return CheckResult(app.name, sha, "per-instance")
         timeout = spec.timeout
@@ -89,12 +115,13 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
         # The run itself records the problem as `error`; it needs a queued run to do so.
         log.debug("%s@%s: appspec problem left to the run: %s", app.name, sha[:7], exc)
 
-    retire_stale(store, app.name, sha)  # a run a vanished worker held, if any
-    record = new_run(store, app.name, sha, Trigger.AUTO, timeout)
+    retire_stale(store, app.name, deployment.id)  # a run a vanished worker held, if any
+    record = new_run(store, app.name, sha, Trigger.AUTO, timeout, deployment)
     try:
         enqueue(app.name, sha, Trigger.AUTO.value, record.id, timeout)
     except Exception:
-        store.release_claim(app.name, sha)
+        store.release_claim(app.name, deployment.id)
         raise
-    log.info("%s@%s: new commit, POST_DEPLOY job queued (run %s)", app.name, sha[:7], record.id)
+    log.info("%s@%s: deployment %d, POST_DEPLOY job queued (run %s)", app.name, sha[:7],
+             deployment.id, record.id)
     return CheckResult(app.name, sha, "enqueued", record.id)

@@ -6,7 +6,7 @@ Why a process of its own, forked from the worker's pool process (cheap: no exec)
   descendant of the job stays its descendant, however it tried to leave
   (``setsid``, double fork, ``env -i``): stopping the job walks the kernel's
   process tree, not markers a job can shed.
-- It renews the run's lease (the app's run lock and the commit's claim) in
+- It renews the run's lease (the app's run lock and the deployment's claim) in
   Redis itself, so a worker that stalls (GC pause, SIGSTOP, VM freeze) does not
   let the lease lapse while the job still runs. When it cannot renew, it stops
   the job *before* the lease runs out (fencing: the renew deadline is shorter
@@ -67,6 +67,8 @@ class Lease:
     ttl: float  # seconds; the lock and the claim expire this long after the last renewal
     claim_key: str | None = None
     cancel_key: str | None = None
+    # Puts back what else the run needs when Redis lost its data (the run's deployment).
+    restore: Callable[[redis.Redis], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,8 @@ class _Guard:
             if lease.claim_key and replies[1] == 0:  # lost with Redis' data: put it back
                 with contextlib.suppress(redis.RedisError):
                     self.client.set(lease.claim_key, "running", ex=max(1, int(lease.ttl)))
+                    if lease.restore is not None:
+                        lease.restore(self.client)
         except redis.RedisError as exc:
             # Fencing: stop the job while the lease still holds, so that nobody else
             # can take it and start a second copy while this one runs.

@@ -143,7 +143,7 @@ def _outcome(guard: GuardHandle, result: GuardResult, asked: StopRequest | None)
             _kill_group(guard.job_pid)  # its guard is gone: nothing else would stop it
             return JobOutcome(Status.FAILED, code, "the job killed its guard; it was stopped")
         # The lease lapsed (Redis unreachable, another worker took it) or the executor
-        # is stopping: the run did not finish here, and its commit is run again.
+        # is stopping: the run did not finish here, and its deployment is run again.
         return JobOutcome(Status.LOST, code, f"stopped: {stopped}")
     if code == 0:
         return JobOutcome(Status.SUCCEEDED, 0)

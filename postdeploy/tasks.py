@@ -108,7 +108,7 @@ def _check_batch(app_names: list[str]) -> None:
 
 @app.task(name="postdeploy.check_app")
 def check_app(app_name: str) -> dict[str, str | None]:
-    """Check one app's commit now; enqueue its job if that commit has not run."""
+    """Check one app's commit now; enqueue its job if its deployment has not run."""
     settings = current_settings()
     app_config = settings.app(app_name)
     if app_config is None:

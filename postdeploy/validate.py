@@ -88,9 +88,9 @@ def validate_app_dir(directory: Path) -> list[Finding]:
 
 def placement_findings(spec: JobSpec) -> list[Finding]:
     """Scope and readiness gate (their malformed values already failed the parse)."""
-    findings = [Finding(OK, "scope instance: once per commit on every host that serves "
+    findings = [Finding(OK, "scope instance: once per deployment on every host that serves "
                             "the app" if spec.scope == SCOPE_INSTANCE else
-                            "scope app (the default): once per commit across the fleet")]
+                            "scope app (the default): once per deployment across the fleet")]
     if spec.gate is None:
         return findings
     what = "answers 2xx with the commit in its body" if spec.gate.wait_for_commit \

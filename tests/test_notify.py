@@ -147,7 +147,8 @@ def test_failure_timeout_recovery_and_error_each_notified_once(
     assert message["title"] == f"postdeploy: shop@{sha1[:7]} failed"
     assert message["type"] == "failure"
     text = message["message"]
-    for expected in ("App: shop", f"Commit: {sha1}", "Status: failed (exit code 3)",
+    for expected in ("App: shop", f"Commit: {sha1}", "Previous commit: -\n",
+                     "Status: failed (exit code 3)",
                      "Reason: exited with code 3", "Trigger: auto", "Duration: ",
                      f"Host: {first.worker}", f"Run: {first.id}", "Last 20 lines of output:",
                      "line 14", "line 30", "db=***", "token=***", "redis://***@db:6379/0",
@@ -160,6 +161,7 @@ def test_failure_timeout_recovery_and_error_each_notified_once(
     sha2 = remote.commit({"appspec.yaml": appspec_yaml("echo slow; sleep 30", timeout="1")})
     assert wait_run(rclient, 2).status == "timed_out"
     assert receiver.wait(2)[1]["title"] == f"postdeploy: shop@{sha2[:7]} timed out"
+    assert f"Previous commit: {sha1}" in receiver.wait(2)[1]["message"]  # what it replaced
 
     sha3 = remote.commit({"appspec.yaml": appspec_yaml("echo fixed")})
     third = wait_run(rclient, 3)

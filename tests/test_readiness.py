@@ -163,7 +163,7 @@ def test_validate_checks_scope_gate_and_wait_timeout(tmp_path: Path) -> None:
     good = validate(tmp_path, POST_DEPLOY_SCOPE="instance", PORT="8080",
                     POST_DEPLOY_WAIT_URL="http://localhost:${PORT}/health",
                     POST_DEPLOY_WAIT_FOR_COMMIT="true", POST_DEPLOY_WAIT_TIMEOUT="120")
-    assert "ok: scope instance: once per commit on every host" in good.stdout
+    assert "ok: scope instance: once per deployment on every host" in good.stdout
     assert ("ok: waits up to 120 s until POST_DEPLOY_WAIT_URL answers 2xx with the commit"
             in good.stdout)
     assert "8080" not in good.stdout  # values are never printed
