@@ -107,12 +107,16 @@ def run(settings: Settings, app: str, sha: str | None, host: str | None, all_ins
         click.echo(f"run{'s' if len(records) > 1 else ''} "
                    f"{', '.join(r.id for r in records)} succeeded", err=True)
         return 0
-    final = failed[0]
+    raise PostdeployError(_failure_line(failed[0]))
+
+
+def _failure_line(final: RunRecord) -> str:
+    """"run ID on HOST failed: REASON", the line a follower exits 1 with."""
     # The reason already names the exit code ("exited with code 3"); say it once.
     reason = final.reason or (f"exit code {final.exit_code}" if final.exit_code is not None
                               else "no reason recorded")
     where = f" on {final.host}" if final.host else ""
-    raise PostdeployError(f"run {final.id}{where} {final.status}: {reason}")
+    return f"run {final.id}{where} {final.status}: {reason}"
 
 
 def _follow(store: StateStore, app: str, run_id: str, raw: bool) -> RunRecord:
@@ -130,10 +134,14 @@ def _follow(store: StateStore, app: str, run_id: str, raw: bool) -> RunRecord:
 @cli.command()
 @click.argument("app")
 @click.argument("run_id", required=False)
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing while the run goes on (any trigger, any host), then "
+                   "exit 0 if it succeeded, 1 if not. Ctrl-C stops following, not the run.")
 @click.option("--raw", is_flag=True, help=RAW_HELP)
 @with_settings
-def logs(settings: Settings, app: str, run_id: str | None, raw: bool) -> int:
-    """Stored output of APP's latest run (or RUN_ID)."""
+def logs(settings: Settings, app: str, run_id: str | None, follow: bool, raw: bool) -> int:
+    """Output of APP's latest run (or RUN_ID): what is stored, or, with --follow,
+    everything until the run ends."""
     from postdeploy.manual import known_apps, require_app
 
     _, store = open_store(settings)
@@ -144,9 +152,15 @@ def logs(settings: Settings, app: str, run_id: str | None, raw: bool) -> int:
             raise PostdeployError(f"no run {run_id!r} of {app!r}; "
                                   f"see `postdeploy history {app}`")
         raise PostdeployError(f"{app!r} has no runs yet; see `postdeploy status`")
-    tail, total = store.read_output(record.id)
     click.echo(f"run {record.id} of {app}@{record.sha[:7]} ({record.trigger}): "
                f"{record.status}", err=True)
+    if follow:
+        final = _follow(store, app, record.id, raw)
+        if final.status != "succeeded":
+            raise PostdeployError(_failure_line(final))
+        click.echo(f"run {final.id} succeeded", err=True)
+        return 0
+    tail, total = store.read_output(record.id)
     if total > len(tail):
         click.echo(f"... {total - len(tail)} earlier bytes not kept ...")
     out = job_output_stream(raw)
