@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from postdeploy.commit_status import CommitStatusConfig
+from postdeploy.commit_status import parse_config as parse_commit_status
 from postdeploy.errors import ConfigError
 from postdeploy.notify_config import DEFAULT_NOTIFY_ON, parse_events, parse_urls
 from postdeploy.redaction import redact_url
@@ -65,6 +67,7 @@ class AppConfig:
     path: str | None = None
     branch: str | None = None
     notify: tuple[str, ...] = ()  # Apprise URLs for this app's runs (besides the global ones)
+    commit_status: CommitStatusConfig | None = None  # where its runs are reported, if anywhere
 
     @property
     def source(self) -> str:
@@ -257,6 +260,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+APP_FIELDS = ("name", "repo", "path", "branch", "notify", "commit_status")
+
+
 def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
     where = str(path)
     if raw is None:
@@ -271,10 +277,10 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
         if isinstance(item.get("name"), str):  # name the app as soon as we can
             label = f"{where}: app {item['name']!r}"
         unknown = sorted(str(k) for k in item
-                         if k not in {"name", "repo", "path", "branch", "notify"})
+                         if k not in APP_FIELDS)
         if unknown:
             raise ConfigError(f"{label}: unknown field {unknown[0]!r}; "
-                              "use name, repo, path, branch, notify")
+                              f"use {', '.join(APP_FIELDS)}")
         for key in ("name", "repo", "path", "branch"):
             if key in item and not isinstance(item[key], str):
                 raise ConfigError(f"{label}: {key!r} must be a string")
@@ -299,7 +305,9 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
         if item.get("branch"):
             check_branch(item["branch"], f"{label}: branch")
         apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch"),
-                              notify=parse_urls(item.get("notify"), f"{label}: invalid 'notify'")))
+                              notify=parse_urls(item.get("notify"), f"{label}: invalid 'notify'"),
+                              commit_status=parse_commit_status(item.get("commit_status"),
+                                                                label, repo)))
     return tuple(apps)
 
 

@@ -74,6 +74,11 @@ def notified(run_id: str, event: str) -> str:
     return f"{PREFIX}run:{run_id}:notified:{event}"
 
 
+def commit_status_sent(run_id: str) -> str:
+    """String with expiry: 1 once ``run_id``'s pending commit status was sent, 2 its result."""
+    return f"{PREFIX}run:{run_id}:commit_status"
+
+
 def notify_failing(app: str) -> str:
     """String (JSON): the failed run ``app``'s last notification was about, until it recovers."""
     return f"{PREFIX}app:{app}:notify_failing"

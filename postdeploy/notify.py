@@ -276,7 +276,8 @@ def _apprise_errors() -> Iterator[list[str]]:
 
 
 def executor_secrets(settings: Settings) -> list[str]:
-    """What the executor itself must never show: Redis, repo and notify credentials."""
+    """What the executor itself must never show: Redis, repo and notify credentials,
+    commit status tokens."""
     found: set[str] = set()
     for url in (settings.redis_url, str(celery.conf.broker_url or ""),
                 *(a.repo for a in settings.apps)):
@@ -284,6 +285,9 @@ def executor_secrets(settings: Settings) -> list[str]:
             found |= url_secrets(url, tokens=False)
     for url in destinations(settings, None):
         found |= url_secrets(url)
+    from postdeploy.commit_status import secrets as status_tokens
+
+    found.update(status_tokens(settings))
     # Longest first: a whole URL is masked before the token inside it.
     return sorted(found, key=len, reverse=True)
 

@@ -319,3 +319,18 @@ def notify(self: Task, run_id: str, event: str, pending: list[str] | None = None
         raise self.retry(kwargs={"run_id": run_id, "event": event, "pending": failed,
                                  "previous": previous},
                          countdown=retry_delay(settings, attempt), expires=NOTIFY_EXPIRES)
+
+
+# -- commit statuses: all logic in postdeploy.commit_status ----------------------------
+@app.task(name="postdeploy.commit_status", bind=True, ignore_result=True, max_retries=None,
+          acks_late=False, soft_time_limit=60, time_limit=90)
+def commit_status(self: Task, run_id: str, status: str) -> None:
+    """Report ``run_id``'s ``status`` to its git host; retried with backoff, a WARNING
+    when it cannot be sent (bounded by postdeploy.commit_status.ATTEMPTS)."""
+    from postdeploy.commit_status import EXPIRES, deliver, retry_delay
+
+    settings = current_settings()
+    attempt = self.request.retries + 1
+    if deliver(settings, state_store(), run_id, status, attempt):
+        raise self.retry(kwargs={"run_id": run_id, "status": status},
+                         countdown=retry_delay(settings, attempt), expires=EXPIRES)
