@@ -12,6 +12,8 @@ APPS = PREFIX + "apps"  # hash: app name -> JSON description (no credentials)
 # Counters for metrics, kept in Redis so they survive restarts of the metrics process.
 RUNS_TOTAL = PREFIX + "runs_total"  # hash: "app\ttrigger\tstatus" -> finished runs
 NOTIFICATIONS_TOTAL = PREFIX + "notifications_total"  # hash: "sent"/"failed" -> count
+# hash: "app\t<bucket bound>", "app\tcount", "app\tsum" -> the job durations histogram
+RUN_DURATIONS = PREFIX + "run_durations"
 
 
 def last_seen(app: str) -> str:
