@@ -81,8 +81,8 @@ def settled_store(redis_url: str, names: list[str], sha: str) -> StateStore:
     client.flushdb()
     store = StateStore(client)
     for name in names:
-        store.observe(name, sha)
-        store.mark_done(name, sha, "bench")
+        seen = store.observe(name, sha, None)
+        store.mark_done(name, seen.deployment.id, "bench")
     return store
 
 

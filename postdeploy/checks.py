@@ -1,9 +1,11 @@
 """The commit check: a reconciliation, not an edge trigger.
 
-For one app: learn the deployed commit (a ref lookup), store it as last seen,
-and enqueue an automatic run when that commit has no finished run and none
+For one app: learn the deployed commit (a ref lookup); when it differs from the
+last seen one, record a deployment (see :mod:`postdeploy.deployments`); enqueue
+an automatic run when the current deployment has no finished run and none
 queued or running. So the first check runs the job, a restart with the same
-commit runs nothing, and a run lost with its worker is enqueued again.
+commit runs nothing, a rollback runs it again, and a run lost with its worker
+is enqueued again.
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ class CheckResult:
 
 def reconcile(settings: Settings, store: StateStore, app: AppConfig,
               enqueue: Enqueue) -> CheckResult:
-    """Check one app's deployed commit; enqueue an automatic run if it has none."""
+    """Check one app's deployed commit; enqueue an automatic run if its deployment has none."""
     source = AppSource(app, settings.state_dir)
+    # Read before git: a deployment recorded meanwhile makes this look's answer stale.
+    seen_before = store.deployments.current_id(app.name)
     try:
         sha = source.current_sha()
     except GitError as exc:
@@ -65,9 +69,19 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
         log.info("commit check of %s works again after %d failed check(s)", app.name,
                  ended["count"])
 
-    if not store.observe(app.name, sha):
+    seen = store.observe(app.name, sha, seen_before)
+    deployment = seen.deployment
+    if seen.stale:
+        log.debug("%s@%s: deployment %d (%s) was recorded while this check looked; "
+                  "the next check decides", app.name, sha[:7], deployment.id,
+                  deployment.sha[:7])
+    if seen.started:
+        log.info("%s: deployment %d: %s (was %s)", app.name, deployment.id, sha[:7],
+                 (deployment.previous_sha or "-")[:7])
+    if not seen.claimed:
         log.debug("%s@%s: unchanged", app.name, sha[:7])
-        return CheckResult(app.name, sha, "unchanged")
+        return CheckResult(app.name, deployment.sha, "unchanged")
+    sha = deployment.sha
 
     timeout = DEFAULT_TIMEOUT
     try:
@@ -76,12 +90,12 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
         if spec.command is None:
             log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",
                      app.name, sha[:7])
-            store.mark_done(app.name, sha, "no-command")
+            store.mark_done(app.name, deployment.id, "no-command")
             return CheckResult(app.name, sha, "no-command")
         if spec.scope == SCOPE_INSTANCE:
             # Each host's loop runs it for its own instance (see postdeploy.placement).
-            store.mark_done(app.name, sha, INSTANCE_SCOPE_MARK)
-            log.info("%s@%s: new commit, POST_DEPLOY job runs on every instance",
+            store.mark_done(app.name, deployment.id, INSTANCE_SCOPE_MARK)
+            log.info("%s@%s: new deployment, POST_DEPLOY job runs on every instance",
                      app.name, sha[:7])
             return CheckResult(app.name, sha, "per-instance")
         timeout = spec.timeout
@@ -89,12 +103,13 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
         # The run itself records the problem as `error`; it needs a queued run to do so.
         log.debug("%s@%s: appspec problem left to the run: %s", app.name, sha[:7], exc)
 
-    retire_stale(store, app.name, sha)  # a run a vanished worker held, if any
-    record = new_run(store, app.name, sha, Trigger.AUTO, timeout)
+    retire_stale(store, app.name, deployment.id)  # a run a vanished worker held, if any
+    record = new_run(store, app.name, sha, Trigger.AUTO, timeout, deployment)
     try:
         enqueue(app.name, sha, Trigger.AUTO.value, record.id, timeout)
     except Exception:
-        store.release_claim(app.name, sha)
+        store.release_claim(app.name, deployment.id)
         raise
-    log.info("%s@%s: new commit, POST_DEPLOY job queued (run %s)", app.name, sha[:7], record.id)
+    log.info("%s@%s: deployment %d, POST_DEPLOY job queued (run %s)", app.name, sha[:7],
+             deployment.id, record.id)
     return CheckResult(app.name, sha, "enqueued", record.id)

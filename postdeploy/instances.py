@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 
 GONE_AFTER = 3  # missed reports (intervals) after which an instance is gone
 PROBE_THREADS = 8  # health probes at once: a few hanging endpoints must not stall a round
-FIRST_SEEN_TTL = 90 * 86_400  # seconds a commit's first report is remembered
-DONE_TTL = 90 * 86_400  # seconds an instance remembers a commit ran there
+DONE_TTL = 90 * 86_400  # seconds an instance remembers a deployment ran there
 NOT_HERE = "the commit is not on this host yet"
 
 
@@ -75,13 +74,10 @@ class InstanceRegistry:
         self.client = client
 
     def report(self, reports: Iterable[tuple[str, Instance]]) -> None:
-        """Store many reports in one round trip; remember when each commit was first seen."""
+        """Store many reports in one round trip."""
         pipe = self.client.pipeline(transaction=False)
         for app, instance in reports:
             pipe.hset(keys.instances(app), instance.host, instance.to_json())
-            if instance.sha:
-                pipe.zadd(keys.first_seen(app), {instance.sha: instance.seen_at}, nx=True)
-                pipe.expire(keys.first_seen(app), FIRST_SEEN_TTL)
         pipe.execute()
 
     def live(self, app: str, now: float | None = None) -> list[Instance]:
@@ -96,30 +92,15 @@ class InstanceRegistry:
             self.client.hdel(keys.instances(app), *[host for host, _ in gone])
         return sorted((i for _, i in found), key=lambda i: i.host)
 
-    def newest_commit(self, app: str, instances: Sequence[Instance]) -> str | None:
-        """Of the commits live instances have, the one first reported last.
+    # -- scope instance: once per deployment on each host, in each boot ------------
+    def instance_done(self, app: str, host: str, boot_id: str, deployment: int) -> bool:
+        return bool(self.client.exists(keys.instance_done(app, host, boot_id, deployment)))
 
-        A host behind the others reports a commit that was first seen earlier,
-        so it never makes the app's commit flip back; a rollback on every host
-        leaves only the old commit, which then wins.
-        """
-        shas = sorted({i.sha for i in instances if i.sha})
-        if not shas:
-            return None
-        scores = self.client.zmscore(keys.first_seen(app), shas)
-        ranked = [(score if score is not None else 0.0, sha)
-                  for sha, score in zip(shas, scores, strict=True)]
-        return max(ranked)[1]
-
-    # -- scope instance: once per commit on each host, in each boot ----------------
-    def instance_done(self, app: str, host: str, boot_id: str, sha: str) -> bool:
-        return bool(self.client.exists(keys.instance_done(app, host, boot_id, sha)))
-
-    def mark_instance_done(self, app: str, host: str, boot_id: str, sha: str,
+    def mark_instance_done(self, app: str, host: str, boot_id: str, deployment: int,
                            run_id: str) -> None:
         pipe = self.client.pipeline()
-        pipe.set(keys.instance_done(app, host, boot_id, sha), run_id, ex=DONE_TTL)
-        pipe.delete(keys.instance_claim(app, host, sha))
+        pipe.set(keys.instance_done(app, host, boot_id, deployment), run_id, ex=DONE_TTL)
+        pipe.delete(keys.instance_claim(app, host, deployment))
         pipe.execute()
 
 

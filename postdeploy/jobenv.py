@@ -33,7 +33,9 @@ def run_environment(settings: Settings, app_env: Mapping[str, str], record: RunR
     env.update(job_user_env(settings, place))
     env.update(app_env)
     env.update({"COMMIT_SHA": record.sha, "POST_DEPLOY_APP": record.app,
-                "POST_DEPLOY_RUN_ID": record.id, "POST_DEPLOY_TRIGGER": record.trigger})
+                "POST_DEPLOY_RUN_ID": record.id, "POST_DEPLOY_TRIGGER": record.trigger,
+                # Empty for the app's first deployment (and a commit never deployed).
+                "POST_DEPLOY_PREVIOUS_SHA": record.previous_sha or ""})
     return env
 
 

@@ -1,6 +1,6 @@
 """One run of an app's POST_DEPLOY job, from queued message to recorded outcome.
 
-Once-per-commit and one-run-per-app are enforced here, inside the task, because
+Once-per-deployment and one-run-per-app are enforced here, inside the task, because
 Flower, the CLI and broker redelivery all reach this code without passing the
 commit check.
 """
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
 REVOKE_WAIT = 2.0  # seconds a SIGTERMed run waits to learn it was revoked, not shut down
-MAX_LOST_ATTEMPTS = 3  # automatic runs of one commit that may die with their worker
+MAX_LOST_ATTEMPTS = 3  # automatic runs of one deployment that may die with their worker
 
 T = TypeVar("T")
 
@@ -86,10 +86,13 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
     if record is None or record.status == Status.RUNNING:
         # (Running: redelivered after its worker died. That attempt is lost when this
         # one takes the app's lock; this attempt is a new run.)
-        record = lifecycle.new_run(store, app.name, sha, trigger)
+        # A message without a run (Flower, a redelivery) is of the latest deployment of
+        # its commit: an automatic one of an older deployment is then superseded.
+        record = lifecycle.new_run(store, app.name, sha, trigger,
+                                   deployment=store.deployments.of_sha(app.name, sha))
 
     auto = record.trigger == Trigger.AUTO
-    if auto and (skipped := placement.skip_reason(settings, store, app, sha, run_place)):
+    if auto and (skipped := placement.skip_reason(settings, store, app, record, run_place)):
         return _finish(settings, store, record, JobOutcome(Status.SUPERSEDED, None, skipped),
                        run_place)
     if ended := _before_start(settings, store, source, record, run_place, waiting_since):
@@ -103,10 +106,11 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
         if lost:
             _mark_lost(settings, store, lost)
             _announce_end(settings, store, lost)
-        if auto and (skipped := placement.skip_reason(settings, store, app, sha, run_place)):
+        if auto and (skipped := placement.skip_reason(settings, store, app, record, run_place)):
             return _finish(settings, store, record,
                            JobOutcome(Status.SUPERSEDED, None, skipped), run_place)
-        if auto and store.lost_attempts(app.name, sha) >= MAX_LOST_ATTEMPTS:
+        if auto and record.deployment is not None and store.lost_attempts(
+                app.name, record.deployment) >= MAX_LOST_ATTEMPTS:
             # A job that takes its worker down with it (OOM, `kill $PPID`) would
             # otherwise be run again for ever.
             return _finish(settings, store, record, JobOutcome(Status.ERROR, None, (
@@ -125,7 +129,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
 
 
 def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason: str) -> bool:
-    """End an unfinished run as cancelled; its commit is not run again automatically."""
+    """End an unfinished run as cancelled; its deployment is not run again automatically."""
     if record.status.finished or not lifecycle.move(store, record, Status.CANCELLED,
                                                     reason=reason):
         return False
@@ -172,8 +176,8 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
     if first_look:
         commit_status.report(settings, store, record)
     # The claim stays while we wait, and lapses soon if this host goes away.
-    store.client.set(run_place.claim_key(record.app, record.sha), settings.host,
-                     ex=claim_ttl(settings.check_interval))
+    if (claim := run_place.claim_key(record.app, record.deployment)) is not None:
+        store.client.set(claim, settings.host, ex=claim_ttl(settings.check_interval))
     raise GateWait(record.id, waiting.next_look(), verdict.since)
 
 
@@ -188,11 +192,12 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
         _patiently(lambda: store.clear_active(app, run_place.slot), "clear the active run")
         return record
     commit_status.report(settings, store, record)
-    store.hold_claim(app, record.sha, settings.lock_ttl, run_place.slot)
+    if record.deployment is not None:
+        store.hold_claim(app, record.deployment, settings.lock_ttl, run_place.slot)
     label = f"{app}@{record.sha[:7]}"
     secrets: frozenset[str] = executor_secrets(settings)
     # The job's guard holds the run's lease until the run is recorded (the end of this
-    # block), so a slow final write can never let the commit run twice.
+    # block), so a slow final write can never let the deployment run twice.
     with ExitStack() as lease_held:
         try:
             with clock.interruptible():
@@ -253,7 +258,7 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
     # Scope instance: the instance's lock and claim, not the app's.
     lease = Lease(connect=store.guard_client, lock_key=run_place.lock_key(record.app),
                   token=_token(lock), ttl=float(settings.lock_ttl),
-                  claim_key=run_place.claim_key(record.app, record.sha),
+                  claim_key=run_place.claim_key(record.app, record.deployment),
                   cancel_key=keys.cancel(record.id))
     outcome = lease_held.enter_context(run_process(
         job.command, job.cwd, job.env, settings.kill_grace, record.id, capture.feed,
@@ -306,21 +311,25 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
     if moved:
         _announce_end(settings, store, record)
     slot = run_place.slot
+    deployment = record.deployment
     if record.status == Status.SUPERSEDED:
-        _patiently(lambda: store.release_claim(record.app, record.sha, slot),
-                   "release the claim")
+        if deployment is not None:
+            _patiently(lambda: store.release_claim(record.app, deployment, slot),
+                       "release the claim")
         return record
     if record.status == Status.LOST:
-        if moved and record.trigger == Trigger.AUTO:
-            _quietly(lambda: store.count_lost(record.app, record.sha))
-        if moved:  # our own worker's shutdown: let the next check enqueue the commit again
-            _patiently(lambda: store.release_claim(record.app, record.sha, slot),
-                       "release the claim")
+        if moved and record.trigger == Trigger.AUTO and deployment is not None:
+            _quietly(lambda: store.count_lost(record.app, deployment))
+        if moved:  # our own worker's shutdown: let the next check enqueue it again
+            if deployment is not None:
+                _patiently(lambda: store.release_claim(record.app, deployment, slot),
+                           "release the claim")
             _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
         return record  # else declared lost by another worker, whose run owns the app now
-    if record.trigger == Trigger.AUTO:
-        _patiently(lambda: placement.mark_done(settings, store, record.app, record.sha,
-                                               record.id, run_place), "mark the commit done")
+    if record.trigger == Trigger.AUTO and deployment is not None:
+        _patiently(lambda: placement.mark_done(settings, store, record.app, deployment,
+                                               record.id, run_place),
+                   "mark the deployment done")
     _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
     return record
 
@@ -339,17 +348,17 @@ def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:
     cancel = store.cancel_request(run_id) if record is not None else None
     if record is not None and cancel:
         # Cancelled while its worker was dying: keep the operator's word (and, for an
-        # automatic run, its commit is not run again).
+        # automatic run, its deployment is not run again).
         cancel_run(settings, store, record, f"cancelled {cancel} (its worker had stopped "
                    "mid-run)")
     elif record is not None and not record.status.finished and lifecycle.move(
             store, record, Status.LOST, reason=_lost_reason(record, "its worker stopped mid-run")):
         log.warning("%s@%s: run %s was lost with its worker", record.app, record.sha[:7],
                     record.id)
-        if record.trigger == Trigger.AUTO:
-            store.count_lost(record.app, record.sha)
+        if record.trigger == Trigger.AUTO and record.deployment is not None:
+            store.count_lost(record.app, record.deployment)
     # Belt and braces for the runner's job guard: if the lost attempt's processes
-    # still run on this host, stop them before the commit runs again (never two
+    # still run on this host, stop them before the deployment runs again (never two
     # copies of a job at once).
     if killed := kill_run_processes(run_id):
         log.warning("stopped %d leftover process(es) of lost run %s", killed, run_id)
@@ -357,7 +366,7 @@ def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:
 
 def _lost_reason(record: RunRecord, what: str) -> str:
     if record.trigger == Trigger.AUTO:
-        return f"{what}; the commit is run again"
+        return f"{what}; the deployment is run again"
     return f"{what}; start it again by hand if it is still needed"
 
 

@@ -41,14 +41,35 @@ def history(app: str) -> str:
     return f"{PREFIX}app:{app}:history"
 
 
-def done(app: str, sha: str) -> str:
-    """String: id of the automatic run that finished ``sha`` (idempotency marker)."""
+def deployments(app: str) -> str:
+    """Hash: ``app``'s deployments: "current" -> id, id -> JSON, "sha:<sha>" -> latest id."""
+    return f"{PREFIX}app:{app}:deployments"
+
+
+def host_heads(app: str) -> str:
+    """Hash: host -> the HEAD its working copy had at its last report (``path`` apps)."""
+    return f"{PREFIX}app:{app}:heads"
+
+
+def deployment_prefix(app: str) -> str:
+    """Start of every key about one of ``app``'s deployments (the Lua scripts add the id)."""
+    return f"{PREFIX}app:{app}:deployment:"
+
+
+def done(app: str, deployment: int) -> str:
+    """String: id of the automatic run that finished ``deployment`` (idempotency marker)."""
+    return f"{deployment_prefix(app)}{deployment}:done"
+
+
+def claim(app: str, deployment: int) -> str:
+    """String with expiry: an automatic run of ``deployment`` is queued or running."""
+    return f"{deployment_prefix(app)}{deployment}:claim"
+
+
+def commit_done(app: str, sha: str) -> str:
+    """String: the once-per-commit marker of versions before deployments; read once, at
+    an app's first deployment, so an upgrade does not run the current commit again."""
     return f"{PREFIX}app:{app}:done:{sha}"
-
-
-def claim(app: str, sha: str) -> str:
-    """String with expiry: an automatic run of ``sha`` is queued or running."""
-    return f"{PREFIX}app:{app}:claim:{sha}"
 
 
 def run(run_id: str) -> str:
@@ -106,9 +127,9 @@ def cancel(run_id: str) -> str:
     return f"{PREFIX}run:{run_id}:cancel"
 
 
-def lost_attempts(app: str, sha: str) -> str:
-    """Counter with expiry: automatic attempts of ``sha`` that died with their worker."""
-    return f"{PREFIX}app:{app}:lost:{sha}"
+def lost_attempts(app: str, deployment: int) -> str:
+    """Counter with expiry: automatic attempts of ``deployment`` that died with their worker."""
+    return f"{deployment_prefix(app)}{deployment}:lost"
 
 
 # -- hosts and instances (an instance is one app on one host) ---------------------
@@ -117,19 +138,15 @@ def instances(app: str) -> str:
     return f"{PREFIX}app:{app}:instances"
 
 
-def first_seen(app: str) -> str:
-    """Sorted set: commit -> Unix time any host first reported it (newest wins)."""
-    return f"{PREFIX}app:{app}:first_seen"
+def instance_done(app: str, host: str, boot_id: str, deployment: int) -> str:
+    """String: id of the run that finished ``deployment`` on ``host`` in this boot
+    (scope instance)."""
+    return f"{PREFIX}app:{app}:host:{host}:boot:{boot_id}:deployment:{deployment}:done"
 
 
-def instance_done(app: str, host: str, boot_id: str, sha: str) -> str:
-    """String: id of the run that finished ``sha`` on ``host`` in this boot (scope instance)."""
-    return f"{PREFIX}app:{app}:host:{host}:boot:{boot_id}:done:{sha}"
-
-
-def instance_claim(app: str, host: str, sha: str) -> str:
-    """String with expiry: a run of ``sha`` on ``host`` is queued, waiting or running."""
-    return f"{PREFIX}app:{app}:host:{host}:claim:{sha}"
+def instance_claim(app: str, host: str, deployment: int) -> str:
+    """String with expiry: a run of ``deployment`` on ``host`` is queued, waiting or running."""
+    return f"{PREFIX}app:{app}:host:{host}:deployment:{deployment}:claim"
 
 
 def instance_lock(app: str, host: str) -> str:

@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import fields
 
+from postdeploy.deployments import Deployment
 from postdeploy.errors import PostdeployError
 from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.state import StateStore
@@ -33,7 +34,8 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
                                Status.CANCELLED}),
 }
 _FIELDS = frozenset(f.name for f in fields(RunRecord)) - {"id", "app", "sha", "trigger",
-                                                          "status"}
+                                                          "status", "deployment",
+                                                          "previous_sha"}
 
 
 class InvalidTransition(PostdeployError):
@@ -50,9 +52,9 @@ def sources_of(target: Status) -> frozenset[Status]:
 
 
 def new_run(store: StateStore, app: str, sha: str, trigger: Trigger | str,
-            timeout: int | None = None) -> RunRecord:
-    """Store a new queued run on the app's history."""
-    record = RunRecord.new(app, sha, trigger)
+            timeout: int | None = None, deployment: Deployment | None = None) -> RunRecord:
+    """Store a new queued run on the app's history (of ``deployment``, when known)."""
+    record = RunRecord.new(app, sha, trigger, deployment)
     record.timeout = timeout
     store.add_run(record)
     return record

@@ -141,7 +141,8 @@ def queue_manual_run(settings: Settings, url: str, store: StateStore, name: str,
     # it; otherwise the worker arms the same deadline once it reads appspec.yaml.
     timeout = next((r.timeout for r in store.history(name) if r.sha == sha and r.timeout),
                    None)
-    record = RunRecord.new(name, sha, Trigger.MANUAL.value)
+    # A manual run is of no deployment's markers, but tells its job what it replaced.
+    record = RunRecord.new(name, sha, Trigger.MANUAL.value, store.deployments.of_sha(name, sha))
     record.host = host
     store.add_run(record)
     enqueue_run(name, sha, Trigger.MANUAL.value, record.id, timeout, host=host)

@@ -202,7 +202,8 @@ def compose(settings: Settings, store: StateStore, record: RunRecord, event: str
     status = str(record.status)
     if record.exit_code is not None:
         status += f" (exit code {record.exit_code})"
-    lines = [f"App: {record.app}", f"Commit: {record.sha}", f"Status: {status}"]
+    lines = [f"App: {record.app}", f"Commit: {record.sha}",
+             f"Previous commit: {record.previous_sha or '-'}", f"Status: {status}"]
     if record.reason:
         lines.append(f"Reason: {record.reason}")
     if event == "recovered":

@@ -1,17 +1,18 @@
-"""Placement: on which host a commit's job runs, decided by every host each interval.
+"""Placement: on which host a deployment's job runs, decided by every host each interval.
 
 Each worker's host loop calls :meth:`HostPlacement.reconcile` with the reports
 it just made (see :mod:`postdeploy.instances`):
 
-- A ``path`` app's commit is per host. The app's commit (last seen) is the
-  newest commit any live instance has, newest by when it was first reported,
-  so a host behind the others never makes it flip back. Only a host whose
-  working copy is at that commit claims its run, and sends it to its own
-  queue: a job never runs in a working copy at another commit, and a host
-  that has not pulled the commit yet neither runs it nor marks it done.
-- POST_DEPLOY_SCOPE ``instance``: every host runs each commit once when it
-  reaches it, in its own working copy (or checkout), again after the host
-  reboots (a new boot id), not after a restart of the executor.
+- A ``path`` app's commit is per host. Each host's HEAD goes to the app's
+  deployment log (:meth:`DeploymentLog.host_head`): a host whose HEAD moves
+  may start a deployment, a host that is merely behind never makes the app's
+  commit flip back. Only a host whose working copy is at the current
+  deployment's commit claims its run, and sends it to its own queue: a job
+  never runs in a working copy at another commit, and a host that has not
+  pulled the commit yet neither runs it nor marks it done.
+- POST_DEPLOY_SCOPE ``instance``: every host runs each deployment once when it
+  reaches its commit, in its own working copy (or checkout), again after the
+  host reboots (a new boot id), not after a restart of the executor.
 
 A claim made here names the host and lives a few intervals; the host's loop
 renews it while its run is unfinished. So when a host disappears (powered
@@ -31,6 +32,7 @@ import redis
 from postdeploy import keys, lifecycle
 from postdeploy.appspec import DEFAULT_TIMEOUT, SCOPE_APP, SCOPE_INSTANCE
 from postdeploy.config import AppConfig, Settings
+from postdeploy.deployments import Deployment, Observation
 from postdeploy.errors import GitError
 from postdeploy.gitsource import AppSource
 from postdeploy.instances import GONE_AFTER, Instance, InstanceRegistry, LocalSpecs
@@ -39,7 +41,7 @@ from postdeploy.state import DONE_TTL, StateStore
 
 log = logging.getLogger(__name__)
 
-# Done-marker value of a commit whose job runs per instance (the app-wide marker then
+# Done-marker value of a deployment whose job runs per instance (the app-wide marker then
 # only says "decided"; each host keeps its own marker).
 INSTANCE_SCOPE_MARK = "scope:instance"
 MIN_CLAIM_TTL = 10  # seconds: even with a 1 s interval a claim outlives a busy moment
@@ -85,20 +87,30 @@ class HostPlacement:
         mine = [(app, instance) for name, instance in reports
                 if instance.sha is not None and (app := self.settings.app(name)) is not None]
         # A repo app's scope is learned by the commit check (it reads the appspec) and
-        # left in the commit's done marker: one round trip for every repo app.
-        repo = [(app, instance) for app, instance in mine if app.repo]
-        marks = self.client.mget([keys.done(a.name, i.sha or "") for a, i in repo]) \
-            if repo else []
-        per_instance = {a.name for (a, _), mark in zip(repo, marks, strict=True)
-                        if _text(mark) == INSTANCE_SCOPE_MARK}
+        # left in its deployment's done marker: two round trips for every repo app.
+        repo = [app for app, _ in mine if app.repo]
+        current = dict(zip([a.name for a in repo],
+                           self.store.deployments.current_ids([a.name for a in repo]),
+                           strict=True))
+        marks = self.client.mget([keys.done(name, n) for name, n in current.items()
+                                  if n is not None]) if any(current.values()) else []
+        per_instance = {name for (name, _), mark in zip(
+            [(name, n) for name, n in current.items() if n is not None], marks, strict=True)
+            if _text(mark) == INSTANCE_SCOPE_MARK}
         queued: list[RunRequest] = []
         for app, instance in mine:
+            assert instance.sha is not None
             try:
-                if app.path and (request := self._path_app(app, instance)):
-                    queued.append(request)
-                if (app.path or app.name in per_instance) and (
-                        request := self._instance(app, instance)):
-                    queued.append(request)
+                if app.path:
+                    seen = self.store.deployments.host_head(app.name, self.settings.host,
+                                                            instance.sha)
+                    requests = [self._path_app(app, instance.sha, seen),
+                                self._instance(app, instance.sha, seen.mine)]
+                elif app.name in per_instance:
+                    requests = [self._instance(app, instance.sha, current[app.name])]
+                else:
+                    requests = []
+                queued += [r for r in requests if r is not None]
             except redis.RedisError:
                 raise
             except Exception:  # one app's trouble never stops the others
@@ -106,37 +118,37 @@ class HostPlacement:
         return queued
 
     # -- scope app, path apps ---------------------------------------------------
-    def _path_app(self, app: AppConfig, instance: Instance) -> RunRequest | None:
-        live = self.registry.live(app.name)
-        newest = self.registry.newest_commit(app.name, live) or instance.sha
-        assert newest is not None
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(keys.last_seen(app.name), newest)
-        pipe.set(keys.checked_at(app.name), repr(time.time()))
-        pipe.execute()
-        if instance.sha != newest:
+    def _path_app(self, app: AppConfig, head: str, seen: Observation) -> RunRequest | None:
+        deployment = seen.deployment
+        if seen.started:
+            log.info("%s: deployment %d: %s, first on %s (was %s)", app.name, deployment.id,
+                     head[:7], self.settings.host, (deployment.previous_sha or "-")[:7])
+        if head != deployment.sha:
             log.debug("%s: this host is at %s, behind %s; a host that has it runs it",
-                      app.name, instance.sha[:7] if instance.sha else "-", newest[:7])
+                      app.name, head[:7], deployment.sha[:7])
             return None
-        local = self.specs.get(app, newest)
+        local = self.specs.get(app, head)
         if local.spec is not None and local.spec.scope == SCOPE_INSTANCE:
-            self.client.set(keys.done(app.name, newest), INSTANCE_SCOPE_MARK, ex=DONE_TTL)
+            self.client.set(keys.done(app.name, deployment.id), INSTANCE_SCOPE_MARK,
+                            ex=DONE_TTL)
             return None
-        if not self._claim(keys.claim(app.name, newest), keys.done(app.name, newest)):
+        claim = keys.claim(app.name, deployment.id)
+        if not self._claim(claim, keys.done(app.name, deployment.id)):
             return None
         if local.spec is not None and local.spec.command is None:
             log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",
-                     app.name, newest[:7])
-            self.store.mark_done(app.name, newest, "no-command")
+                     app.name, head[:7])
+            self.store.mark_done(app.name, deployment.id, "no-command")
             return None
         # A malformed appspec still gets a run: the run records the problem as `error`.
         timeout = local.spec.timeout if local.spec else DEFAULT_TIMEOUT
-        return self._queue(app.name, newest, timeout, SCOPE_APP, keys.claim(app.name, newest))
+        return self._queue(app.name, deployment, timeout, SCOPE_APP, claim)
 
     # -- scope instance -------------------------------------------------------
-    def _instance(self, app: AppConfig, instance: Instance) -> RunRequest | None:
-        sha = instance.sha
-        assert sha is not None
+    def _instance(self, app: AppConfig, sha: str, deployment: int | None) -> RunRequest | None:
+        """This instance's run of ``deployment`` (the latest one of the commit it is at)."""
+        if deployment is None:
+            return None  # a commit the app never deployed: this host is behind
         host, boot = self.settings.host, self.settings.boot_id
         if app.path:
             local = self.specs.get(app, sha)
@@ -147,10 +159,13 @@ class HostPlacement:
             timeout: int | None = local.spec.timeout
         else:
             timeout = None  # the run reads it from the checkout
-        claim = keys.instance_claim(app.name, host, sha)
-        if not self._claim(claim, keys.instance_done(app.name, host, boot, sha)):
+        claim = keys.instance_claim(app.name, host, deployment)
+        if not self._claim(claim, keys.instance_done(app.name, host, boot, deployment)):
             return None
-        return self._queue(app.name, sha, timeout, SCOPE_INSTANCE, claim)
+        # Only forgotten after KEEP later deployments; then its previous commit is unknown.
+        found = self.store.deployments.get(app.name, deployment) or Deployment(
+            deployment, sha, None, time.time())
+        return self._queue(app.name, found, timeout, SCOPE_INSTANCE, claim)
 
     # -- claims ---------------------------------------------------------------
     def _claim(self, claim: str, done: str) -> bool:
@@ -163,10 +178,11 @@ class HostPlacement:
             self.client.delete(claim)
         return bool(claimed) and not is_done
 
-    def _queue(self, app: str, sha: str, timeout: int | None, scope: str,
+    def _queue(self, app: str, deployment: Deployment, timeout: int | None, scope: str,
                claim: str) -> RunRequest:
-        self._retire_stale(app, sha, scope)
-        record = RunRecord.new(app, sha, Trigger.AUTO.value)
+        sha = deployment.sha
+        self._retire_stale(app, deployment.id, scope)
+        record = RunRecord.new(app, sha, Trigger.AUTO.value, deployment)
         record.timeout = timeout
         record.host = self.settings.host
         self.store.add_run(record)
@@ -194,27 +210,28 @@ class HostPlacement:
                 pipe.expire(claim, self.ttl)
         pipe.execute()
 
-    def _retire_stale(self, app: str, sha: str, scope: str) -> None:
-        retire_stale(self.store, app, sha,
+    def _retire_stale(self, app: str, deployment: int, scope: str) -> None:
+        retire_stale(self.store, app, deployment,
                      self.settings.host if scope == SCOPE_INSTANCE else None)
 
 
-def retire_stale(store: StateStore, app: str, sha: str, host: str | None = None) -> None:
-    """Automatic runs of ``sha`` (on ``host``) queued or waiting on a host that went away.
+def retire_stale(store: StateStore, app: str, deployment: int, host: str | None = None) -> None:
+    """Automatic runs of ``deployment`` (on ``host``) queued or waiting on a host that
+    went away.
 
-    Called only when a claim of the commit could be taken again, that is when
+    Called only when a claim of the deployment could be taken again, that is when
     nobody kept the old one alive; such a run never starts any more.
     """
     for record in store.history(app, 20):
-        if record.sha != sha or record.trigger != Trigger.AUTO.value:
+        if record.deployment != deployment or record.trigger != Trigger.AUTO.value:
             continue
         if host is not None and record.host != host:
             continue
         if record.status in (Status.QUEUED, Status.WAITING) and lifecycle.move(
                 store, record, Status.SUPERSEDED,
                 reason=f"{record.host or 'its host'} stopped before the run started; the "
-                       "commit was queued again"):
-            log.warning("%s@%s: run %s given up: %s", app, sha[:7], record.id,
+                       "deployment was queued again"):
+            log.warning("%s@%s: run %s given up: %s", app, record.sha[:7], record.id,
                         record.reason)
 
 
@@ -257,29 +274,45 @@ class RunPlace:
             return keys.instance_lock(app, self.host)
         return keys.run_lock(app)
 
-    def claim_key(self, app: str, sha: str) -> str:
+    def claim_key(self, app: str, deployment: int | None) -> str | None:
+        """The claim a run of ``deployment`` holds (None: a run of no deployment)."""
+        if deployment is None:
+            return None
         if self.per_instance:
             assert self.host is not None
-            return keys.instance_claim(app, self.host, sha)
-        return keys.claim(app, sha)
+            return keys.instance_claim(app, self.host, deployment)
+        return keys.claim(app, deployment)
 
 
-def skip_reason(settings: Settings, store: StateStore, app: AppConfig, sha: str,
+def skip_reason(settings: Settings, store: StateStore, app: AppConfig, record: RunRecord,
                 place: RunPlace) -> str | None:
-    """Why an automatic run of ``sha`` should not run (any more): None if it should."""
+    """Why an automatic run should not run (any more): None if it should.
+
+    Its deployment decides, not its commit: after A→B→A, deployment 1's run of A
+    never makes deployment 3 (A again) skip, and deployment 2's run of B is
+    superseded by deployment 3.
+    """
+    label = f"deployment {record.deployment} ({record.sha[:7]})"
+    if record.deployment is None:
+        return f"commit {record.sha[:7]} is not one of {app.name}'s deployments"
     if place.per_instance:
         assert place.host is not None
         registry = InstanceRegistry(store.client)
-        if registry.instance_done(app.name, place.host, settings.boot_id, sha):
-            return f"commit {sha[:7]} already ran on {place.host} since it booted"
-        if app.repo and (latest := store.last_seen(app.name)) and latest != sha:
-            return f"commit {sha[:7]} is no longer the latest ({latest[:7]} is)"
+        if registry.instance_done(app.name, place.host, settings.boot_id, record.deployment):
+            return f"{label} already ran on {place.host} since it booted"
+        if app.repo:
+            return _superseded(store, app.name, record.deployment, label)
         return None
-    if store.is_done(app.name, sha):
-        return f"commit {sha[:7]} already ran"
-    latest = store.last_seen(app.name)
-    if latest and latest != sha:
-        return f"commit {sha[:7]} is no longer the latest ({latest[:7]} is)"
+    if store.is_done(app.name, record.deployment):
+        return f"{label} already ran"
+    return _superseded(store, app.name, record.deployment, label)
+
+
+def _superseded(store: StateStore, app: str, deployment: int, label: str) -> str | None:
+    latest = store.deployments.current(app)
+    if latest is not None and latest.id != deployment:
+        return (f"{label} is no longer the latest (deployment {latest.id}, "
+                f"{latest.sha[:7]}, is)")
     return None
 
 
@@ -297,31 +330,28 @@ def working_copy_problem(settings: Settings, app: AppConfig, sha: str) -> str | 
             f"not {sha[:7]}")
 
 
-def mark_done(settings: Settings, store: StateStore, app: str, sha: str, run_id: str,
+def mark_done(settings: Settings, store: StateStore, app: str, deployment: int, run_id: str,
               place: RunPlace) -> None:
-    """The automatic run of ``sha`` finished: for the fleet, or for this instance."""
+    """The automatic run of ``deployment`` finished: for the fleet, or for this instance."""
     if place.per_instance:
         assert place.host is not None
         InstanceRegistry(store.client).mark_instance_done(app, place.host, settings.boot_id,
-                                                          sha, run_id)
+                                                          deployment, run_id)
     else:
-        store.mark_done(app, sha, run_id)
+        store.mark_done(app, deployment, run_id)
 
 
 def mark_cancelled(settings: Settings, store: StateStore, record: RunRecord) -> None:
-    """A cancelled automatic run's commit is not run again: on its instance, for scope
-    instance (the commit's app-wide marker says so), else for the fleet."""
-    mark = _text(store.client.get(keys.done(record.app, record.sha)))
+    """A cancelled automatic run's deployment is not run again: on its instance, for scope
+    instance (the deployment's app-wide marker says so), else for the fleet."""
+    if record.deployment is None:
+        return  # a run of no deployment: nothing would run it again anyway
+    mark = _text(store.client.get(keys.done(record.app, record.deployment)))
     if mark != INSTANCE_SCOPE_MARK or not record.host:
-        store.mark_done(record.app, record.sha, record.id)
+        store.mark_done(record.app, record.deployment, record.id)
         return
     registry = InstanceRegistry(store.client)
     # The instance's own boot (the cancel may come from another machine).
     boot = next((i.boot_id for i in registry.live(record.app) if i.host == record.host),
                 settings.boot_id)
-    registry.mark_instance_done(record.app, record.host, boot, record.sha, record.id)
-
-
-def release_claim(store: StateStore, app: str, sha: str, place: RunPlace) -> None:
-    """Not done, not ours: let a host that has the commit claim it again."""
-    store.release_claim(app, sha, place.slot)
+    registry.mark_instance_done(record.app, record.host, boot, record.deployment, record.id)

@@ -7,7 +7,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from postdeploy.deployments import Deployment
 
 
 class Status(StrEnum):
@@ -17,8 +20,8 @@ class Status(StrEnum):
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     ERROR = "error"  # nothing was executed: bad appspec, git failure, ...
-    SUPERSEDED = "superseded"  # an automatic run of a commit that is no longer the latest
-    LOST = "lost"  # its worker died mid-run; the commit is run again
+    SUPERSEDED = "superseded"  # an automatic run of a deployment that is no longer the latest
+    LOST = "lost"  # its worker died mid-run; the deployment is run again
     WAITING = "waiting"  # the readiness gate is polling the app before the job starts
     CANCELLED = "cancelled"  # stopped or kept from starting by an operator
 
@@ -52,6 +55,8 @@ class RunRecord:
     output_bytes: int = 0
     task_id: str | None = None  # the Celery task carrying it, once a worker took it
     host: str | None = None  # POSTDEPLOY_HOST of the worker that ran it (or must run it)
+    deployment: int | None = None  # the app's deployment it runs for (None: sha never deployed)
+    previous_sha: str | None = None  # the commit that deployment replaced (None: the first)
 
     def __post_init__(self) -> None:
         # JSON and callers give plain strings; keep the fields typed whatever came in.
@@ -59,9 +64,12 @@ class RunRecord:
         self.status = Status(self.status)
 
     @classmethod
-    def new(cls, app: str, sha: str, trigger: Trigger | str) -> RunRecord:
+    def new(cls, app: str, sha: str, trigger: Trigger | str,
+            deployment: Deployment | None = None) -> RunRecord:
+        """A queued run; ``deployment``: the one it runs for (its id and previous commit)."""
         return cls(id=uuid.uuid4().hex[:16], app=app, sha=sha, trigger=Trigger(trigger),
-                   queued_at=time.time())
+                   queued_at=time.time(), deployment=deployment.id if deployment else None,
+                   previous_sha=deployment.previous_sha if deployment else None)
 
     @property
     def duration(self) -> float | None:

@@ -1,4 +1,4 @@
-"""What postdeploy remembers in Redis: seen commits, markers, runs, output tails."""
+"""What postdeploy remembers in Redis: seen commits, deployments, markers, runs, output tails."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from redis.lock import Lock
 
 from postdeploy import keys
 from postdeploy.config import AppConfig
+from postdeploy.deployments import DeploymentLog, Observation
 from postdeploy.records import RunRecord
 
-DONE_TTL = 90 * 86_400  # seconds; refreshed on every check while the commit is current
-QUEUED_CLAIM_TTL = 3_600  # seconds a queued automatic run blocks re-enqueueing its commit
+DONE_TTL = 90 * 86_400  # seconds; refreshed on every check while the deployment is current
+QUEUED_CLAIM_TTL = 3_600  # seconds a queued automatic run blocks re-enqueueing its deployment
 # Upper bounds (seconds) of the job duration histogram's buckets: from a quick
 # seed to the longest timeout.
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 86_400)
@@ -59,6 +60,7 @@ class StateStore:
         self.client = client
         self.history_limit = history_limit
         self._replace = client.register_script(_REPLACE_RUN)
+        self.deployments = DeploymentLog(client)
 
     # -- apps ---------------------------------------------------------------
     def register_apps(self, apps: Iterable[AppConfig]) -> None:
@@ -75,44 +77,39 @@ class StateStore:
         value = self.client.get(keys.last_seen(app))
         return _text(value) if value else None
 
-    def observe(self, app: str, sha: str, claim_ttl: int = QUEUED_CLAIM_TTL) -> bool:
-        """Record ``sha`` as last seen; True if it needs a run and we claimed it.
+    def observe(self, app: str, sha: str, seen_before: int | None,
+                claim_ttl: int = QUEUED_CLAIM_TTL) -> Observation:
+        """A ``repo`` app's branch is at ``sha``: record a deployment if that is a change,
+        and claim the current deployment's run unless it ran or is claimed already.
 
-        One round trip: the done marker's expiry is refreshed (so a long-lived
-        commit never forgets it ran) and the claim is taken with SET NX.
+        One Lua call; the done marker's expiry is refreshed, so a long-lived
+        deployment never forgets it ran. ``seen_before``: :meth:`DeploymentLog.current_id`
+        read before the git lookup.
         """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(keys.last_seen(app), sha)
-        pipe.set(keys.checked_at(app), repr(time.time()))
-        pipe.expire(keys.done(app, sha), DONE_TTL)
-        pipe.set(keys.claim(app, sha), "queued", nx=True, ex=claim_ttl)
-        _, _, is_done, claimed = pipe.execute()
-        if is_done and claimed:
-            self.client.delete(keys.claim(app, sha))
-        return bool(claimed) and not is_done
+        return self.deployments.observe(app, sha, seen_before, claim_ttl, DONE_TTL)
 
     def checked_at(self, app: str) -> float | None:
         value = self.client.get(keys.checked_at(app))
         return float(value) if value else None
 
-    def is_done(self, app: str, sha: str) -> bool:
-        return bool(self.client.exists(keys.done(app, sha)))
+    def is_done(self, app: str, deployment: int) -> bool:
+        return bool(self.client.exists(keys.done(app, deployment)))
 
-    def mark_done(self, app: str, sha: str, run_id: str) -> None:
+    def mark_done(self, app: str, deployment: int, run_id: str) -> None:
         pipe = self.client.pipeline()
-        pipe.set(keys.done(app, sha), run_id, ex=DONE_TTL)
-        pipe.delete(keys.claim(app, sha))
+        pipe.set(keys.done(app, deployment), run_id, ex=DONE_TTL)
+        pipe.delete(keys.claim(app, deployment))
         pipe.execute()
 
-    def hold_claim(self, app: str, sha: str, ttl: int, host: str | None = None) -> None:
+    def hold_claim(self, app: str, deployment: int, ttl: int, host: str | None = None) -> None:
         """Keep the claim alive while the run works; it lapses soon after a crash.
 
         ``host``: the claim of that instance (scope instance), not the app's.
         """
-        self.client.set(_claim(app, sha, host), "running", ex=ttl)
+        self.client.set(_claim(app, deployment, host), "running", ex=ttl)
 
-    def release_claim(self, app: str, sha: str, host: str | None = None) -> None:
-        self.client.delete(_claim(app, sha, host))
+    def release_claim(self, app: str, deployment: int, host: str | None = None) -> None:
+        self.client.delete(_claim(app, deployment, host))
 
     # -- runs ---------------------------------------------------------------
     def add_run(self, record: RunRecord) -> None:
@@ -181,15 +178,15 @@ class StateStore:
     def clear_active(self, app: str, host: str | None = None) -> None:
         self.client.delete(_active(app, host))
 
-    def count_lost(self, app: str, sha: str) -> int:
-        """One more automatic attempt of ``sha`` died with its worker; how many so far."""
+    def count_lost(self, app: str, deployment: int) -> int:
+        """One more automatic attempt of ``deployment`` died with its worker; how many so far."""
         pipe = self.client.pipeline()
-        pipe.incr(keys.lost_attempts(app, sha))
-        pipe.expire(keys.lost_attempts(app, sha), DONE_TTL)
+        pipe.incr(keys.lost_attempts(app, deployment))
+        pipe.expire(keys.lost_attempts(app, deployment), DONE_TTL)
         return int(pipe.execute()[0])
 
-    def lost_attempts(self, app: str, sha: str) -> int:
-        return int(self.client.get(keys.lost_attempts(app, sha)) or 0)
+    def lost_attempts(self, app: str, deployment: int) -> int:
+        return int(self.client.get(keys.lost_attempts(app, deployment)) or 0)
 
     def guard_client(self) -> redis.Redis:
         """A new client to the same Redis, for a job's guard (a process of its own).
@@ -273,8 +270,8 @@ class StateStore:
         return int(self.client.get(keys.check_errors(app)) or 0)
 
 
-def _claim(app: str, sha: str, host: str | None) -> str:
-    return keys.instance_claim(app, host, sha) if host else keys.claim(app, sha)
+def _claim(app: str, deployment: int, host: str | None) -> str:
+    return keys.instance_claim(app, host, deployment) if host else keys.claim(app, deployment)
 
 
 def _active(app: str, host: str | None) -> str:

@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from postdeploy.deployments import Deployment
 from postdeploy.instances import Instance
 from postdeploy.records import RunRecord
 
 RUN_FIELDS = ("id", "app", "sha", "trigger", "status", "exit_code", "reason", "queued_at",
               "started_at", "finished_at", "duration", "worker", "timeout", "command",
-              "output_bytes", "host")
+              "output_bytes", "host", "deployment", "previous_sha")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class AppStatus:
     check_error: str | None = None  # why the latest commit checks fail, while they do
     last_push_at: float | None = None  # when the latest push webhook for the app arrived
     instances: tuple[Instance, ...] = ()  # the app on each host that reports it
+    deployment: Deployment | None = None  # the app's current deployment
 
 
 def run_json(record: RunRecord) -> dict[str, Any]:
@@ -43,6 +45,7 @@ def run_json(record: RunRecord) -> dict[str, Any]:
         "duration": round(duration, 3) if duration is not None else None,
         "worker": record.worker, "timeout": record.timeout, "command": record.command,
         "output_bytes": record.output_bytes, "host": record.host,
+        "deployment": record.deployment, "previous_sha": record.previous_sha,
     }
     return {name: values[name] for name in RUN_FIELDS}
 
@@ -53,8 +56,16 @@ def status_json(rows: Sequence[AppStatus]) -> dict[str, Any]:
                       "latest_run": run_json(row.latest_run) if row.latest_run else None,
                       "check_error": row.check_error,
                       "last_push_at": row.last_push_at,
-                      "instances": [i.public() for i in row.instances]}
+                      "instances": [i.public() for i in row.instances],
+                      "deployment": _deployment_json(row.deployment)}
                      for row in rows]}
+
+
+def _deployment_json(deployment: Deployment | None) -> dict[str, Any] | None:
+    if deployment is None:
+        return None
+    return {"id": deployment.id, "sha": deployment.sha,
+            "previous_sha": deployment.previous_sha, "at": deployment.at}
 
 
 def history_json(app: str, runs: Sequence[RunRecord]) -> dict[str, Any]:
@@ -64,7 +75,7 @@ def history_json(app: str, runs: Sequence[RunRecord]) -> dict[str, Any]:
 def status_table(rows: Sequence[AppStatus], now: float | None = None) -> str:
     now = time.time() if now is None else now
     lines = [("APP", "COMMIT", "LATEST RUN", "TRIGGER", "STATUS", "WHEN", "TOOK",
-              "LAST PUSH")]
+              "DEPLOYMENT", "LAST PUSH")]
     for row in rows:
         run = row.latest_run
         lines.append((row.app, short(row.last_seen_sha),
@@ -72,6 +83,7 @@ def status_table(rows: Sequence[AppStatus], now: float | None = None) -> str:
                       _status_text(run) if run else "no runs yet",
                       ago(_when(run), now) if run else "-",
                       took(run.duration) if run else "-",
+                      _deployment_text(row.deployment),
                       ago(row.last_push_at, now)))
     failing = [f"{row.app}: commit check failing: {row.check_error}"
                for row in rows if row.check_error]
@@ -133,6 +145,15 @@ def took(seconds: float | None) -> str:
 
 def _when(run: RunRecord) -> float | None:
     return run.finished_at or run.started_at or run.queued_at
+
+
+def _deployment_text(deployment: Deployment | None) -> str:
+    """``#3 from 1a2b3c4``: the app's third deployment, which replaced commit 1a2b3c4."""
+    if deployment is None:
+        return "-"
+    if deployment.previous_sha is None:
+        return f"#{deployment.id}"
+    return f"#{deployment.id} from {short(deployment.previous_sha)}"
 
 
 def _status_text(run: RunRecord) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import redis
 
+from postdeploy import keys
 from postdeploy.celery_app import app as celery_app
 from postdeploy.celery_app import configure
 from postdeploy.config import Settings
@@ -260,12 +261,17 @@ def test_a_working_copy_that_moves_away_leaves_the_commit_to_a_host_that_has_it(
     b.pull()  # host-b's app keeps serving C1: its run of C2 waits
     wait_for(lambda: any(r.sha == c2 and r.status == "waiting" for r in runs(rclient, "shop")),
              20, what="the C2 run waiting on host-b")
-    b.pull(c1)  # rolled back before its app ever served C2
+    b.pull(c1)  # rolled back before its app ever served C2: a deployment of C1 again
     left = wait_for(lambda: next((r for r in runs(rclient, "shop")
                                   if r.sha == c2 and r.status == "superseded"), None), 20,
                     what="the C2 run given up on host-b")
     assert left.host == "host-b" and left.started_at is None
-    assert not rclient.exists(f"postdeploy:app:shop:done:{c2}")  # not marked done
+    assert left.deployment is not None
+    assert not rclient.exists(keys.done("shop", left.deployment))  # not marked done
+    back = wait_for(lambda: next((r for r in runs(rclient, "shop") if r.sha == c1
+                                  and r.previous_sha == c2 and r.status == "succeeded"),
+                                 None), 30, what="the rollback to C1 to run")
+    assert back.deployment == left.deployment + 1
     a.pull(), a.serve()
     ran = wait_for(lambda: next((r for r in runs(rclient, "shop")
                                  if r.sha == c2 and r.status == "succeeded"), None), 30,

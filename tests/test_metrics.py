@@ -72,7 +72,7 @@ def test_metrics_describe_runs_checks_and_queue(redis_url: str, rclient: redis.R
     store = StateStore(rclient)
     store.register_apps([AppConfig("shop", repo="/srv/shop.git"),
                          AppConfig("blog", repo="/srv/blog.git")])
-    store.observe("shop", SHA)
+    store.observe("shop", SHA, None)
     now = time.time()
     ok = finished_run("shop", OLD_SHA, "auto", Status.SUCCEEDED, 4.0, now - 100)
     failed = finished_run("shop", SHA, "manual", Status.FAILED, 2.0, now - 10)

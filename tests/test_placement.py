@@ -10,6 +10,7 @@ from pathlib import Path
 
 import redis
 
+from postdeploy import keys
 from postdeploy.config import AppConfig, Settings
 from postdeploy.instances import InstanceRegistry, InstanceReporter, LocalSpecs
 from postdeploy.placement import INSTANCE_SCOPE_MARK, HostPlacement, RunRequest, mark_cancelled
@@ -56,7 +57,7 @@ def test_a_commit_runs_on_the_host_that_has_it(tmp_path: Path, remote: GitRemote
     assert [(r.sha, r.host, r.scope) for r in first] == [(c1, "host-a", "app")]
     assert a.step() + b.step() == []  # claimed: nothing twice
 
-    rclient.set("postdeploy:app:shop:done:" + c1, first[0].run_id)  # as the run would
+    rclient.set(keys.done("shop", 1), first[0].run_id)  # as the run would
     c2 = remote.commit({"appspec.yaml": appspec_yaml("echo hi"), "v": "2"}, "c2")
     b.pull()  # only host-b has C2 so far
     assert a.step() == []  # host-a is behind: it neither runs C2 nor C1 again
@@ -79,7 +80,7 @@ def test_a_claim_of_a_vanished_host_lapses(tmp_path: Path, remote: GitRemote,
     assert [r.host for r in a.step()] == ["host-a"]
     assert b.step() == []
     # host-a vanishes: nobody renews its claim; it lapses like the instance does.
-    rclient.delete(f"postdeploy:app:shop:claim:{c1}")
+    rclient.delete(keys.claim("shop", 1))
     taken = b.step()
     assert [(r.sha, r.host) for r in taken] == [(c1, "host-b")]
     history = StateStore(rclient).history("shop")
@@ -97,10 +98,10 @@ def test_scope_instance_once_per_host_and_boot(tmp_path: Path, remote: GitRemote
     queued = a.step() + b.step()
     assert sorted((r.host, r.sha, r.scope) for r in queued) == [
         ("host-a", c1, "instance"), ("host-b", c1, "instance")]
-    assert rclient.get(f"postdeploy:app:shop:done:{c1}") == INSTANCE_SCOPE_MARK.encode()
+    assert rclient.get(keys.done("shop", 1)) == INSTANCE_SCOPE_MARK.encode()
     registry = InstanceRegistry(rclient)
     for host, request in ((a, queued[0]), (b, queued[1])):
-        registry.mark_instance_done("shop", host.settings.host, host.settings.boot_id, c1,
+        registry.mark_instance_done("shop", host.settings.host, host.settings.boot_id, 1,
                                     request.run_id)
     assert a.step() + b.step() == []
     # A later host, and a rebooted one, run it; a restarted executor (same boot) does not.
@@ -115,7 +116,7 @@ def test_scope_instance_once_per_host_and_boot(tmp_path: Path, remote: GitRemote
 def test_a_cancelled_instance_run_is_done_on_its_instance_only(
         tmp_path: Path, remote: GitRemote, rclient: redis.Redis) -> None:
     spec = appspec_yaml("echo hi", envs={"POST_DEPLOY_SCOPE": "instance"})
-    c1 = remote.commit({"appspec.yaml": spec}, "c1")
+    remote.commit({"appspec.yaml": spec}, "c1")
     a = SimHost("host-a", tmp_path, remote, rclient, boot_id="boot-a")
     b = SimHost("host-b", tmp_path, remote, rclient)
     (request,) = a.step()
@@ -125,7 +126,7 @@ def test_a_cancelled_instance_run_is_done_on_its_instance_only(
     assert record is not None and record.host == "host-a"
     mark_cancelled(b.settings, store, record)  # from another machine: host-a's boot counts
     registry = InstanceRegistry(rclient)
-    assert registry.instance_done("shop", "host-a", "boot-a", c1)
-    assert not registry.instance_done("shop", "host-b", "boot-1", c1)
-    assert rclient.get(f"postdeploy:app:shop:done:{c1}") == INSTANCE_SCOPE_MARK.encode()
+    assert registry.instance_done("shop", "host-a", "boot-a", 1)
+    assert not registry.instance_done("shop", "host-b", "boot-1", 1)
+    assert rclient.get(keys.done("shop", 1)) == INSTANCE_SCOPE_MARK.encode()
     assert a.step() == []  # not run again there

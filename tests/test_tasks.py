@@ -326,7 +326,7 @@ def test_sigterm_to_the_pool_process_that_is_no_revoke_loses_the_run_and_reruns_
     done = wait_finished(rclient, 2, timeout=40)
     assert [(r.id, r.sha, r.status) for r in done] == [(first.id, sha, "lost"),
                                                         (done[1].id, sha, "succeeded")]
-    assert done[0].reason == "its worker was shut down mid-run; the commit is run again"
+    assert done[0].reason == "its worker was shut down mid-run; the deployment is run again"
     assert job_processes(first.id) == []
     assert worker.alive()
 

@@ -37,7 +37,8 @@ def status(settings: Settings, as_json: bool) -> int:
     rows = [AppStatus(name, (app.source if app else registered.get(name, {}).get("source")),
                       store.last_seen(name), store.latest_run(name),
                       (store.check_failure(name) or {}).get("error"),
-                      last_push_at=pushes[name], instances=tuple(registry.live(name)))
+                      last_push_at=pushes[name], instances=tuple(registry.live(name)),
+                      deployment=store.deployments.current(name))
             for name, app in apps.items()]
     if as_json:
         click.echo(json.dumps(status_json(rows), indent=2, sort_keys=True))

@@ -33,7 +33,8 @@ COMPLETED = (*EXECUTED, "error")
 # -- the run history ----------------------------------------------------------
 @dataclass
 class Audit:
-    """What a history shows: commits never completed, and extra completed runs."""
+    """What a history shows: commits never completed, and extra completed runs of a
+    deployment."""
 
     lost: int
     duplicated: int
@@ -41,15 +42,17 @@ class Audit:
 
 
 def audit(client: redis.Redis, app: str, expected: Iterable[str]) -> Audit:
-    """``expected`` commits must each have exactly one completed automatic run."""
+    """``expected`` commits must each have a completed automatic run, and each
+    deployment exactly one (a rollback is a deployment of its own)."""
     history = runs(client, app)
     lost = [s for s in expected if not any(r.sha == s and r.status in COMPLETED
                                            for r in history)]
-    per_sha: dict[str, int] = {}
+    per_deployment: dict[object, int] = {}
     for record in history:
         if record.trigger == "auto" and record.status in COMPLETED:
-            per_sha[record.sha] = per_sha.get(record.sha, 0) + 1
-    duplicated = sum(n - 1 for n in per_sha.values() if n > 1)
+            key = record.deployment if record.deployment is not None else record.sha
+            per_deployment[key] = per_deployment.get(key, 0) + 1
+    duplicated = sum(n - 1 for n in per_deployment.values() if n > 1)
     detail = ", ".join(f"{r.sha[:7]}:{r.status}" for r in history)
     return Audit(len(lost), duplicated, detail)
 

@@ -129,11 +129,15 @@ def test_git_remote_trouble(tmp_path: Path, executor: Callable[..., Executor],
             rewritten = remotes["force"].commit({"appspec.yaml": JOB, "new": "history"},
                                                 "rewritten history")
             wait_ran(client, "force", rewritten)
-            # Force-pushing back to a commit that already ran runs nothing again.
+            # Force-pushing back to a commit that already ran is a deployment (a
+            # rollback): it runs once more, then nothing while it stays.
             run_git(work, "push", "-q", "--force", "origin", f"{shas['force']}:main")
+            wait_for(lambda: statuses(client, "force")[2:] == [(shas["force"], "succeeded")],
+                     60, what="the rollback's run")
             wait_checks(client, "force", 3)
             assert statuses(client, "force") == [(shas["force"], "succeeded"),
-                                                 (rewritten, "succeeded")]
+                                                 (rewritten, "succeeded"),
+                                                 (shas["force"], "succeeded")]
             f.audit = audit(client, "force", [shas["force"], rewritten])
 
         with fault("large repository (2000 files, 40 MiB)") as f:
