@@ -21,7 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from postdeploy import commit_status, keys, lifecycle, placement, waiting
+from postdeploy import commit_status, decisions, keys, lifecycle, placement, waiting
 from postdeploy.appspec import parse_appspec, resolve_folder
 from postdeploy.config import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed
@@ -175,6 +175,9 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
         return record  # cancelled meanwhile: it never starts
     if first_look:
         commit_status.report(settings, store, record)
+        decisions.note(store.client, record.app, record.sha, f"run {record.id} waits for the "
+                       f"app on {settings.host} to be ready: {verdict.waiting_reason}",
+                       settings.host, record.id)
     # The claim stays while we wait, and lapses soon if this host goes away.
     if (claim := run_place.claim_key(record.app, record.deployment)) is not None:
         store.client.set(claim, settings.host, ex=claim_ttl(settings.check_interval))

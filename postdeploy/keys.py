@@ -72,6 +72,16 @@ def commit_done(app: str, sha: str) -> str:
     return f"{PREFIX}app:{app}:done:{sha}"
 
 
+def decisions(app: str, sha: str) -> str:
+    """List of JSON notes, capped, with expiry: decisions about ``app``@``sha`` for `why`."""
+    return f"{PREFIX}app:{app}:why:{sha}"
+
+
+def decision_once(app: str, sha: str, what: str) -> str:
+    """String with expiry: the note ``what`` about ``app``@``sha`` was made (at most once)."""
+    return f"{PREFIX}app:{app}:why:{sha}:once:{what}"
+
+
 def run(run_id: str) -> str:
     """String: the JSON run record."""
     return f"{PREFIX}run:{run_id}"

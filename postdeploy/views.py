@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from postdeploy.decisions import Event
 from postdeploy.deployments import Deployment
 from postdeploy.instances import Instance
 from postdeploy.records import RunRecord
@@ -108,6 +109,16 @@ def history_table(runs: Sequence[RunRecord], now: float | None = None) -> str:
         lines.append((run.id, short(run.sha), run.trigger, _status_text(run),
                       ago(_when(run), now), took(run.duration), run.reason or ""))
     return table(lines)
+
+
+def why_table(app: str, sha: str, events: Sequence[Event], verdict: str) -> str:
+    """`postdeploy why`: the commit, then one line per event, oldest first."""
+    lines = [("WHEN", "HOST", "WHAT")]
+    for event in events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
+        lines.append((when, event.host or "-", event.what))
+    story = table(lines) if len(lines) > 1 else "nothing is known about this commit"
+    return f"{app}@{sha}\n{story}\nverdict: {verdict}"
 
 
 def table(lines: Sequence[Sequence[str]]) -> str:
