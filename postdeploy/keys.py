@@ -107,6 +107,11 @@ def notified(run_id: str, event: str) -> str:
     return f"{PREFIX}run:{run_id}:notified:{event}"
 
 
+def deployment_notified(app: str, deployment: int, event: str) -> str:
+    """String with expiry: the one message about a scope-instance deployment's ``event``."""
+    return f"{deployment_prefix(app)}{deployment}:notified:{event}"
+
+
 def commit_status_sent(run_id: str) -> str:
     """String with expiry: 1 once ``run_id``'s pending commit status was sent, 2 its result."""
     return f"{PREFIX}run:{run_id}:commit_status"

@@ -17,6 +17,7 @@ import math
 import signal
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -42,6 +43,7 @@ from postdeploy.connection import redis_client
 from postdeploy.records import RunRecord, Status
 from postdeploy.service import check_listen, prepare
 from postdeploy.state import DURATION_BUCKETS, StateStore
+from postdeploy.verdict import judge
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class _Snapshot:
         self.runs_total = _hash_counts(store.client, keys.RUNS_TOTAL)
         self.notifications = _hash_counts(store.client, keys.NOTIFICATIONS_TOTAL)
         self.durations = _hash_counts(store.client, keys.RUN_DURATIONS)
+        self.verdicts = {name: judge(store, name, history=self.histories[name])
+                         for name in self.apps}
 
     def metrics(self) -> Iterator[Metric]:
         apps, histories = self.apps, self.histories
@@ -132,6 +136,12 @@ class _Snapshot:
                       ["app", "quantile"],
                       [([a, f"{q:g}"], d) for a in apps for q, d in _quantiles(histories[a])])
         yield self._durations_histogram()
+        now = time.time()
+        yield _family(GaugeMetricFamily, "postdeploy_deployment_unfinished_seconds",
+                      "Seconds since the app's current deployment began while its job has "
+                      "not finished everywhere it must run; 0 once it has.", ["app"],
+                      [([a], max(0.0, now - v.deployment.at) if not v.finished else 0.0)
+                       for a, v in self.verdicts.items() if v.deployment is not None])
         yield _family(CounterMetricFamily, "postdeploy_check_errors",
                       "Commit checks that failed (git unreachable, bad ref, ...).", ["app"],
                       [([a], self.check_errors[a]) for a in apps])

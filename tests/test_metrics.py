@@ -237,3 +237,21 @@ def test_job_durations_are_a_histogram_counted_as_runs_end(
     assert value(parsed, "postdeploy_job_duration_seconds_count", app="shop") == 2
     assert abs((value(parsed, "postdeploy_job_duration_seconds_sum", app="shop") or 0)
                - sum(took)) < 0.01
+
+
+def test_a_deployment_whose_job_has_not_finished_shows_how_long_it_has_waited(
+        redis_url: str, rclient: redis.Redis, tmp_path: Path) -> None:
+    from postdeploy.lifecycle import move, new_run
+
+    store = StateStore(rclient)
+    store.register_apps([AppConfig("shop", repo="/srv/shop.git")])
+    deployment = store.observe("shop", SHA, None).deployment
+    _, port = start_metrics(tmp_path, service_env(redis_url, tmp_path / "state"))
+    time.sleep(1.5)
+    waited = value(samples(scrape(port) or ""), "postdeploy_deployment_unfinished_seconds",
+                   app="shop")
+    assert waited is not None and waited >= 1.5
+    run = new_run(store, "shop", SHA, "auto", 300, deployment)
+    assert move(store, run, Status.RUNNING) and move(store, run, Status.SUCCEEDED)
+    assert value(samples(scrape(port) or ""), "postdeploy_deployment_unfinished_seconds",
+                 app="shop") == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.support import (
     runs,
     wait_for,
 )
+from tests.test_notify import Receiver
 
 Start = Callable[..., Service]
 EnvFor = Callable[..., dict[str, str]]
@@ -122,15 +124,42 @@ def test_why_tells_a_superseded_a_cancelled_and_a_skipped_commit(
     assert [e.returncode for e in (pd(redis_url, tmp_path, "why", "shop", "zz"),)] == [1]
 
 
-def test_a_scope_instance_deployment_on_three_hosts_gets_one_verdict(
+def test_a_scope_instance_deployment_on_three_hosts_gets_one_verdict_and_one_message(
         fleet: Fleet, remote: GitRemote, rclient: redis.Redis, tmp_path: Path) -> None:
-    job = '[ "$HOST_LABEL" != host-c ] || exit 2; echo ok'
+    fixed = tmp_path / "fixed"
+    fixed.mkdir(mode=0o777)
+    fixed.chmod(0o777)  # the jobs' user reads it
+    job = (f'[ "$HOST_LABEL" != host-c ] || [ -e {fixed}/ok ] || exit 2; '
+           'echo "ran on $HOST_LABEL"')
     c1 = remote.commit({"appspec.yaml": appspec_yaml(job, envs={
         "POST_DEPLOY_SCOPE": "instance"})})
-    for name in ("host-a", "host-b", "host-c"):
-        fleet.add(name, extra_env={"HOST_LABEL": name}).start()
-    wait_for(lambda: rclient.hexists("postdeploy:apps", "shop"), 30, what="shop registered")
-    result = pd(fleet.redis_url, tmp_path, "wait", "shop", "--sha", c1, "--timeout", "90")
-    assert result.returncode == 1
-    assert "succeeded on 2 of 3 hosts; failed on host-c: exit 2" in result.stderr
-    assert len(finished_runs(rclient, "shop")) == 3
+    receiver = Receiver().start()
+    try:
+        for name in ("host-a", "host-b", "host-c"):
+            fleet.add(name, extra_env={"HOST_LABEL": name, "POSTDEPLOY_NOTIFY": receiver.url(),
+                                       "POSTDEPLOY_NOTIFY_ON": "failed,succeeded"}).start()
+        wait_for(lambda: rclient.hexists("postdeploy:apps", "shop"), 30,
+                 what="shop registered")
+        result = pd(fleet.redis_url, tmp_path, "wait", "shop", "--sha", c1, "--timeout", "90")
+        assert result.returncode == 1
+        assert "succeeded on 2 of 3 hosts; failed on host-c: exit 2" in result.stderr
+        assert len(finished_runs(rclient, "shop")) == 3
+        status = pd(fleet.redis_url, tmp_path, "status")
+        assert "shop: deployment 1" in status.stdout and "2 of 3 hosts" in status.stdout
+
+        # One message for the deployment, not one per host.
+        message = receiver.wait(1)[0]
+        assert message["title"] == f"postdeploy: shop@{c1[:7]} failed"
+        assert "Hosts: succeeded on 2 of 3 hosts; failed on host-c: exit 2" in \
+            message["message"]
+        time.sleep(3)
+        assert len(receiver.messages) == 1
+
+        (fixed / "ok").write_text("")
+        again = pd(fleet.redis_url, tmp_path, "run", "shop", "--failed-hosts", "--wait")
+        assert again.returncode == 0, again.stderr
+        assert "ran on host-c" in again.stdout and "host-a" not in again.stdout
+        manual = [r for r in runs(rclient, "shop") if r.trigger == "manual"]
+        assert [(r.host, r.status) for r in manual] == [("host-c", "succeeded")]
+    finally:
+        receiver.stop()

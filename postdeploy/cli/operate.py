@@ -26,6 +26,7 @@ def status(settings: Settings, as_json: bool) -> int:
     """Per app: last seen commit, latest run, its status, when, how long."""
     from postdeploy.instances import InstanceRegistry
     from postdeploy.manual import known_apps
+    from postdeploy.verdict import judge
     from postdeploy.views import AppStatus, status_json, status_table
     from postdeploy.webhook_state import last_push_times
 
@@ -38,7 +39,8 @@ def status(settings: Settings, as_json: bool) -> int:
                       store.last_seen(name), store.latest_run(name),
                       (store.check_failure(name) or {}).get("error"),
                       last_push_at=pushes[name], instances=tuple(registry.live(name)),
-                      deployment=store.deployments.current(name))
+                      deployment=store.deployments.current(name),
+                      verdict=judge(store, name))
             for name, app in apps.items()]
     if as_json:
         click.echo(json.dumps(status_json(rows), indent=2, sort_keys=True))
@@ -67,11 +69,13 @@ def job_output_stream(raw: bool) -> BinaryIO:
 @click.option("--sha", help="Commit to run (default: the last seen commit).")
 @click.option("--host", help="Run on this host's instance only (see `status`).")
 @click.option("--all-instances", is_flag=True, help="Run once on every live instance.")
+@click.option("--failed-hosts", is_flag=True,
+              help="Run again only on the hosts where the current deployment's job failed.")
 @click.option("--wait", is_flag=True, help="Follow the output; exit 0 only on success.")
 @click.option("--raw", is_flag=True, help=RAW_HELP)
 @with_settings
 def run(settings: Settings, app: str, sha: str | None, host: str | None, all_instances: bool,
-        wait: bool, raw: bool) -> int:
+        failed_hosts: bool, wait: bool, raw: bool) -> int:
     """Re-run APP's job by hand (trigger `manual`)."""
     from postdeploy.instances import InstanceRegistry
     from postdeploy.manual import (
@@ -82,14 +86,18 @@ def run(settings: Settings, app: str, sha: str | None, host: str | None, all_ins
         require_app,
     )
 
-    if host is not None and all_instances:
-        raise click.UsageError("give --host or --all-instances, not both")
+    if sum((host is not None, all_instances, failed_hosts)) > 1:
+        raise click.UsageError("give one of --host, --all-instances and --failed-hosts")
+    if failed_hosts and sha is not None:
+        raise click.UsageError("--failed-hosts runs the failed hosts' own commit; leave out --sha")
     url, store = open_store(settings)
     apps = known_apps(settings, store)
     require_app(apps, app)
     instances = InstanceRegistry(store.client).live(app)
     config = apps[app]
-    if sha is None and (host or all_instances) and config is not None and config.path:
+    if failed_hosts:
+        targets = _failed_targets(store, app)
+    elif sha is None and (host or all_instances) and config is not None and config.path:
         # A path app's commit is per host: by default, what each chosen host has.
         targets = pick_targets(config, app, None, instances, host, all_instances)
     else:
@@ -109,6 +117,17 @@ def run(settings: Settings, app: str, sha: str | None, host: str | None, all_ins
                    f"{', '.join(r.id for r in records)} succeeded", err=True)
         return 0
     raise PostdeployError(_failure_line(failed[0]))
+
+
+def _failed_targets(store: StateStore, app: str) -> list[tuple[str | None, str]]:
+    """(host, commit) of each run that failed in the app's current deployment."""
+    from postdeploy.verdict import judge
+
+    verdict = judge(store, app)
+    failed = [r for r in verdict.runs if r.host in verdict.failed_hosts]
+    if not failed:
+        raise PostdeployError(f"no failed hosts to run again: {verdict.text}")
+    return [(r.host, r.sha) for r in failed]
 
 
 def _failure_line(final: RunRecord) -> str:
