@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from postdeploy import decisions
 from postdeploy.appspec import DEFAULT_TIMEOUT, SCOPE_INSTANCE, parse_appspec
 from postdeploy.config import AppConfig, Settings
 from postdeploy.deployments import Observation
@@ -91,6 +92,8 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
     if seen.started:
         log.info("%s: deployment %d: %s (was %s)", app.name, deployment.id, sha[:7],
                  (deployment.previous_sha or "-")[:7])
+        decisions.note(store.client, app.name, sha, f"the commit check on {settings.host} "
+                       f"found {app.branch or 'the branch'} at this commit", settings.host)
     if not seen.claimed:
         log.debug("%s@%s: unchanged", app.name, sha[:7])
         return CheckResult(app.name, sha, "unchanged")

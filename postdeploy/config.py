@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from postdeploy.appuser import parse_uid_range, parse_user
+from postdeploy.commit_status import CommitStatusConfig
+from postdeploy.commit_status import parse_config as parse_commit_status
 from postdeploy.errors import ConfigError
 from postdeploy.notify_config import DEFAULT_NOTIFY_ON, parse_events, parse_urls
 from postdeploy.redaction import redact_url
@@ -67,6 +69,7 @@ class AppConfig:
     branch: str | None = None
     notify: tuple[str, ...] = ()  # Apprise URLs for this app's runs (besides the global ones)
     user: str | None = None  # who its job runs as (a name or uid:gid; see postdeploy.appuser)
+    commit_status: CommitStatusConfig | None = None  # where its runs are reported, if anywhere
 
     @property
     def source(self) -> str:
@@ -262,6 +265,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+APP_FIELDS = ("name", "repo", "path", "branch", "notify", "user", "commit_status")
+
+
 def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
     where = str(path)
     if raw is None:
@@ -276,10 +282,10 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
         if isinstance(item.get("name"), str):  # name the app as soon as we can
             label = f"{where}: app {item['name']!r}"
         unknown = sorted(str(k) for k in item
-                         if k not in {"name", "repo", "path", "branch", "notify", "user"})
+                         if k not in APP_FIELDS)
         if unknown:
             raise ConfigError(f"{label}: unknown field {unknown[0]!r}; "
-                              "use name, repo, path, branch, notify, user")
+                              f"use {', '.join(APP_FIELDS)}")
         for key in ("name", "repo", "path", "branch"):
             if key in item and not isinstance(item[key], str):
                 raise ConfigError(f"{label}: {key!r} must be a string")
@@ -313,7 +319,9 @@ def _apps_from_file(raw: Any, path: Path | None) -> tuple[AppConfig, ...]:
             parse_user(user, f"{label}: user")
         apps.append(AppConfig(name=name, repo=repo, path=app_path, branch=item.get("branch"),
                               notify=parse_urls(item.get("notify"), f"{label}: invalid 'notify'"),
-                              user=user.strip() if user is not None else None))
+                              user=user.strip() if user is not None else None,
+                              commit_status=parse_commit_status(item.get("commit_status"),
+                                                                label, repo)))
     return tuple(apps)
 
 

@@ -1,4 +1,4 @@
-"""Following a run while it happens: `postdeploy run --wait`.
+"""Following a run while it happens: `postdeploy run --wait` and `logs --follow`.
 
 The worker keeps only the tail of a run's output in Redis, with the total byte
 count; we print what is new since the last look and say how much we missed
@@ -63,6 +63,11 @@ def follow_run(store: StateStore, run_id: str, out: BinaryIO,
                 progress("waiting for a worker..." if waited < 1 else
                          f"still waiting for a worker ({waited:.0f} s); "
                          "is `postdeploy up` (or a worker) running?")
+                next_notice = time.monotonic() + QUEUED_NOTICE_EVERY
+        elif status == Status.WAITING:
+            if time.monotonic() >= next_notice:
+                progress(f"waiting for the app to be ready on {record.host or 'its host'}"
+                         + (f": {record.reason}" if record.reason else ""))
                 next_notice = time.monotonic() + QUEUED_NOTICE_EVERY
         elif not announced_start:
             progress(f"running on {record.worker or 'a worker'}")

@@ -21,7 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from postdeploy import deployments, keys, lifecycle, placement, waiting
+from postdeploy import commit_status, decisions, deployments, keys, lifecycle, placement, waiting
 from postdeploy.appspec import parse_appspec, resolve_folder
 from postdeploy.config import Settings
 from postdeploy.deployments import Deployment
@@ -106,7 +106,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
         lost = store.take_active(app.name, run_place.slot)
         if lost:
             _mark_lost(settings, store, lost)
-            notify_if_needed(settings, store, lost)  # NOTIFY HOOK (issue 11): run found lost
+            _announce_end(settings, store, lost)
         if auto and (skipped := placement.skip_reason(settings, store, app, record, run_place)):
             return _finish(settings, store, record,
                            JobOutcome(Status.SUPERSEDED, None, skipped), run_place)
@@ -136,7 +136,7 @@ def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason:
     if record.trigger == Trigger.AUTO:
         placement.mark_cancelled(settings, store, record)
     log.warning("%s@%s: run %s cancelled: %s", record.app, record.sha[:7], record.id, reason)
-    notify_if_needed(settings, store, record)
+    _announce_end(settings, store, record)
     return True
 
 
@@ -167,12 +167,18 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
     if verdict.timed_out:
         return _finish(settings, store, record,
                        JobOutcome(Status.FAILED, None, verdict.failed_reason), run_place)
-    if record.status != Status.WAITING:
+    first_look = record.status != Status.WAITING
+    if first_look:
         log.info("%s@%s: waiting for the app to be ready (%s) before the job (run %s)",
                  record.app, record.sha[:7], verdict.url, record.id)
     if not lifecycle.move(store, record, Status.WAITING, reason=verdict.waiting_reason,
                           host=settings.host):
         return record  # cancelled meanwhile: it never starts
+    if first_look:
+        commit_status.report(settings, store, record)
+        decisions.note(store.client, record.app, record.sha, f"run {record.id} waits for the "
+                       f"app on {settings.host} to be ready: {verdict.waiting_reason}",
+                       settings.host, record.id)
     # The claim stays while we wait, and lapses soon if this host goes away.
     if (claim := run_place.claim_key(record.app, record.deployment)) is not None:
         store.client.set(claim, settings.host, ex=claim_ttl(settings.check_interval))
@@ -189,6 +195,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
         # Cancelled (or otherwise ended) while it waited in the queue: it never starts.
         _patiently(lambda: store.clear_active(app, run_place.slot), "clear the active run")
         return record
+    commit_status.report(settings, store, record)
     store.hold_claim(app, record.deployment, settings.lock_ttl, run_place.slot)
     label = f"{app}@{record.sha[:7]}"
     secrets: frozenset[str] = executor_secrets(settings)
@@ -314,7 +321,7 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
         log.warning("%s: POST_DEPLOY job %s: %s (run %s); the app keeps running",
                     label, status, outcome.reason, record.id)
     if moved:
-        notify_if_needed(settings, store, record)  # at most once per run and event
+        _announce_end(settings, store, record)
     slot = run_place.slot
     deployment = record.deployment
     if record.status == Status.SUPERSEDED:
@@ -335,6 +342,15 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
                    "mark the deployment done")
     _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
     return record
+
+
+def _announce_end(settings: Settings, store: StateStore, run: RunRecord | str) -> None:
+    """Tell the outside world a run has its final status: notifications (at most once
+    per run and event) and the commit status. Never raises."""
+    notify_if_needed(settings, store, run)
+    record = _quietly(lambda: store.get_run(run)) if isinstance(run, str) else run
+    if record is not None:
+        commit_status.report(settings, store, record)
 
 
 def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:

@@ -12,6 +12,8 @@ APPS = PREFIX + "apps"  # hash: app name -> JSON description (no credentials)
 # Counters for metrics, kept in Redis so they survive restarts of the metrics process.
 RUNS_TOTAL = PREFIX + "runs_total"  # hash: "app\ttrigger\tstatus" -> finished runs
 NOTIFICATIONS_TOTAL = PREFIX + "notifications_total"  # hash: "sent"/"failed" -> count
+# hash: "app\t<bucket bound>", "app\tcount", "app\tsum" -> the job durations histogram
+RUN_DURATIONS = PREFIX + "run_durations"
 
 
 def last_seen(app: str) -> str:
@@ -71,6 +73,16 @@ def commit_done(app: str, sha: str) -> str:
     return f"{PREFIX}app:{app}:done:{sha}"
 
 
+def decisions(app: str, sha: str) -> str:
+    """List of JSON notes, capped, with expiry: decisions about ``app``@``sha`` for `why`."""
+    return f"{PREFIX}app:{app}:why:{sha}"
+
+
+def decision_once(app: str, sha: str, what: str) -> str:
+    """String with expiry: the note ``what`` about ``app``@``sha`` was made (at most once)."""
+    return f"{PREFIX}app:{app}:why:{sha}:once:{what}"
+
+
 def run(run_id: str) -> str:
     """String: the JSON run record."""
     return f"{PREFIX}run:{run_id}"
@@ -94,6 +106,16 @@ def check_errors(app: str) -> str:
 def notified(run_id: str, event: str) -> str:
     """String with expiry: the notification of ``run_id``'s ``event`` was queued (at most once)."""
     return f"{PREFIX}run:{run_id}:notified:{event}"
+
+
+def deployment_notified(app: str, deployment: int, event: str) -> str:
+    """String with expiry: the one message about a scope-instance deployment's ``event``."""
+    return f"{deployment_prefix(app)}{deployment}:notified:{event}"
+
+
+def commit_status_sent(run_id: str) -> str:
+    """String with expiry: 1 once ``run_id``'s pending commit status was sent, 2 its result."""
+    return f"{PREFIX}run:{run_id}:commit_status"
 
 
 def notify_failing(app: str) -> str:

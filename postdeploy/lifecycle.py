@@ -88,7 +88,9 @@ def move(store: StateStore, record: RunRecord, target: Status, **changes: object
         wanted.finished_at = now
     wanted.status = target
     counter = f"{record.app}\t{record.trigger}\t{target}" if target.finished else None
-    stored = store.replace_run(wanted, sources_of(target), counter)
+    ran = target.finished and wanted.started_at is not None and wanted.finished_at is not None
+    duration = (wanted.finished_at or 0) - (wanted.started_at or 0) if ran else None
+    stored = store.replace_run(wanted, sources_of(target), counter, duration)
     if stored is not None:
         if stored.status != target:
             log.info("run %s is %s already; not moving it to %s", record.id, stored.status,

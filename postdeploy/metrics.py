@@ -17,6 +17,7 @@ import math
 import signal
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -26,7 +27,12 @@ import redis
 from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
@@ -36,7 +42,8 @@ from postdeploy.config import Settings
 from postdeploy.connection import redis_client
 from postdeploy.records import RunRecord, Status
 from postdeploy.service import check_listen, prepare
-from postdeploy.state import StateStore
+from postdeploy.state import DURATION_BUCKETS, StateStore
+from postdeploy.verdict import judge
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,9 @@ class _Snapshot:
         self.queued = queue_length(store.client)
         self.runs_total = _hash_counts(store.client, keys.RUNS_TOTAL)
         self.notifications = _hash_counts(store.client, keys.NOTIFICATIONS_TOTAL)
+        self.durations = _hash_counts(store.client, keys.RUN_DURATIONS)
+        self.verdicts = {name: judge(store, name, history=self.histories[name])
+                         for name in self.apps}
 
     def metrics(self) -> Iterator[Metric]:
         apps, histories = self.apps, self.histories
@@ -125,12 +135,32 @@ class _Snapshot:
                       "Quantiles of run durations over the kept history (1 is the longest).",
                       ["app", "quantile"],
                       [([a, f"{q:g}"], d) for a in apps for q, d in _quantiles(histories[a])])
+        yield self._durations_histogram()
+        now = time.time()
+        yield _family(GaugeMetricFamily, "postdeploy_deployment_unfinished_seconds",
+                      "Seconds since the app's current deployment began while its job has "
+                      "not finished everywhere it must run; 0 once it has.", ["app"],
+                      [([a], max(0.0, now - v.deployment.at) if not v.finished else 0.0)
+                       for a, v in self.verdicts.items() if v.deployment is not None])
         yield _family(CounterMetricFamily, "postdeploy_check_errors",
                       "Commit checks that failed (git unreachable, bad ref, ...).", ["app"],
                       [([a], self.check_errors[a]) for a in apps])
         yield _family(GaugeMetricFamily, "postdeploy_last_seen_commit_info",
                       "The commit the latest check saw, as a label.", ["app", "sha"],
                       [([a, sha], 1) for a in apps if (sha := self.last_seen[a])])
+
+
+    def _durations_histogram(self) -> Metric:
+        family = HistogramMetricFamily(
+            "postdeploy_job_duration_seconds",
+            "How long jobs ran (start to end; runs that never started are not counted), "
+            "since Redis was set up.", labels=["app"])
+        for app in sorted({fields[0] for fields in self.durations}):
+            count = self.durations.get((app, "count"), 0)
+            buckets = [(str(float(bound)), self.durations.get((app, f"{bound:g}"), 0))
+                       for bound in DURATION_BUCKETS] + [("+Inf", count)]
+            family.add_metric([app], buckets, self.durations.get((app, "sum"), 0))
+        return family
 
 
 def queue_length(client: redis.Redis) -> int:

@@ -28,9 +28,10 @@ from postdeploy.celery_app import app as celery
 from postdeploy.config import Settings
 from postdeploy.forked import DeadlinePassed, call_forked
 from postdeploy.notify_config import MAX_SOCKET_TIMEOUT, mask_url, quiet_apprise, url_secrets
-from postdeploy.records import RunRecord, Status
+from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.redaction import mask_secrets
 from postdeploy.state import StateStore
+from postdeploy.verdict import judge
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,36 @@ def notify_if_needed(settings: Settings, store: StateStore, run: RunRecord | str
             return
         if not destinations(settings, record.app):
             return
+        deployment = _per_instance_deployment(store, record)
+        if deployment is not None:
+            # One message per deployment, once every instance has run it.
+            verdict = judge(store, record.app, record.sha)
+            if not verdict.finished or verdict.deployment is None or \
+                    verdict.deployment.id != deployment:
+                return
+            record = next((r for r in verdict.runs if r.status != Status.SUCCEEDED), record)
         event, previous = _event_for(settings, store, record)
         if event is None:
             return
-        if not store.client.set(keys.notified(record.id, event), "1", nx=True, ex=MARKER_TTL):
+        marker = (keys.notified(record.id, event) if deployment is None else
+                  keys.deployment_notified(record.app, deployment, event))
+        if not store.client.set(marker, "1", nx=True, ex=MARKER_TTL):
             return
         celery.send_task(TASK_NAME, kwargs={"run_id": record.id, "event": event,
-                                            "previous": previous},
+                                            "previous": previous, "deployment": deployment},
                          expires=NOTIFY_EXPIRES)
     except Exception as exc:  # a notification must never disturb the run lifecycle
         run_id = run if isinstance(run, str) else run.id
         log.warning("notification for run %s not queued: %s", run_id,
                     mask_secrets(str(exc), executor_secrets(settings)))
+
+
+def _per_instance_deployment(store: StateStore, record: RunRecord) -> int | None:
+    """The deployment ``record`` ran for, if it runs once per instance (one verdict)."""
+    if record.trigger != Trigger.AUTO or record.deployment is None:
+        return None
+    mark = store.client.get(keys.done(record.app, record.deployment))
+    return record.deployment if mark in (b"scope:instance", "scope:instance") else None
 
 
 def _event_for(settings: Settings, store: StateStore,
@@ -136,7 +155,8 @@ def retry_delay(settings: Settings, attempt: int) -> float:
 
 
 def deliver(settings: Settings, store: StateStore, run_id: str, event: str,
-            pending: list[str] | None, attempt: int, previous: str | None = None) -> list[str]:
+            pending: list[str] | None, attempt: int, previous: str | None = None,
+            deployment: int | None = None) -> list[str]:
     """Send one try of ``run_id``'s ``event`` message; return the URLs to retry.
 
     ``pending`` (fingerprints, never URLs: task messages sit in Redis) narrows a
@@ -145,7 +165,7 @@ def deliver(settings: Settings, store: StateStore, run_id: str, event: str,
     raises: an error here (Redis away, a time limit) is a failed try of every URL.
     """
     try:
-        return _deliver(settings, store, run_id, event, pending, attempt, previous)
+        return _deliver(settings, store, run_id, event, pending, attempt, previous, deployment)
     except Exception as exc:
         reason = mask_secrets(f"{type(exc).__name__}: {exc}", executor_secrets(settings))
         if attempt >= NOTIFY_ATTEMPTS:
@@ -158,7 +178,8 @@ def deliver(settings: Settings, store: StateStore, run_id: str, event: str,
 
 
 def _deliver(settings: Settings, store: StateStore, run_id: str, event: str,
-             pending: list[str] | None, attempt: int, previous: str | None) -> list[str]:
+             pending: list[str] | None, attempt: int, previous: str | None,
+             deployment: int | None) -> list[str]:
     record = store.get_run(run_id)
     if record is None:
         log.warning("%s notification of run %s dropped: the run is no longer stored",
@@ -169,7 +190,9 @@ def _deliver(settings: Settings, store: StateStore, run_id: str, event: str,
     if not urls:
         return []
     prior = store.get_run(previous) if previous else None
-    message = compose(settings, store, record, event, prior)
+    verdict = judge(store, record.app, record.sha) if deployment is not None else None
+    message = compose(settings, store, record, event, prior,
+                      verdict.text if verdict is not None else None)
     results = send(urls, message, executor_secrets(settings))
     failed = [r for r in results if not r.ok]
     final = attempt >= NOTIFY_ATTEMPTS
@@ -203,14 +226,20 @@ def send_test(settings: Settings, app_name: str | None) -> list[Delivery]:
 
 
 def compose(settings: Settings, store: StateStore, record: RunRecord, event: str,
-            previous: RunRecord | None = None) -> Message:
-    """Title and text of ``record``'s ``event`` message; every secret the executor knows masked."""
+            previous: RunRecord | None = None, hosts: str | None = None) -> Message:
+    """Title and text of ``record``'s ``event`` message; every secret the executor knows masked.
+
+    ``hosts``: the verdict of a deployment run once per instance (the message is
+    about all of them; ``record`` is one that failed, if any did).
+    """
     label = f"{record.app}@{record.sha[:7]}"
     status = str(record.status)
     if record.exit_code is not None:
         status += f" (exit code {record.exit_code})"
     lines = [f"App: {record.app}", f"Commit: {record.sha}",
              f"Previous commit: {record.previous_sha or '-'}", f"Status: {status}"]
+    if hosts is not None:
+        lines.append(f"Hosts: {hosts.split(': ', 1)[-1]}")
     if record.reason:
         lines.append(f"Reason: {record.reason}")
     if event == "recovered":
@@ -295,7 +324,8 @@ def _apprise_errors() -> Iterator[list[str]]:
 
 
 def executor_secrets(settings: Settings) -> list[str]:
-    """What the executor itself must never show: Redis, repo and notify credentials."""
+    """What the executor itself must never show: Redis, repo and notify credentials,
+    commit status tokens."""
     found: set[str] = set()
     for url in (settings.redis_url, str(celery.conf.broker_url or ""),
                 *(a.repo for a in settings.apps)):
@@ -303,6 +333,9 @@ def executor_secrets(settings: Settings) -> list[str]:
             found |= url_secrets(url, tokens=False)
     for url in destinations(settings, None):
         found |= url_secrets(url)
+    from postdeploy.commit_status import secrets as status_tokens
+
+    found.update(status_tokens(settings))
     # Longest first: a whole URL is masked before the token inside it.
     return sorted(found, key=len, reverse=True)
 

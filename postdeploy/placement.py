@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import redis
 
-from postdeploy import keys, lifecycle
+from postdeploy import decisions, keys, lifecycle
 from postdeploy.appspec import DEFAULT_TIMEOUT, SCOPE_APP, SCOPE_INSTANCE
 from postdeploy.config import AppConfig, Settings
 from postdeploy.deployments import Deployment, Observation
@@ -118,12 +118,18 @@ class HostPlacement:
     # -- scope app, path apps ---------------------------------------------------
     def _path_app(self, app: AppConfig, head: str, seen: Observation) -> RunRequest | None:
         deployment = seen.deployment
+        host = self.settings.host
         if seen.started:
             log.info("%s: deployment %d: %s, first on %s (was %s)", app.name, deployment.id,
-                     head[:7], self.settings.host, (deployment.previous_sha or "-")[:7])
+                     head[:7], host, (deployment.previous_sha or "-")[:7])
+            decisions.note(self.client, app.name, head, f"first deployed on {host}: its "
+                           "working copy moved to this commit", host)
         if head != deployment.sha:
             log.debug("%s: this host is at %s, behind %s; a host that has it runs it",
                       app.name, head[:7], deployment.sha[:7])
+            decisions.note(self.client, app.name, head, f"{host} is at this commit, behind "
+                           f"the fleet's {deployment.sha[:7]}: not a deployment, nothing run",
+                           host, once=f"behind:{host}:{deployment.id}")
             return None
         local = self.specs.get(app, head)
         if local.spec is not None and local.spec.scope == SCOPE_INSTANCE:

@@ -17,10 +17,15 @@ from postdeploy.records import RunRecord
 
 DONE_TTL = 90 * 86_400  # seconds; refreshed on every check while the deployment is current
 QUEUED_CLAIM_TTL = 3_600  # seconds a queued automatic run blocks re-enqueueing its deployment
+# Upper bounds (seconds) of the job duration histogram's buckets: from a quick
+# seed to the longest timeout.
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 86_400)
 
-# KEYS: run record, runs counter hash. ARGV: new JSON, expected statuses (space
-# separated), counter field ('' for none). Returns {1} stored, {0, stored JSON}
-# refused, {-1} stored although the record was missing (Redis lost its data).
+# KEYS: run record, runs counter hash, durations histogram hash. ARGV: new JSON,
+# expected statuses (space separated), counter field ('' for none), the app's
+# histogram field prefix and the job's duration ('' for none), then the bucket
+# bounds the duration falls in. Returns {1} stored, {0, stored JSON} refused, {-1}
+# stored although the record was missing (Redis lost its data).
 _REPLACE_RUN = """
 local raw = redis.call('GET', KEYS[1])
 local result = {1}
@@ -34,6 +39,11 @@ else
 end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
+if ARGV[5] ~= '' then
+  for i = 6, #ARGV do redis.call('HINCRBY', KEYS[3], ARGV[4] .. ARGV[i], 1) end
+  redis.call('HINCRBY', KEYS[3], ARGV[4] .. 'count', 1)
+  redis.call('HINCRBYFLOAT', KEYS[3], ARGV[4] .. 'sum', ARGV[5])
+end
 return result
 """
 _STORED_ANEW = -1
@@ -123,15 +133,21 @@ class StateStore:
             self.client.delete(*[keys.run(n) for n in names], *[keys.output(n) for n in names])
 
     def replace_run(self, record: RunRecord, expected: Iterable[str],
-                    counter: str | None = None) -> RunRecord | None:
+                    counter: str | None = None,
+                    duration: float | None = None) -> RunRecord | None:
         """Store ``record`` if the stored run's status is one of ``expected``.
 
         One Lua call: the check, the write and, for a finished run, the count in
-        ``keys.RUNS_TOTAL`` (field ``counter``). Returns None when stored, else the
-        stored run that refused the change. Only :mod:`postdeploy.lifecycle` calls it.
+        ``keys.RUNS_TOTAL`` (field ``counter``) and its job's ``duration`` in the
+        ``keys.RUN_DURATIONS`` histogram. Returns None when stored, else the stored
+        run that refused the change. Only :mod:`postdeploy.lifecycle` calls it.
         """
-        answer = self._replace(keys=[keys.run(record.id), keys.RUNS_TOTAL],
-                               args=[record.to_json(), " ".join(expected), counter or ""])
+        buckets = ([] if duration is None else
+                   [f"{b:g}" for b in DURATION_BUCKETS if duration <= b] + ["+Inf"])
+        answer = self._replace(keys=[keys.run(record.id), keys.RUNS_TOTAL, keys.RUN_DURATIONS],
+                               args=[record.to_json(), " ".join(expected), counter or "",
+                                     f"{record.app}\t",
+                                     "" if duration is None else repr(duration), *buckets])
         if int(answer[0]) == _REFUSED:
             return RunRecord.from_json(answer[1])
         if int(answer[0]) == _STORED_ANEW:

@@ -303,7 +303,7 @@ NOTIFY_SOFT_LIMIT = 90  # seconds for one try of one message to every URL (each 
           acks_late=False,  # acknowledged on start: a crash mid-send never sends twice
           soft_time_limit=NOTIFY_SOFT_LIMIT, time_limit=NOTIFY_SOFT_LIMIT + 30)
 def notify(self: Task, run_id: str, event: str, pending: list[str] | None = None,
-           previous: str | None = None) -> None:
+           previous: str | None = None, deployment: int | None = None) -> None:
     """Send the message about ``run_id``'s ``event``; failed URLs are retried with backoff.
 
     The number of tries is bounded by postdeploy.notify (NOTIFY_ATTEMPTS); a
@@ -314,8 +314,24 @@ def notify(self: Task, run_id: str, event: str, pending: list[str] | None = None
 
     settings = current_settings()
     attempt = self.request.retries + 1
-    failed = deliver(settings, state_store(), run_id, event, pending, attempt, previous)
+    failed = deliver(settings, state_store(), run_id, event, pending, attempt, previous,
+                     deployment)
     if failed:
         raise self.retry(kwargs={"run_id": run_id, "event": event, "pending": failed,
-                                 "previous": previous},
+                                 "previous": previous, "deployment": deployment},
                          countdown=retry_delay(settings, attempt), expires=NOTIFY_EXPIRES)
+
+
+# -- commit statuses: all logic in postdeploy.commit_status ----------------------------
+@app.task(name="postdeploy.commit_status", bind=True, ignore_result=True, max_retries=None,
+          acks_late=False, soft_time_limit=60, time_limit=90)
+def commit_status(self: Task, run_id: str, status: str) -> None:
+    """Report ``run_id``'s ``status`` to its git host; retried with backoff, a WARNING
+    when it cannot be sent (bounded by postdeploy.commit_status.ATTEMPTS)."""
+    from postdeploy.commit_status import EXPIRES, deliver, retry_delay
+
+    settings = current_settings()
+    attempt = self.request.retries + 1
+    if deliver(settings, state_store(), run_id, status, attempt):
+        raise self.retry(kwargs={"run_id": run_id, "status": status},
+                         countdown=retry_delay(settings, attempt), expires=EXPIRES)

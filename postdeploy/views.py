@@ -9,11 +9,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from postdeploy.decisions import Event
 from postdeploy.deployments import Deployment
 from postdeploy.instances import Instance
 from postdeploy.records import RunRecord
+
+if TYPE_CHECKING:
+    from postdeploy.verdict import Verdict
 
 RUN_FIELDS = ("id", "app", "sha", "trigger", "status", "exit_code", "reason", "queued_at",
               "started_at", "finished_at", "duration", "worker", "timeout", "command",
@@ -32,6 +36,7 @@ class AppStatus:
     last_push_at: float | None = None  # when the latest push webhook for the app arrived
     instances: tuple[Instance, ...] = ()  # the app on each host that reports it
     deployment: Deployment | None = None  # the app's current deployment
+    verdict: Verdict | None = None  # how its job went, everywhere it had to run
 
 
 def run_json(record: RunRecord) -> dict[str, Any]:
@@ -57,7 +62,8 @@ def status_json(rows: Sequence[AppStatus]) -> dict[str, Any]:
                       "check_error": row.check_error,
                       "last_push_at": row.last_push_at,
                       "instances": [i.public() for i in row.instances],
-                      "deployment": _deployment_json(row.deployment)}
+                      "deployment": _deployment_json(row.deployment),
+                      "verdict": row.verdict.public() if row.verdict else None}
                      for row in rows]}
 
 
@@ -87,7 +93,10 @@ def status_table(rows: Sequence[AppStatus], now: float | None = None) -> str:
                       ago(row.last_push_at, now)))
     failing = [f"{row.app}: commit check failing: {row.check_error}"
                for row in rows if row.check_error]
-    return "\n".join([table(lines), *failing, *instance_lines(rows, now)])
+    # Scope instance: one line per deployment, as its runs are one per host.
+    verdicts = [f"{row.app}: {row.verdict.text}" for row in rows
+                if row.verdict and row.verdict.per_instance]
+    return "\n".join([table(lines), *failing, *verdicts, *instance_lines(rows, now)])
 
 
 def instance_lines(rows: Sequence[AppStatus], now: float) -> list[str]:
@@ -108,6 +117,16 @@ def history_table(runs: Sequence[RunRecord], now: float | None = None) -> str:
         lines.append((run.id, short(run.sha), run.trigger, _status_text(run),
                       ago(_when(run), now), took(run.duration), run.reason or ""))
     return table(lines)
+
+
+def why_table(app: str, sha: str, events: Sequence[Event], verdict: str) -> str:
+    """`postdeploy why`: the commit, then one line per event, oldest first."""
+    lines = [("WHEN", "HOST", "WHAT")]
+    for event in events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
+        lines.append((when, event.host or "-", event.what))
+    story = table(lines) if len(lines) > 1 else "nothing is known about this commit"
+    return f"{app}@{sha}\n{story}\nverdict: {verdict}"
 
 
 def table(lines: Sequence[Sequence[str]]) -> str:

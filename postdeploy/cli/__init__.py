@@ -14,7 +14,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 # The command modules register their commands on the group when imported.
-from postdeploy.cli import operate, services  # noqa: F401
+from postdeploy.cli import deploys, operate, services  # noqa: F401
 from postdeploy.cli.group import EXIT_FAILED, EXIT_USAGE, cli, fail
 from postdeploy.errors import ConfigError, PostdeployError
 

@@ -26,6 +26,7 @@ def status(settings: Settings, as_json: bool) -> int:
     """Per app: last seen commit, latest run, its status, when, how long."""
     from postdeploy.instances import InstanceRegistry
     from postdeploy.manual import known_apps
+    from postdeploy.verdict import judge
     from postdeploy.views import AppStatus, status_json, status_table
     from postdeploy.webhook_state import last_push_times
 
@@ -38,7 +39,8 @@ def status(settings: Settings, as_json: bool) -> int:
                       store.last_seen(name), store.latest_run(name),
                       (store.check_failure(name) or {}).get("error"),
                       last_push_at=pushes[name], instances=tuple(registry.live(name)),
-                      deployment=store.deployments.current(name))
+                      deployment=store.deployments.current(name),
+                      verdict=judge(store, name))
             for name, app in apps.items()]
     if as_json:
         click.echo(json.dumps(status_json(rows), indent=2, sort_keys=True))
@@ -67,11 +69,13 @@ def job_output_stream(raw: bool) -> BinaryIO:
 @click.option("--sha", help="Commit to run (default: the last seen commit).")
 @click.option("--host", help="Run on this host's instance only (see `status`).")
 @click.option("--all-instances", is_flag=True, help="Run once on every live instance.")
+@click.option("--failed-hosts", is_flag=True,
+              help="Run again only on the hosts where the current deployment's job failed.")
 @click.option("--wait", is_flag=True, help="Follow the output; exit 0 only on success.")
 @click.option("--raw", is_flag=True, help=RAW_HELP)
 @with_settings
 def run(settings: Settings, app: str, sha: str | None, host: str | None, all_instances: bool,
-        wait: bool, raw: bool) -> int:
+        failed_hosts: bool, wait: bool, raw: bool) -> int:
     """Re-run APP's job by hand (trigger `manual`)."""
     from postdeploy.instances import InstanceRegistry
     from postdeploy.manual import (
@@ -82,14 +86,18 @@ def run(settings: Settings, app: str, sha: str | None, host: str | None, all_ins
         require_app,
     )
 
-    if host is not None and all_instances:
-        raise click.UsageError("give --host or --all-instances, not both")
+    if sum((host is not None, all_instances, failed_hosts)) > 1:
+        raise click.UsageError("give one of --host, --all-instances and --failed-hosts")
+    if failed_hosts and sha is not None:
+        raise click.UsageError("--failed-hosts runs the failed hosts' own commit; leave out --sha")
     url, store = open_store(settings)
     apps = known_apps(settings, store)
     require_app(apps, app)
     instances = InstanceRegistry(store.client).live(app)
     config = apps[app]
-    if sha is None and (host or all_instances) and config is not None and config.path:
+    if failed_hosts:
+        targets = _failed_targets(store, app)
+    elif sha is None and (host or all_instances) and config is not None and config.path:
         # A path app's commit is per host: by default, what each chosen host has.
         targets = pick_targets(config, app, None, instances, host, all_instances)
     else:
@@ -108,12 +116,27 @@ def run(settings: Settings, app: str, sha: str | None, host: str | None, all_ins
         click.echo(f"run{'s' if len(records) > 1 else ''} "
                    f"{', '.join(r.id for r in records)} succeeded", err=True)
         return 0
-    final = failed[0]
+    raise PostdeployError(_failure_line(failed[0]))
+
+
+def _failed_targets(store: StateStore, app: str) -> list[tuple[str | None, str]]:
+    """(host, commit) of each run that failed in the app's current deployment."""
+    from postdeploy.verdict import judge
+
+    verdict = judge(store, app)
+    failed = [r for r in verdict.runs if r.host in verdict.failed_hosts]
+    if not failed:
+        raise PostdeployError(f"no failed hosts to run again: {verdict.text}")
+    return [(r.host, r.sha) for r in failed]
+
+
+def _failure_line(final: RunRecord) -> str:
+    """"run ID on HOST failed: REASON", the line a follower exits 1 with."""
     # The reason already names the exit code ("exited with code 3"); say it once.
     reason = final.reason or (f"exit code {final.exit_code}" if final.exit_code is not None
                               else "no reason recorded")
     where = f" on {final.host}" if final.host else ""
-    raise PostdeployError(f"run {final.id}{where} {final.status}: {reason}")
+    return f"run {final.id}{where} {final.status}: {reason}"
 
 
 def _follow(store: StateStore, app: str, run_id: str, raw: bool) -> RunRecord:
@@ -131,10 +154,14 @@ def _follow(store: StateStore, app: str, run_id: str, raw: bool) -> RunRecord:
 @cli.command()
 @click.argument("app")
 @click.argument("run_id", required=False)
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing while the run goes on (any trigger, any host), then "
+                   "exit 0 if it succeeded, 1 if not. Ctrl-C stops following, not the run.")
 @click.option("--raw", is_flag=True, help=RAW_HELP)
 @with_settings
-def logs(settings: Settings, app: str, run_id: str | None, raw: bool) -> int:
-    """Stored output of APP's latest run (or RUN_ID)."""
+def logs(settings: Settings, app: str, run_id: str | None, follow: bool, raw: bool) -> int:
+    """Output of APP's latest run (or RUN_ID): what is stored, or, with --follow,
+    everything until the run ends."""
     from postdeploy.manual import known_apps, require_app
 
     _, store = open_store(settings)
@@ -145,9 +172,15 @@ def logs(settings: Settings, app: str, run_id: str | None, raw: bool) -> int:
             raise PostdeployError(f"no run {run_id!r} of {app!r}; "
                                   f"see `postdeploy history {app}`")
         raise PostdeployError(f"{app!r} has no runs yet; see `postdeploy status`")
-    tail, total = store.read_output(record.id)
     click.echo(f"run {record.id} of {app}@{record.sha[:7]} ({record.trigger}): "
                f"{record.status}", err=True)
+    if follow:
+        final = _follow(store, app, record.id, raw)
+        if final.status != "succeeded":
+            raise PostdeployError(_failure_line(final))
+        click.echo(f"run {final.id} succeeded", err=True)
+        return 0
+    tail, total = store.read_output(record.id)
     if total > len(tail):
         click.echo(f"... {total - len(tail)} earlier bytes not kept ...")
     out = job_output_stream(raw)
