@@ -131,21 +131,28 @@ def test_a_scope_instance_deployment_on_three_hosts_gets_one_verdict_and_one_mes
     fixed.chmod(0o777)  # the jobs' user reads it
     job = (f'[ "$HOST_LABEL" != host-c ] || [ -e {fixed}/ok ] || exit 2; '
            'echo "ran on $HOST_LABEL"')
-    c1 = remote.commit({"appspec.yaml": appspec_yaml(job, envs={
-        "POST_DEPLOY_SCOPE": "instance"})})
+    remote.commit({"appspec.yaml": appspec_yaml(None)}, "before: no job")
     receiver = Receiver().start()
     try:
-        for name in ("host-a", "host-b", "host-c"):
-            fleet.add(name, extra_env={"HOST_LABEL": name, "POSTDEPLOY_NOTIFY": receiver.url(),
-                                       "POSTDEPLOY_NOTIFY_ON": "failed,succeeded"}).start()
-        wait_for(lambda: rclient.hexists("postdeploy:apps", "shop"), 30,
-                 what="shop registered")
+        hosts = [fleet.add(name, extra_env={
+            "HOST_LABEL": name, "POSTDEPLOY_NOTIFY": receiver.url(),
+            "POSTDEPLOY_NOTIFY_ON": "failed,succeeded"}) for name in ("host-a", "host-b",
+                                                                   "host-c")]
+        for host in hosts:
+            host.start()
+        # The fleet is up (every instance reporting) before the deployment comes.
+        wait_for(lambda: rclient.hlen("postdeploy:app:shop:instances") == 3, 60,
+                 what="three live instances")
+        c1 = remote.commit({"appspec.yaml": appspec_yaml(job, envs={
+            "POST_DEPLOY_SCOPE": "instance"})})
+        for host in hosts:
+            host.pull()
         result = pd(fleet.redis_url, tmp_path, "wait", "shop", "--sha", c1, "--timeout", "90")
         assert result.returncode == 1
         assert "succeeded on 2 of 3 hosts; failed on host-c: exit 2" in result.stderr
         assert len(finished_runs(rclient, "shop")) == 3
         status = pd(fleet.redis_url, tmp_path, "status")
-        assert "shop: deployment 1" in status.stdout and "2 of 3 hosts" in status.stdout
+        assert "shop: deployment 2" in status.stdout and "2 of 3 hosts" in status.stdout
 
         # One message for the deployment, not one per host.
         message = receiver.wait(1)[0]
