@@ -1,6 +1,6 @@
 # One image for every postdeploy service: compose.yaml picks the role by command
-# (`python -m worker`, `python -m beat`, `python -m postdeploy.flower`,
-# `python -m postdeploy.metrics`).
+# (`python -m worker`, `python -m beat`, `postdeploy flower`,
+# `postdeploy metrics`).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -27,8 +27,8 @@ from bench.harness import (
     tree_memory,
 )
 from bench.report import Row
-from postdeploy.state import StateStore
-from tests.support import appspec_yaml, wait_for
+from postdeploy.store.state import StateStore
+from tests.support.core import appspec_yaml, wait_for
 
 MIB = 1024 * 1024
 SETTLE = 3.0  # seconds after start-up before an idle window opens

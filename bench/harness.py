@@ -12,10 +12,10 @@ from pathlib import Path
 import psutil
 import redis
 
-from postdeploy.celery_app import configure
-from postdeploy.config import Settings
-from postdeploy.state import StateStore
-from tests.support import GitRemote, RedisServer, Service, run_git, service_env, wait_for
+from postdeploy.config.settings import Settings
+from postdeploy.store.celery_app import configure
+from postdeploy.store.state import StateStore
+from tests.support.core import GitRemote, RedisServer, Service, run_git, service_env, wait_for
 
 __all__ = ["GitRemote", "RedisServer", "Service", "run_git", "service_env", "wait_for",
            "bare_repos", "celery_client", "settled_store", "tree_cpu", "tree_memory",
@@ -111,7 +111,7 @@ def tree_memory(processes: list[psutil.Process]) -> float:
 
 def wait_ready(service: Service, client: redis.Redis, timeout: float = 60) -> None:
     """A worker registers its apps in Redis once it is ready (whatever the log level)."""
-    from postdeploy import keys
+    from postdeploy.store import keys
     wait_for(lambda: client.exists(keys.APPS) or not service.alive(), timeout,
              what="worker ready")
     if not service.alive():

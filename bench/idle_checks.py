@@ -30,7 +30,7 @@ from bench.harness import (
     wait_ready,
 )
 from bench.report import Row, median
-from postdeploy import keys
+from postdeploy.store import keys
 
 PARALLELISM = 2  # the worker's prefork concurrency
 
@@ -51,7 +51,7 @@ def measure(root: Path, redis_url: str, count: int, rounds: int) -> list[Row]:
     worker = Service(["-m", "worker"], env, root / "worker.log")
     try:
         wait_ready(worker, client)
-        from postdeploy.tasks import check_commits
+        from postdeploy.services.tasks import check_commits
         celery_client(redis_url, root / "state", POSTDEPLOY_CONFIG=str(config))
 
         def ours() -> dict[str, float]:

@@ -21,10 +21,10 @@ import yaml
 
 from bench.harness import settled_store, tree_cpu
 from bench.report import Row
-from postdeploy import keys
-from postdeploy.celery_app import configure
-from postdeploy.config import Settings
-from tests.support import GitRemote, Service, service_env, wait_for
+from postdeploy.config.settings import Settings
+from postdeploy.store import keys
+from postdeploy.store.celery_app import configure
+from tests.support.core import GitRemote, Service, service_env, wait_for
 
 HOSTS = 3
 INTERVAL = 2.0  # seconds between reports; short, so the window holds many of them
@@ -56,7 +56,7 @@ def measure(root: Path, redis_url: str, count: int = 100, rounds: int = 3,
                                   "POSTDEPLOY_STATE_DIR": str(root / "client"),
                                   "POSTDEPLOY_CONFIG": str(root / "postdeploy.yaml")})
         configure(settings, redis_url)
-        from postdeploy.tasks import check_commits
+        from postdeploy.services.tasks import check_commits
 
         procs = _trees(workers)
         for _ in range(rounds):

@@ -32,9 +32,9 @@ from bench.harness import (
     wait_ready,
 )
 from bench.report import Row, median, percentile
-from postdeploy.records import RunRecord
-from postdeploy.state import StateStore
-from tests.support import appspec_yaml
+from postdeploy.store.records import RunRecord
+from postdeploy.store.state import StateStore
+from tests.support.core import appspec_yaml
 
 
 def _start(root: Path, redis_url: str, remote: GitRemote) -> Service:
@@ -58,7 +58,7 @@ def _times_ms(count: int, action: Callable[[], object]) -> list[float]:
 
 
 def _empty_task_round_trips(count: int) -> list[float]:
-    from postdeploy.celery_app import app
+    from postdeploy.store.celery_app import app
     return _times_ms(count, lambda: app.send_task("celery.accumulate", args=[1]).get(timeout=30))
 
 
@@ -76,7 +76,7 @@ def measure_latency(root: Path, redis_url: str, commits: int, rounds: int) -> li
     spec = {"appspec.yaml": appspec_yaml('echo "START $EPOCHREALTIME"')}
     remote.commit(spec)
     worker = _start(root, redis_url, remote)
-    from postdeploy.tasks import check_app
+    from postdeploy.services.tasks import check_app
     made = 0
 
     def next_commit() -> str:
@@ -138,7 +138,7 @@ def measure_overhead(root: Path, redis_url: str, jobs: int, rounds: int) -> list
     store, remote = _fresh(root, redis_url)
     sha = remote.commit({"appspec.yaml": appspec_yaml("true")})
     worker = _start(root, redis_url, remote)
-    from postdeploy.tasks import run_job
+    from postdeploy.services.tasks import run_job
 
     def one_job() -> None:
         result = run_job.apply_async(kwargs={"app": "bench", "sha": sha}).get(timeout=60)

@@ -33,9 +33,9 @@ from bench.harness import (
     wait_ready,
 )
 from bench.report import Row
-from postdeploy.runner import PIPE_SIZE
-from postdeploy.state import StateStore
-from tests.support import RssSampler, appspec_yaml
+from postdeploy.run.runner import PIPE_SIZE
+from postdeploy.store.state import StateStore
+from tests.support.core import RssSampler, appspec_yaml
 
 MIB = 1024 * 1024
 
@@ -70,7 +70,7 @@ def measure(root: Path, redis_url: str, size: int, rounds: int) -> list[Row]:
     env = service_env(redis_url, root / "state", 3600, POSTDEPLOY_REPO=remote.url,
                       POSTDEPLOY_APP="bench", POSTDEPLOY_LOG_LEVEL="WARNING")
     worker = Service(["-m", "worker"], env, root / "worker.log")
-    from postdeploy.tasks import run_job
+    from postdeploy.services.tasks import run_job
 
     def ours() -> dict[str, float]:
         with RssSampler(worker.proc.pid, every=0.02) as rss:

@@ -1,7 +1,7 @@
 """6. The push trigger: commit -> job start through the webhook, and answers under load.
 
 Latency: a commit is pushed to a local repository, then its GitHub push event
-(signed, as GitHub sends it) is POSTed to a real `python -m postdeploy.webhook`
+(signed, as GitHub sends it) is POSTed to a real `postdeploy webhook`
 in front of a real worker; measured from the POST to the job's process starting
 (it prints $EPOCHREALTIME). The baseline is what the poll alone gives at its
 default 30 s interval: a commit waits for the next check, on average half an
@@ -37,10 +37,10 @@ from bench.harness import (
     wait_ready,
 )
 from bench.report import Row, median, percentile
-from postdeploy.state import StateStore
-from postdeploy.webhook_processes import default_count
-from tests.support import REPO_ROOT, appspec_yaml, free_port
-from tests.webhook_client import github_push, post, post_concurrently, raw_request, signed
+from postdeploy.store.state import StateStore
+from postdeploy.webhook.processes import default_count
+from tests.support.core import REPO_ROOT, appspec_yaml, free_port
+from tests.support.webhook_client import github_push, post, post_concurrently, raw_request, signed
 
 SECRET = "bench-webhook-secret"
 POLL_INTERVAL = 30.0  # seconds: the default check interval the poll is compared at
@@ -113,7 +113,7 @@ def measure(root: Path, redis_url: str, commits: int, deliveries: int = 200,
     servers: list[tuple[Server, Server]] = []
     for count in counts:
         port, floor_port = free_port(), free_port()
-        hook = Service(["-m", "postdeploy.webhook", "--port", str(port),
+        hook = Service(["-m", "postdeploy.cli", "webhook", "--port", str(port),
                         "--processes", str(count)], env, root / f"webhook-{count}.log")
         floor = Service(["-m", "bench.webhook", str(floor_port), str(count)], env,
                         root / f"floor-{count}.log", cwd=REPO_ROOT)
@@ -207,8 +207,8 @@ def serve_floor(port: int, processes: int) -> int:
     import tornado.httpserver
     from tornado import httputil
 
-    from postdeploy.webhook import BODY_TIMEOUT, READ_LIMIT, STOP_TIMEOUT
-    from postdeploy.webhook_processes import listen_sockets, run_servers
+    from postdeploy.webhook.processes import listen_sockets, run_servers
+    from postdeploy.webhook.service import BODY_TIMEOUT, READ_LIMIT, STOP_TIMEOUT
 
     answer = b'{"status": "queued", "apps": []}'
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.hosts import Fleet, namespaces_work
-from tests.support import GitRemote, RedisServer, Service, service_env
+from tests.support.core import GitRemote, RedisServer, Service, service_env
+from tests.support.hosts import Fleet, namespaces_work
 
 EXTERNAL_REDIS = os.environ.get("POSTDEPLOY_TEST_REDIS_URL")
 # Run as root (as CI does), workers run every job as its app's unprivileged user

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.support import REPO_ROOT
+from tests.support.core import REPO_ROOT
 
 
 def test_bench_quick_subset_prints_a_table_of_rounds() -> None:

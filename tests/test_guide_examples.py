@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.clirun import cli_env, interrupt, wait_succeeded
-from tests.support import GitRemote, Service, appspec_yaml, wait_for
+from tests.support.clirun import cli_env, interrupt, wait_succeeded
+from tests.support.core import GitRemote, Service, appspec_yaml, wait_for
 
 USER = "pdtest-shop"
 DATABASE = "postgres://postgres@127.0.0.1:5432"  # this machine's PostgreSQL, trust auth

@@ -10,7 +10,7 @@ from dataclasses import replace
 import click
 
 from postdeploy.cli.group import EXIT_FAILED, EXIT_USAGE, cli, fail, open_store, with_settings
-from postdeploy.config import Settings
+from postdeploy.config.settings import Settings
 from postdeploy.errors import PostdeployError
 
 WAIT_TIMEOUT = 900.0  # seconds `wait` waits by default: past the default job timeout
@@ -33,9 +33,9 @@ def wait(settings: Settings, app: str, sha: str | None, timeout: float, as_json:
     has no job, or did not finish within --timeout. For a CI pipeline, after its deploy
     step."""
     from postdeploy.errors import UnknownApp
-    from postdeploy.gitsource import is_sha
-    from postdeploy.manual import known_apps, pick_commit, require_app
-    from postdeploy.verdict import PENDING, SUCCEEDED, judge
+    from postdeploy.source.git import is_sha
+    from postdeploy.store.verdict import PENDING, SUCCEEDED, judge
+    from postdeploy.trigger.manual import known_apps, pick_commit, require_app
 
     _, store = open_store(settings)
     apps = known_apps(settings, store)
@@ -90,10 +90,10 @@ def wait(settings: Settings, app: str, sha: str | None, timeout: float, as_json:
 def why(settings: Settings, app: str, sha: str | None, as_json: bool) -> int:
     """Why APP's job ran or not for SHA (default: the current commit): its
     deployments, each decision and each run, with times and hosts."""
-    from postdeploy.decisions import story
-    from postdeploy.manual import known_apps, pick_commit, require_app
-    from postdeploy.verdict import judge
-    from postdeploy.views import why_table
+    from postdeploy.cli.views import why_table
+    from postdeploy.store.decisions import story
+    from postdeploy.store.verdict import judge
+    from postdeploy.trigger.manual import known_apps, pick_commit, require_app
 
     _, store = open_store(settings)
     apps = known_apps(settings, store)

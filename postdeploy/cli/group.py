@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 import click
 
 from postdeploy import __version__
-from postdeploy.config import Settings
-from postdeploy.connection import address_file, connect, resolve_redis_url
+from postdeploy.config.redaction import redact_url
+from postdeploy.config.settings import Settings
 from postdeploy.errors import RedisUnavailable
-from postdeploy.redaction import redact_url
-from postdeploy.state import StateStore
+from postdeploy.store.connection import address_file, connect, resolve_redis_url
+from postdeploy.store.state import StateStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USAGE = 2  # bad flags or configuration

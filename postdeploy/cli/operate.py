@@ -11,10 +11,10 @@ from typing import BinaryIO, cast
 import click
 
 from postdeploy.cli.group import EXIT_FAILED, EXIT_USAGE, cli, fail, open_store, with_settings
-from postdeploy.config import Settings
+from postdeploy.config.settings import Settings
 from postdeploy.errors import ConfigError, PostdeployError
-from postdeploy.records import RunRecord
-from postdeploy.state import StateStore
+from postdeploy.store.records import RunRecord
+from postdeploy.store.state import StateStore
 
 CHECK_TIMEOUT = 30.0  # seconds `check` waits for the workers' answers
 
@@ -24,11 +24,11 @@ CHECK_TIMEOUT = 30.0  # seconds `check` waits for the workers' answers
 @with_settings
 def status(settings: Settings, as_json: bool) -> int:
     """Per app: last seen commit, latest run, its status, when, how long."""
-    from postdeploy.instances import InstanceRegistry
-    from postdeploy.manual import known_apps
-    from postdeploy.verdict import judge
-    from postdeploy.views import AppStatus, status_json, status_table
-    from postdeploy.webhook_state import last_push_times
+    from postdeploy.cli.views import AppStatus, status_json, status_table
+    from postdeploy.store.verdict import judge
+    from postdeploy.trigger.instances import InstanceRegistry
+    from postdeploy.trigger.manual import known_apps
+    from postdeploy.webhook.state import last_push_times
 
     _, store = open_store(settings)
     registered = store.registered_apps()
@@ -60,7 +60,7 @@ def job_output_stream(raw: bool) -> BinaryIO:
     ESC sequences and CRs must not redraw the operator's screen), a pipe the bytes."""
     if raw or not sys.stdout.isatty():
         return sys.stdout.buffer
-    from postdeploy.output import TerminalOutput
+    from postdeploy.run.output import TerminalOutput
     return cast(BinaryIO, TerminalOutput(sys.stdout))
 
 
@@ -77,8 +77,8 @@ def job_output_stream(raw: bool) -> BinaryIO:
 def run(settings: Settings, app: str, sha: str | None, host: str | None, all_instances: bool,
         failed_hosts: bool, wait: bool, raw: bool) -> int:
     """Re-run APP's job by hand (trigger `manual`)."""
-    from postdeploy.instances import InstanceRegistry
-    from postdeploy.manual import (
+    from postdeploy.trigger.instances import InstanceRegistry
+    from postdeploy.trigger.manual import (
         known_apps,
         pick_commit,
         pick_targets,
@@ -121,7 +121,7 @@ def run(settings: Settings, app: str, sha: str | None, host: str | None, all_ins
 
 def _failed_targets(store: StateStore, app: str) -> list[tuple[str | None, str]]:
     """(host, commit) of each run that failed in the app's current deployment."""
-    from postdeploy.verdict import judge
+    from postdeploy.store.verdict import judge
 
     verdict = judge(store, app)
     failed = [r for r in verdict.runs if r.host in verdict.failed_hosts]
@@ -140,7 +140,7 @@ def _failure_line(final: RunRecord) -> str:
 
 
 def _follow(store: StateStore, app: str, run_id: str, raw: bool) -> RunRecord:
-    from postdeploy.follow import follow_run
+    from postdeploy.cli.follow import follow_run
 
     try:
         return follow_run(store, run_id, job_output_stream(raw),
@@ -162,7 +162,7 @@ def _follow(store: StateStore, app: str, run_id: str, raw: bool) -> RunRecord:
 def logs(settings: Settings, app: str, run_id: str | None, follow: bool, raw: bool) -> int:
     """Output of APP's latest run (or RUN_ID): what is stored, or, with --follow,
     everything until the run ends."""
-    from postdeploy.manual import known_apps, require_app
+    from postdeploy.trigger.manual import known_apps, require_app
 
     _, store = open_store(settings)
     require_app(known_apps(settings, store), app)
@@ -196,8 +196,8 @@ def logs(settings: Settings, app: str, run_id: str | None, follow: bool, raw: bo
 @with_settings
 def history(settings: Settings, app: str, as_json: bool, limit: int) -> int:
     """APP's runs, newest first."""
-    from postdeploy.manual import known_apps, require_app
-    from postdeploy.views import history_json, history_table
+    from postdeploy.cli.views import history_json, history_table
+    from postdeploy.trigger.manual import known_apps, require_app
 
     _, store = open_store(settings)
     require_app(known_apps(settings, store), app)
@@ -217,9 +217,9 @@ def history(settings: Settings, app: str, as_json: bool, limit: int) -> int:
 @with_settings
 def cancel(settings: Settings, app: str, run_id: str | None) -> int:
     """Cancel APP's running, waiting or queued run (or RUN_ID); exit 1 if there is none."""
-    from postdeploy.cancel import NotThatAppsRun, cancel_and_report, pick_run
     from postdeploy.errors import UnknownApp
-    from postdeploy.manual import known_apps, require_app
+    from postdeploy.run.cancel import NotThatAppsRun, cancel_and_report, pick_run
+    from postdeploy.trigger.manual import known_apps, require_app
 
     _, store = open_store(settings)
     try:
@@ -242,7 +242,7 @@ def cancel(settings: Settings, app: str, run_id: str | None) -> int:
 @with_settings
 def check(settings: Settings, app: str | None, timeout: float) -> int:
     """Check commits now (all apps, or APP) instead of waiting for the interval."""
-    from postdeploy.manual import check_now, known_apps, require_app
+    from postdeploy.trigger.manual import check_now, known_apps, require_app
 
     url, store = open_store(settings)
     apps = known_apps(settings, store)
@@ -267,8 +267,8 @@ def check(settings: Settings, app: str | None, timeout: float) -> int:
 @with_settings
 def notify(settings: Settings, app: str | None, send_test: bool) -> int:
     """Try the notification URLs (POSTDEPLOY_NOTIFY, and APP's `notify:`; all without APP)."""
-    from postdeploy.notify import destinations
-    from postdeploy.notify import send_test as send_test_message
+    from postdeploy.announce.notify import destinations
+    from postdeploy.announce.notify import send_test as send_test_message
 
     if not send_test:
         raise click.UsageError("nothing to do; use `postdeploy notify --test [APP]`")
@@ -294,7 +294,7 @@ def notify(settings: Settings, app: str | None, send_test: bool) -> int:
 @with_settings
 def validate(settings: Settings, directory: Path, app_name: str | None) -> int:
     """Lint an app repo's appspec.yaml, folder, command and script; and its job user."""
-    from postdeploy.validate import has_errors, job_user_finding, validate_app_dir
+    from postdeploy.source.validate import has_errors, job_user_finding, validate_app_dir
 
     findings = validate_app_dir(directory)
     app = settings.app(app_name) if app_name else next(

@@ -9,14 +9,14 @@ from contextlib import contextmanager
 import click
 
 from postdeploy.cli.group import cli, common_options, with_settings
-from postdeploy.config import (
+from postdeploy.config.logs import configure_logging
+from postdeploy.config.settings import (
     DEFAULT_FLOWER_PORT,
     DEFAULT_LISTEN_ADDRESS,
     DEFAULT_METRICS_PORT,
     Settings,
 )
 from postdeploy.errors import ConfigError
-from postdeploy.logconfig import configure_logging
 
 PORT = click.IntRange(1, 65535)
 # worker and beat pass what they do not know on to Celery (`python -m worker -Q x`).
@@ -43,7 +43,7 @@ def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | Non
        webhook_port: int | None, webhook_address: str,
        state_dir: str | None, config: str | None, redis_url: str | None) -> int:
     """All-in-one: Redis (embedded unless given), a worker, beat; Ctrl-C stops all."""
-    from postdeploy.up import UpOptions, run_up
+    from postdeploy.services.up import UpOptions, run_up
 
     group = ctx.obj or {}
     settings = Settings.load(overrides={
@@ -69,8 +69,8 @@ def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | Non
 @with_settings
 def webhook(settings: Settings, address: str, port: int, processes: int | None) -> int:
     """Receive signed push webhooks (GitHub, GitLab, Gitea, generic); check those apps now."""
-    from postdeploy.webhook import check_settings, serve
-    from postdeploy.webhook_processes import default_count
+    from postdeploy.webhook.processes import default_count
+    from postdeploy.webhook.service import check_settings, serve
 
     check_settings(settings)  # refuse before anything else: no secret, no service
     configure_logging(settings.log_level)
@@ -93,7 +93,7 @@ def celery_flags(role: str) -> Iterator[None]:
 @with_settings
 def worker(settings: Settings, celery_args: tuple[str, ...]) -> int:
     """A Celery worker running jobs and checks (what `python -m worker` starts)."""
-    from postdeploy.service import run_worker
+    from postdeploy.services.start import run_worker
 
     with celery_flags("worker"):
         run_worker(settings, celery_args)
@@ -105,7 +105,7 @@ def worker(settings: Settings, celery_args: tuple[str, ...]) -> int:
 @with_settings
 def beat(settings: Settings, celery_args: tuple[str, ...]) -> int:
     """Celery beat, sending the commit check every interval (`python -m beat`); run one."""
-    from postdeploy.service import run_beat
+    from postdeploy.services.start import run_beat
 
     with celery_flags("beat"):
         run_beat(settings, celery_args)
@@ -119,7 +119,7 @@ def beat(settings: Settings, celery_args: tuple[str, ...]) -> int:
 @with_settings
 def flower(settings: Settings, address: str, port: int) -> int:
     """Flower (task monitor) on postdeploy's tasks, auth from FLOWER_BASIC_AUTH."""
-    from postdeploy.flower import run_flower
+    from postdeploy.services.flower import run_flower
 
     run_flower(settings, address, port)
     return 0
@@ -132,7 +132,7 @@ def flower(settings: Settings, address: str, port: int) -> int:
 @with_settings
 def metrics(settings: Settings, address: str, port: int) -> int:
     """Serve Prometheus metrics at /metrics, read from Redis on each scrape."""
-    from postdeploy.metrics import run_metrics
+    from postdeploy.services.metrics import run_metrics
 
     run_metrics(settings, address, port)
     return 0

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.faults.harness import Audit, worker_ready
-from tests.support import GitRemote, RedisServer, Service, service_env, wait_for
+from tests.support.core import GitRemote, RedisServer, Service, service_env, wait_for
 
 
 @dataclass

@@ -21,9 +21,9 @@ from typing import Any
 
 import redis
 
-from postdeploy.records import RunRecord
-from postdeploy.runner import job_processes
-from tests.support import GitRemote, Service, free_port, run_git, runs, wait_for
+from postdeploy.run.runner import job_processes
+from postdeploy.store.records import RunRecord
+from tests.support.core import GitRemote, Service, free_port, run_git, runs, wait_for
 
 # A run that executed the job to its end (a `lost` attempt did not; `error` ran nothing).
 EXECUTED = ("succeeded", "failed", "timed_out")
@@ -108,8 +108,9 @@ def worker_ready(worker: Service) -> bool:
 # -- Celery -----------------------------------------------------------------------
 _SEND_RUN_JOB = """
 import json, sys
-from postdeploy import celery_app, tasks
-from postdeploy.config import AppConfig, Settings
+from postdeploy.store import celery_app
+from postdeploy.services import tasks
+from postdeploy.config.settings import AppConfig, Settings
 url, repo, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 celery_app.configure(Settings(apps=(AppConfig("shop", repo=repo),)), url)
 result = tasks.run_job.apply_async(kwargs=kwargs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import audit, journal_job, journal_lines, overlapping
-from tests.support import GitRemote, appspec_yaml, runs, wait_for
+from tests.support.core import GitRemote, appspec_yaml, runs, wait_for
 
 COMMITS = 20
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import redis
 import yaml
 
-from postdeploy.config import AppConfig
-from postdeploy.gitsource import AppSource
-from postdeploy.state import StateStore
+from postdeploy.config.settings import AppConfig
+from postdeploy.source.git import AppSource
+from postdeploy.store.state import StateStore
 from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import GitHttpServer, audit, serve_dumb
-from tests.support import (
+from tests.support.core import (
     GitRemote,
     Service,
     appspec_yaml,

@@ -16,12 +16,12 @@ import pytest
 import redis
 import yaml
 
-from postdeploy.config import AppConfig
+from postdeploy.config.settings import AppConfig
 from postdeploy.errors import GitError
-from postdeploy.gitsource import AppSource
+from postdeploy.source.git import AppSource
 from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import send_run_job
-from tests.support import (
+from tests.support.core import (
     GitRemote,
     RedisServer,
     appspec_yaml,

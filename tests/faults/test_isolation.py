@@ -28,7 +28,7 @@ from tests.faults.harness import (
     serve_dumb,
     worker_ready,
 )
-from tests.support import (
+from tests.support.core import (
     GitRemote,
     appspec_yaml,
     output_of,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from postdeploy.state import StateStore
+from postdeploy.store.state import StateStore
 from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import audit
-from tests.support import (
+from tests.support.core import (
     GitRemote,
     RssSampler,
     appspec_yaml,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import redis
 
-from postdeploy.state import StateStore
+from postdeploy.store.state import StateStore
 from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import audit, journal_job, journal_lines
-from tests.support import (
+from tests.support.core import (
     GitRemote,
     appspec_yaml,
     runs,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from celery import Celery
 
-from postdeploy import keys
-from postdeploy.celery_app import QUEUE
+from postdeploy.store import keys
+from postdeploy.store.celery_app import QUEUE
 from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import (
     GitHttpServer,
@@ -22,7 +22,7 @@ from tests.faults.harness import (
     send_run_job,
     serve_dumb,
 )
-from tests.support import (
+from tests.support.core import (
     GitRemote,
     appspec_yaml,
     runs,

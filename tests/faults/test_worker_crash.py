@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import redis
 
-from postdeploy.runner import job_processes
+from postdeploy.run.runner import job_processes
 from tests.faults.conftest import Executor, FaultScope
 from tests.faults.harness import audit, crash_host, journal_job, journal_lines, worker_ready
-from tests.support import (
+from tests.support.core import (
     GitRemote,
     appspec_yaml,
     runs,

@@ -1,0 +1,326 @@
+"""Commit statuses: tell the git host how each run of a commit went, as `postdeploy/<app>`.
+
+A pipeline, a pull request page or a branch protection rule can then see whether
+the post-deploy job passed. Per app, optionally (``commit_status:`` in
+postdeploy.yaml), on GitHub, GitLab or Gitea. The run lifecycle calls
+:func:`report` when a run starts (pending) and when it ends; that queues the
+``postdeploy.commit_status`` task, which sends one request with a total deadline
+and is retried with backoff, like notifications. A status that cannot be sent is
+a WARNING and never changes the run.
+
+The token comes from the executor's environment (a ``POSTDEPLOY_*`` variable, so
+no job ever sees it) and is masked wherever text leaves the executor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException, HTTPSConnection
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
+
+from postdeploy.config.redaction import mask_secrets
+from postdeploy.errors import ConfigError
+from postdeploy.store import keys
+from postdeploy.store.records import RunRecord, Status
+
+if TYPE_CHECKING:
+    from postdeploy.config.settings import Settings
+    from postdeploy.store.state import StateStore
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "postdeploy.commit_status"
+PROVIDERS = ("github", "gitlab", "gitea")
+DEFAULT_TOKEN_ENV = "POSTDEPLOY_STATUS_TOKEN"
+ATTEMPTS = 4  # tries per status: the first and three retries
+REQUEST_DEADLINE = 10.0  # seconds for one whole request, connect to last byte
+MAX_ANSWER = 64 * 1024  # bytes of an answer read (only its status code matters)
+DESCRIPTION_CHARS = 140  # GitHub's limit; the others take more
+SENT_TTL = 30 * 86_400  # seconds the "already sent" rank of a run is kept
+EXPIRES = 3_600  # seconds after which a queued status is stale and dropped
+_FIELDS = ("provider", "repository", "api_url", "token_env")
+_TOKEN_ENV = re.compile(r"^POSTDEPLOY_[A-Z0-9_]+$")
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+# The provider's word for each run status. Pending ranks below the final states,
+# so a late pending never overwrites a result.
+_STATES: dict[str, dict[str, str]] = {
+    "github": {"queued": "pending", "waiting": "pending", "running": "pending",
+               "succeeded": "success", "failed": "failure", "timed_out": "failure",
+               "lost": "failure", "error": "error", "cancelled": "error",
+               "superseded": "error"},
+    "gitlab": {"queued": "pending", "waiting": "pending", "running": "running",
+               "succeeded": "success", "failed": "failed", "timed_out": "failed",
+               "lost": "failed", "error": "failed", "cancelled": "canceled",
+               "superseded": "canceled"},
+}
+_STATES["gitea"] = _STATES["github"]
+
+
+@dataclass(frozen=True)
+class CommitStatusConfig:
+    """Where an app's statuses go; the token itself is read only when sending."""
+
+    provider: str
+    repository: str  # owner/name (GitLab: the project's path or numeric id)
+    api_url: str
+    token_env: str = DEFAULT_TOKEN_ENV
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def parse_config(raw: Any, label: str, repo: str | None) -> CommitStatusConfig | None:
+    """An app's ``commit_status:``: a provider name, or a mapping of provider,
+    repository, api_url and token_env. Repository and API default from a remote
+    ``repo`` URL. Raises ConfigError starting with ``label``."""
+    if raw is None:
+        return None
+    where = f"{label}: commit_status"
+    if isinstance(raw, str):
+        raw = {"provider": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: give a provider ({', '.join(PROVIDERS)}) or a mapping "
+                          f"of {', '.join(_FIELDS)}")
+    unknown = sorted(str(k) for k in raw if k not in _FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; use {', '.join(_FIELDS)}")
+    for key, value in raw.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{where}: {key!r} must be a non-empty string")
+    provider = raw.get("provider")
+    if provider not in PROVIDERS:
+        raise ConfigError(f"{where}: provider must be one of {', '.join(PROVIDERS)}, "
+                          f"not {provider!r}")
+    host, path = _remote_parts(repo)
+    repository = raw.get("repository") or path
+    if not repository:
+        raise ConfigError(f"{where}: give 'repository' (owner/name), as the app's source "
+                          "is not a remote URL it could be read from")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+|[0-9]+", repository) or any(
+            part in (".", "..") for part in repository.split("/")):
+        raise ConfigError(f"{where}: repository {repository!r} is not owner/name")
+    api_url = (raw.get("api_url") or _default_api(provider, host) or "").rstrip("/")
+    if not api_url:
+        raise ConfigError(f"{where}: give 'api_url' (the {provider} API's base URL), as "
+                          "the app's source is not a remote URL it could be read from")
+    parts = urlsplit(api_url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.username:
+        raise ConfigError(f"{where}: api_url {api_url!r} must be an https:// URL without "
+                          "credentials (the token goes in token_env)")
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        raise ConfigError(f"{where}: api_url {api_url!r} would send the token unencrypted; "
+                          "use https://")
+    token_env = raw.get("token_env", DEFAULT_TOKEN_ENV)
+    if not _TOKEN_ENV.fullmatch(token_env):
+        raise ConfigError(f"{where}: token_env {token_env!r} must name a POSTDEPLOY_* "
+                          "variable (jobs never see those)")
+    return CommitStatusConfig(provider, repository, api_url, token_env)
+
+
+def _remote_parts(repo: str | None) -> tuple[str | None, str | None]:
+    """(host, owner/name) of a remote git URL, https, ssh or scp-like; else (None, None)."""
+    if not repo:
+        return None, None
+    scp = re.fullmatch(r"[^@/\s]+@([^:/\s]+):(.+)", repo)
+    if scp:
+        host, path = scp.group(1), scp.group(2)
+    else:
+        parts = urlsplit(repo)
+        if parts.scheme not in ("https", "http", "ssh") or not parts.hostname:
+            return None, None
+        host, path = parts.hostname, parts.path
+    path = path.strip("/").removesuffix(".git")
+    return host.lower(), (path if "/" in path else None)
+
+
+def _default_api(provider: str, host: str | None) -> str | None:
+    if host is None:
+        return None
+    if provider == "github":
+        return "https://api.github.com" if host == "github.com" else f"https://{host}/api/v3"
+    return f"https://{host}/api/v4" if provider == "gitlab" else f"https://{host}/api/v1"
+
+
+def build_request(config: CommitStatusConfig, token: str, record: RunRecord,
+                  description: str) -> StatusRequest:
+    """The provider's documented "create a commit status" request for ``record``."""
+    state = _STATES[config.provider][str(record.status)]
+    context = f"postdeploy/{record.app}"
+    description = description[:DESCRIPTION_CHARS]
+    headers = {"Content-Type": "application/json", "User-Agent": "postdeploy"}
+    if config.provider == "gitlab":
+        url = (f"{config.api_url}/projects/{quote(config.repository, safe='')}"
+               f"/statuses/{record.sha}")
+        headers["PRIVATE-TOKEN"] = token
+        body: dict[str, str] = {"state": state, "name": context, "description": description}
+    else:
+        url = f"{config.api_url}/repos/{config.repository}/statuses/{record.sha}"
+        if config.provider == "github":
+            headers.update({"Authorization": f"Bearer {token}",
+                            "Accept": "application/vnd.github+json",
+                            "X-GitHub-Api-Version": "2022-11-28"})
+        else:
+            headers["Authorization"] = f"token {token}"
+        body = {"state": state, "context": context, "description": description}
+    return StatusRequest(url, headers, json.dumps(body).encode())
+
+
+def describe(record: RunRecord) -> str:
+    """One line for the status: what happened, where, and why it failed."""
+    where = f" on {record.host or record.worker}" if (record.host or record.worker) else ""
+    status = Status(record.status)
+    if status == Status.QUEUED:
+        return "queued"
+    if status == Status.WAITING:
+        return f"waiting for the app to be ready{where}"
+    if status == Status.RUNNING:
+        return f"running{where}"
+    took = f" in {record.duration:.0f} s" if record.duration is not None else ""
+    if status == Status.SUCCEEDED:
+        return f"succeeded{took}{where}"
+    return f"{status.value.replace('_', ' ')}{where}: {record.reason or 'no reason recorded'}"
+
+
+def report(settings: Settings, store: StateStore, record: RunRecord) -> None:
+    """Queue the status ``record``'s current state calls for, if its app reports any.
+
+    The run lifecycle calls this when a run starts and when it ends; never raises.
+    A superseded run is reported only if it was reported as pending before: the
+    commit it skipped may be run by another host, whose result must stand.
+    """
+    try:
+        app = settings.app(record.app)
+        if app is None or app.commit_status is None:
+            return
+        if record.status == Status.SUPERSEDED and not store.client.exists(
+                keys.commit_status_sent(record.id)):
+            return
+        from postdeploy.store.celery_app import app as celery
+
+        celery.send_task(TASK_NAME, kwargs={"run_id": record.id, "status": str(record.status)},
+                         expires=EXPIRES)
+    except Exception as exc:  # a status must never disturb the run lifecycle
+        log.warning("commit status for run %s not queued: %s", record.id,
+                    mask_secrets(str(exc), secrets(settings)))
+
+
+def secrets(settings: Settings) -> list[str]:
+    """The tokens of every app's commit statuses that the executor has."""
+    names = {a.commit_status.token_env for a in settings.apps if a.commit_status}
+    return [token for name in sorted(names) if (token := settings.environ.get(name))]
+
+
+def deliver(settings: Settings, store: StateStore, run_id: str, status: str,
+            attempt: int) -> bool:
+    """One try at sending ``run_id``'s ``status``; True to retry later.
+
+    In order per run: a pending status is dropped once the run has ended (its
+    result is being sent), and a per-run rank keeps a late pending from
+    overwriting a result. Never raises.
+    """
+    try:
+        return _deliver(settings, store, run_id, status, attempt)
+    except Exception as exc:
+        return _failed(settings, run_id, status, attempt,
+                       f"{type(exc).__name__}: {exc}")
+
+
+def _deliver(settings: Settings, store: StateStore, run_id: str, status: str,
+             attempt: int) -> bool:
+    record = store.get_run(run_id)
+    app = settings.app(record.app) if record else None
+    if record is None or app is None or app.commit_status is None:
+        return False
+    config = app.commit_status
+    final = Status(status).finished
+    if not final and Status(record.status).finished:
+        return False  # the result follows (or went) in its own task
+    rank = 2 if final else 1
+    sent = store.client.get(keys.commit_status_sent(run_id))
+    if sent is not None and int(sent) >= rank:
+        return False
+    token = settings.environ.get(config.token_env)
+    if not token:
+        log.warning("%s@%s: commit status not sent: %s is not set in the executor's "
+                    "environment", record.app, record.sha[:7], config.token_env)
+        return False
+    record.status = Status(status)  # the state this message is about
+    request = build_request(config, token, record, mask_secrets(
+        describe(record), [*secrets(settings), token]))
+    code = post(request, REQUEST_DEADLINE)
+    if not 200 <= code < 300:
+        return _failed(settings, run_id, status, attempt,
+                       f"{config.provider} answered HTTP {code}")
+    store.client.set(keys.commit_status_sent(run_id), rank, ex=SENT_TTL)
+    log.info("%s@%s: commit status postdeploy/%s %s sent to %s", record.app, record.sha[:7],
+             record.app, status, config.provider)
+    return False
+
+
+def _failed(settings: Settings, run_id: str, status: str, attempt: int, why: str) -> bool:
+    why = mask_secrets(why, secrets(settings))
+    if attempt >= ATTEMPTS:
+        log.warning("could not send the %s commit status of run %s after %d tries: %s; the "
+                    "run's record is unchanged", status, run_id, attempt, why)
+        return False
+    log.info("%s commit status of run %s failed (try %d of %d): %s; retrying", status,
+             run_id, attempt, ATTEMPTS, why)
+    return True
+
+
+def post(request: StatusRequest, deadline: float) -> int:
+    """POST ``request`` and return the HTTP status, all within ``deadline`` seconds.
+
+    A per-read timeout alone lets a server that dribbles its answer hold the
+    worker for ever; a timer closes the socket at the deadline instead.
+    """
+    parts = urlsplit(request.url)
+    connection_class = HTTPSConnection if parts.scheme == "https" else HTTPConnection
+    connection = connection_class(parts.hostname or "", parts.port, timeout=deadline)
+    expired = threading.Event()
+
+    def cut_off() -> None:
+        expired.set()
+        if connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(deadline, cut_off)
+    timer.daemon = True
+    started = time.monotonic()
+    timer.start()
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request("POST", path, body=request.body, headers=request.headers)
+        answer = connection.getresponse()
+        answer.read(MAX_ANSWER)
+        if expired.is_set():
+            raise TimeoutError(f"no whole answer within {deadline:g} s")
+        return int(answer.status)
+    except (OSError, HTTPException) as exc:
+        if expired.is_set():
+            raise TimeoutError(f"no whole answer within {deadline:g} s") from None
+        raise ConnectionError(f"{type(exc).__name__}: {exc} after "
+                              f"{time.monotonic() - started:.1f} s") from None
+    finally:
+        timer.cancel()
+        connection.close()
+
+
+def retry_delay(settings: Settings, attempt: int) -> float:
+    """Seconds before try ``attempt + 1``: the notifications' backoff."""
+    return float(settings.notify_backoff * 2 ** (attempt - 1))

@@ -1,0 +1,164 @@
+"""Cancelling a run: `postdeploy cancel`, and Flower's revoke of a running job.
+
+A queued or waiting run is ended at once (the lifecycle makes it atomic, and the
+worker refuses to start a run that is no longer queued). A running job lives in
+some worker's pool process, on whichever host: the request is written to Redis
+(``keys.cancel``: who and how, e.g. "from the CLI by root@host") and that
+worker's job guard stops the job's processes (SIGTERM, the grace, SIGKILL); the
+run is recorded ``cancelled`` with the reason "cancelled <who and how>".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from postdeploy.config.settings import Settings
+from postdeploy.errors import PostdeployError
+from postdeploy.run.job import cancel_run
+from postdeploy.store.records import RunRecord, Status
+from postdeploy.store.state import StateStore
+
+log = logging.getLogger(__name__)
+
+CANCEL_TTL = 86_400  # seconds a cancel request waits for the worker running the run
+STOP_MARGIN = 5.0  # seconds the CLI waits beyond the kill grace for the worker's record
+PROGRESS_EVERY = 2.0  # seconds between "still stopping" lines while the CLI waits
+POLL = 0.1  # seconds between reads of the run while the CLI waits
+
+
+class NotThatAppsRun(PostdeployError):
+    """A RUN_ID that does not exist, or belongs to another app."""
+
+
+class Result(StrEnum):
+    CANCELLED = "cancelled"  # the run is recorded cancelled
+    STOPPING = "stopping"  # asked its worker to stop it; not recorded yet
+    ENDED = "ended"  # it had ended (otherwise) before the cancel took effect
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """What became of a cancel: the run as last read, and which way it went."""
+
+    result: Result
+    record: RunRecord
+
+
+def cli_how() -> str:
+    """Who and how, for the run's reason: "from the CLI by root@host"."""
+    return f"from the CLI by {_user()}@{socket.gethostname()}"
+
+
+def pick_run(store: StateStore, app: str, run_id: str | None) -> RunRecord | None:
+    """``run_id`` (which must be ``app``'s), or the app's newest unfinished run, or None."""
+    if run_id:
+        record = store.get_run(run_id)
+        if record is None or record.app != app:
+            raise NotThatAppsRun(f"no run {run_id!r} of {app!r}; see `postdeploy history {app}`")
+        return record
+    return next((r for r in store.history(app) if not r.status.finished), None)
+
+
+def other_unfinished(store: StateStore, record: RunRecord) -> list[RunRecord]:
+    """The app's other runs that are still queued, waiting or running."""
+    return [r for r in store.history(record.app)
+            if r.id != record.id and not r.status.finished]
+
+
+def request_cancel(settings: Settings, store: StateStore, record: RunRecord,
+                   how: str) -> Cancel:
+    """Cancel ``record``: at once if it has not started, else ask its worker to stop it.
+
+    ``how`` says who and how ("from the CLI by root@host"); the run's reason
+    becomes "cancelled <how>".
+    """
+    if record.status in (Status.QUEUED, Status.WAITING):
+        if cancel_run(settings, store, record, f"cancelled {how}"):
+            return Cancel(Result.CANCELLED, record)
+        # It moved meanwhile (cancel_run left what is stored in ``record``): it ended,
+        # or a worker started it, and then only that worker can stop it.
+    if record.status.finished:  # also when another cancel got there first
+        return Cancel(Result.ENDED, record)
+    store.request_cancel(record.id, how, CANCEL_TTL)
+    log.info("asked the worker running run %s (%s@%s) to stop it: cancelled %s", record.id,
+             record.app, record.sha[:7], how)
+    # It may have ended between our read and the request: then nobody will stop it.
+    current = store.get_run(record.id) or record
+    return Cancel(_result_of(current), current)
+
+
+def wait_stopped(store: StateStore, record: RunRecord, timeout: float,
+                 on_progress: Callable[[float], None] = lambda _waited: None) -> Cancel:
+    """Wait up to ``timeout`` seconds for a running run's worker to record its end."""
+    started = time.monotonic()
+    next_progress = started + PROGRESS_EVERY
+    current = record
+    while True:
+        current = store.get_run(record.id) or current
+        if current.status.finished:
+            return Cancel(_result_of(current), current)
+        now = time.monotonic()
+        if now - started >= timeout:
+            return Cancel(Result.STOPPING, current)
+        if now >= next_progress:
+            next_progress = now + PROGRESS_EVERY
+            on_progress(now - started)
+        time.sleep(POLL)
+
+
+def cancel_and_report(settings: Settings, store: StateStore, record: RunRecord,
+                      say: Callable[[str, bool], None]) -> bool:
+    """`postdeploy cancel`: cancel ``record``, wait for a running job to stop, and say
+    how it went through ``say(line, to_stderr)``; False when the run had already ended."""
+    label = f"run {record.id} of {record.app}@{record.sha[:7]}"
+    outcome = request_cancel(settings, store, record, cli_how())
+    wait = stop_wait(settings)
+    if outcome.result == Result.STOPPING:
+        say(f"stopping {label} on {outcome.record.worker or 'its worker'} "
+            "(SIGTERM, then SIGKILL after the grace)...", True)
+        outcome = wait_stopped(store, outcome.record, wait,
+                               lambda waited: say(f"  still stopping after {waited:.0f} s...",
+                                                  True))
+    final = outcome.record
+    if outcome.result == Result.ENDED:
+        say(f"run {final.id} already ended as {final.status}", False)
+        return False
+    if outcome.result == Result.STOPPING:
+        say(f"{label} is still stopping after {wait:g} s; the cancel request stands "
+            f"(see `postdeploy history {record.app}`)", False)
+    else:
+        say(f"cancelled {label}: {final.reason}", False)
+    for other in other_unfinished(store, final):
+        say(f"run {other.id} of {other.app}@{other.sha[:7]} is still {other.status}; "
+            f"`postdeploy cancel {other.app} {other.id}` cancels it too", True)
+    return True
+
+
+def stop_wait(settings: Settings) -> float:
+    """How long the CLI waits: SIGTERM, the grace, SIGKILL, and the worker's record."""
+    return settings.kill_grace + STOP_MARGIN
+
+
+def _result_of(record: RunRecord) -> Result:
+    if record.status == Status.CANCELLED:
+        return Result.CANCELLED
+    return Result.ENDED if record.status.finished else Result.STOPPING
+
+
+def _user() -> str:
+    # getlogin names who logged in (also under sudo); it fails without a terminal.
+    try:
+        return os.getlogin()
+    except OSError:
+        pass
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a name (containers)
+        return str(os.getuid())

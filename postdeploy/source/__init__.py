@@ -1,0 +1,3 @@
+"""What an app's repository says: git (clone, fetch, checkout, safety), the appspec, the
+readiness gate's URL and probe, and `validate`.
+"""

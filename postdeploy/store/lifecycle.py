@@ -1,0 +1,115 @@
+"""The one place that moves a run from status to status.
+
+Every change of a stored run goes through :func:`move`: the allowed moves are
+listed in ``TRANSITIONS``, timestamps are set here, and the record is saved once.
+The stored status is checked and replaced in one Lua script, so of two writers
+racing (a stalled worker and the run that declared it lost, a revoke and the job's
+own end) only an allowed move wins, and a finished run never changes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import fields
+
+from postdeploy.errors import PostdeployError
+from postdeploy.store.deployments import Deployment
+from postdeploy.store.records import RunRecord, Status, Trigger
+from postdeploy.store.state import StateStore
+
+log = logging.getLogger(__name__)
+
+# From each unfinished status, where a run may go. A status moving to itself is an
+# update of other fields (the command once read, a new output size). Finished
+# statuses have no entry: nothing leaves them.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.QUEUED: frozenset({Status.QUEUED, Status.WAITING, Status.RUNNING,
+                              Status.SUPERSEDED, Status.CANCELLED, Status.ERROR}),
+    Status.WAITING: frozenset({Status.WAITING, Status.RUNNING, Status.FAILED,
+                               Status.SUPERSEDED, Status.CANCELLED, Status.ERROR,
+                               Status.LOST}),
+    Status.RUNNING: frozenset({Status.RUNNING, Status.SUCCEEDED, Status.FAILED,
+                               Status.TIMED_OUT, Status.ERROR, Status.LOST,
+                               Status.CANCELLED}),
+}
+_FIELDS = frozenset(f.name for f in fields(RunRecord)) - {"id", "app", "sha", "trigger",
+                                                          "status", "deployment",
+                                                          "previous_sha"}
+
+
+class InvalidTransition(PostdeployError):
+    """A move the lifecycle does not allow (a bug in the caller, not a race)."""
+
+
+def allowed(source: Status, target: Status) -> bool:
+    return target in TRANSITIONS.get(source, frozenset())
+
+
+def sources_of(target: Status) -> frozenset[Status]:
+    """The statuses a run may be in to move to ``target``."""
+    return frozenset(s for s, targets in TRANSITIONS.items() if target in targets)
+
+
+def new_run(store: StateStore, app: str, sha: str, trigger: Trigger | str,
+            timeout: int | None = None, deployment: Deployment | None = None) -> RunRecord:
+    """Store a new queued run on the app's history (of ``deployment``, when known)."""
+    record = RunRecord.new(app, sha, trigger, deployment)
+    record.timeout = timeout
+    store.add_run(record)
+    return record
+
+
+def move(store: StateStore, record: RunRecord, target: Status, **changes: object) -> bool:
+    """Move ``record`` to ``target`` with ``changes`` to its other fields; one save.
+
+    True when stored. False when the run is finished (it never changes again) or
+    had meanwhile moved somewhere ``target`` cannot be reached from: ``record``
+    then holds what is stored. Raises InvalidTransition for a move that is never
+    allowed from ``record``'s own, unfinished status.
+    """
+    if record.status.finished:
+        if record.status != target:
+            log.info("run %s is %s already; not moving it to %s", record.id, record.status,
+                     target)
+        return False
+    if not allowed(record.status, target):
+        raise InvalidTransition(f"run {record.id}: {record.status} cannot become {target}")
+    unknown = set(changes) - _FIELDS
+    if unknown:
+        raise InvalidTransition(f"run {record.id}: cannot set {', '.join(sorted(unknown))}")
+    wanted = _copy(record)
+    for name, value in changes.items():
+        setattr(wanted, name, value)
+    now = time.time()
+    if target == Status.RUNNING and wanted.started_at is None:
+        wanted.started_at = now
+    if target.finished:
+        wanted.finished_at = now
+    wanted.status = target
+    counter = f"{record.app}\t{record.trigger}\t{target}" if target.finished else None
+    ran = target.finished and wanted.started_at is not None and wanted.finished_at is not None
+    duration = (wanted.finished_at or 0) - (wanted.started_at or 0) if ran else None
+    stored = store.replace_run(wanted, sources_of(target), counter, duration)
+    if stored is not None:
+        if stored.status != target:
+            log.info("run %s is %s already; not moving it to %s", record.id, stored.status,
+                     target)
+        _assign(record, stored)
+        return False
+    _assign(record, wanted)
+    return True
+
+
+def update(store: StateStore, record: RunRecord, **changes: object) -> bool:
+    """Change fields of an unfinished run without moving it; False if it finished meanwhile."""
+    return move(store, record, record.status, **changes)
+
+
+def _copy(record: RunRecord) -> RunRecord:
+    return RunRecord.from_json(record.to_json())
+
+
+def _assign(record: RunRecord, source: RunRecord) -> None:
+    for f in fields(RunRecord):
+        setattr(record, f.name, getattr(source, f.name))

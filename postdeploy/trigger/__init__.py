@@ -1,0 +1,3 @@
+"""Deciding that a run should happen: the commit check, each host's reports and placement,
+manual runs.
+"""

@@ -1,0 +1,361 @@
+"""Placement: on which host a deployment's job runs, decided by every host each interval.
+
+Each worker's host loop calls :meth:`HostPlacement.reconcile` with the reports
+it just made (see :mod:`postdeploy.trigger.instances`):
+
+- A ``path`` app's commit is per host. Each host's HEAD goes to the app's
+  deployment log (:meth:`DeploymentLog.host_head`): a host whose HEAD moves
+  may start a deployment, a host that is merely behind never makes the app's
+  commit flip back. Only a host whose working copy is at the current
+  deployment's commit claims its run, and sends it to its own queue: a job
+  never runs in a working copy at another commit, and a host that has not
+  pulled the commit yet neither runs it nor marks it done.
+- POST_DEPLOY_SCOPE ``instance``: every host runs each deployment once when it
+  reaches its commit, in its own working copy (or checkout), again after the
+  host reboots (a new boot id), not after a restart of the executor.
+
+A claim made here names the host and lives a few intervals; the host's loop
+renews it while its run is unfinished. So when a host disappears (powered
+off, its worker killed), its claims lapse and another host that has the
+commit takes the run over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import redis
+
+from postdeploy.config.settings import AppConfig, Settings
+from postdeploy.errors import GitError
+from postdeploy.source.appspec import DEFAULT_TIMEOUT, SCOPE_APP, SCOPE_INSTANCE
+from postdeploy.source.git import AppSource
+from postdeploy.store import decisions, keys, lifecycle
+from postdeploy.store.deployments import Deployment, Observation
+from postdeploy.store.records import RunRecord, Status, Trigger
+from postdeploy.store.state import DONE_TTL, StateStore
+from postdeploy.trigger.instances import GONE_AFTER, Instance, InstanceRegistry, LocalSpecs
+
+log = logging.getLogger(__name__)
+
+# Done-marker value of a deployment whose job runs per instance (the app-wide marker then
+# only says "decided"; each host keeps its own marker).
+INSTANCE_SCOPE_MARK = "scope:instance"
+MIN_CLAIM_TTL = 10  # seconds: even with a 1 s interval a claim outlives a busy moment
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """An automatic run to put on ``host``'s queue."""
+
+    app: str
+    sha: str
+    run_id: str
+    timeout: int | None
+    host: str
+    scope: str
+
+
+Enqueue = Callable[[RunRequest], None]
+
+
+def claim_ttl(interval: float) -> int:
+    """Seconds a host's claim lives without renewal: the time an instance takes to go."""
+    return max(MIN_CLAIM_TTL, int(GONE_AFTER * interval + 1))
+
+
+class HostPlacement:
+    """This host's part in placing runs; one per worker, called from its host loop."""
+
+    def __init__(self, settings: Settings, store: StateStore, registry: InstanceRegistry,
+                 specs: LocalSpecs, enqueue: Enqueue) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = store.client
+        self.registry = registry
+        self.specs = specs
+        self.enqueue = enqueue
+        self.ttl = claim_ttl(settings.check_interval)
+        self._mine: dict[str, str] = {}  # claim key -> id of our unfinished run
+
+    def reconcile(self, reports: Iterable[tuple[str, Instance]]) -> list[RunRequest]:
+        """Claim and queue what this host should run now; return what was queued."""
+        self._renew_claims()
+        mine = [(app, instance) for name, instance in reports
+                if instance.sha is not None and (app := self.settings.app(name)) is not None]
+        # A repo app's scope is learned by the commit check (it reads the appspec) and
+        # left in its deployment's done marker: two round trips for every repo app.
+        repo = [app.name for app, _ in mine if app.repo]
+        current = {name: n for name, n in zip(
+            repo, self.store.deployments.current_ids(repo), strict=True) if n is not None}
+        marks = self.client.mget([keys.done(name, n) for name, n in current.items()]) \
+            if current else []
+        per_instance = {name for name, mark in zip(current, marks, strict=True)
+                        if _text(mark) == INSTANCE_SCOPE_MARK}
+        queued: list[RunRequest] = []
+        for app, instance in mine:
+            assert instance.sha is not None
+            try:
+                if app.path:
+                    seen = self.store.deployments.host_head(app.name, self.settings.host,
+                                                            instance.sha)
+                    requests = [self._path_app(app, instance.sha, seen),
+                                self._instance(app, instance.sha, seen.mine)]
+                elif app.name in per_instance:
+                    requests = [self._instance(app, instance.sha, current[app.name])]
+                else:
+                    requests = []
+                queued += [r for r in requests if r is not None]
+            except redis.RedisError:
+                raise
+            except Exception:  # one app's trouble never stops the others
+                log.exception("placement of %s failed", app.name)
+        return queued
+
+    # -- scope app, path apps ---------------------------------------------------
+    def _path_app(self, app: AppConfig, head: str, seen: Observation) -> RunRequest | None:
+        deployment = seen.deployment
+        host = self.settings.host
+        if seen.started:
+            log.info("%s: deployment %d: %s, first on %s (was %s)", app.name, deployment.id,
+                     head[:7], host, (deployment.previous_sha or "-")[:7])
+            decisions.note(self.client, app.name, head, f"first deployed on {host}: its "
+                           "working copy moved to this commit", host)
+        if head != deployment.sha:
+            log.debug("%s: this host is at %s, behind %s; a host that has it runs it",
+                      app.name, head[:7], deployment.sha[:7])
+            decisions.note(self.client, app.name, head, f"{host} is at this commit, behind "
+                           f"the fleet's {deployment.sha[:7]}: not a deployment, nothing run",
+                           host, once=f"behind:{host}:{deployment.id}")
+            return None
+        local = self.specs.get(app, head)
+        if local.spec is not None and local.spec.scope == SCOPE_INSTANCE:
+            self.client.set(keys.done(app.name, deployment.id), INSTANCE_SCOPE_MARK,
+                            ex=DONE_TTL)
+            return None
+        claim = keys.claim(app.name, deployment.id)
+        if not self._claim(claim, keys.done(app.name, deployment.id)):
+            return None
+        if local.spec is not None and local.spec.command is None:
+            log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",
+                     app.name, head[:7])
+            self.store.mark_done(app.name, deployment.id, "no-command")
+            return None
+        # A malformed appspec still gets a run: the run records the problem as `error`.
+        timeout = local.spec.timeout if local.spec else DEFAULT_TIMEOUT
+        return self._queue(app.name, deployment, timeout, SCOPE_APP, claim)
+
+    # -- scope instance -------------------------------------------------------
+    def _instance(self, app: AppConfig, sha: str, deployment: int | None) -> RunRequest | None:
+        """This instance's run of ``deployment`` (the latest one of the commit it is at)."""
+        if deployment is None:
+            return None  # a commit the app never deployed: this host is behind
+        host, boot = self.settings.host, self.settings.boot_id
+        if app.path:
+            local = self.specs.get(app, sha)
+            if local.spec is None or local.spec.scope != SCOPE_INSTANCE:
+                return None
+            if local.spec.command is None:
+                return None
+            timeout: int | None = local.spec.timeout
+        else:
+            timeout = None  # the run reads it from the checkout
+        claim = keys.instance_claim(app.name, host, deployment)
+        if not self._claim(claim, keys.instance_done(app.name, host, boot, deployment)):
+            return None
+        # Only forgotten after KEEP later deployments; then its previous commit is unknown.
+        found = self.store.deployments.get(app.name, deployment) or Deployment(
+            deployment, sha, None, time.time())
+        return self._queue(app.name, found, timeout, SCOPE_INSTANCE, claim)
+
+    # -- claims ---------------------------------------------------------------
+    def _claim(self, claim: str, done: str) -> bool:
+        """Claim unless done or claimed; a done marker's expiry is refreshed meanwhile."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.expire(done, DONE_TTL)
+        pipe.set(claim, self.settings.host, nx=True, ex=self.ttl)
+        is_done, claimed = pipe.execute()
+        if is_done and claimed:
+            self.client.delete(claim)
+        return bool(claimed) and not is_done
+
+    def _queue(self, app: str, deployment: Deployment, timeout: int | None, scope: str,
+               claim: str) -> RunRequest:
+        sha = deployment.sha
+        self._retire_stale(app, deployment.id, scope)
+        record = RunRecord.new(app, sha, Trigger.AUTO.value, deployment)
+        record.timeout = timeout
+        record.host = self.settings.host
+        self.store.add_run(record)
+        request = RunRequest(app, sha, record.id, timeout, self.settings.host, scope)
+        try:
+            self.enqueue(request)
+        except Exception:
+            self.client.delete(claim)
+            raise
+        self._mine[claim] = record.id
+        where = "on this host" if scope == SCOPE_APP else "for this instance"
+        log.info("%s@%s: POST_DEPLOY job queued %s (run %s)", app, sha[:7], where, record.id)
+        return request
+
+    def _renew_claims(self) -> None:
+        """Keep the claims of our unfinished runs; let those of finished runs go."""
+        if not self._mine:
+            return
+        records = {claim: self.store.get_run(run_id) for claim, run_id in self._mine.items()}
+        pipe = self.client.pipeline(transaction=False)
+        for claim, record in records.items():
+            if record is None or Status(record.status).finished:
+                del self._mine[claim]
+            else:
+                pipe.expire(claim, self.ttl)
+        pipe.execute()
+
+    def _retire_stale(self, app: str, deployment: int, scope: str) -> None:
+        retire_stale(self.store, app, deployment,
+                     self.settings.host if scope == SCOPE_INSTANCE else None)
+
+
+def retire_stale(store: StateStore, app: str, deployment: int, host: str | None = None) -> None:
+    """Automatic runs of ``deployment`` (on ``host``) queued or waiting on a host that
+    went away.
+
+    Called only when a claim of the deployment could be taken again, that is when
+    nobody kept the old one alive; such a run never starts any more.
+    """
+    for record in store.history(app, 20):
+        if record.deployment != deployment or record.trigger != Trigger.AUTO.value:
+            continue
+        if host is not None and record.host != host:
+            continue
+        if record.status in (Status.QUEUED, Status.WAITING) and lifecycle.move(
+                store, record, Status.SUPERSEDED,
+                reason=f"{record.host or 'its host'} stopped before the run started; the "
+                       "deployment was queued again"):
+            log.warning("%s@%s: run %s given up: %s", app, record.sha[:7], record.id,
+                        record.reason)
+
+
+def forward_host(settings: Settings, store: StateStore, app: AppConfig, sha: str) -> str | None:
+    """For a run of a ``path`` app sent to any host: a host whose working copy is at
+    ``sha``, when this one's is not (None: run here, or nowhere better)."""
+    if app.path is None or working_copy_problem(settings, app, sha) is None:
+        return None
+    at_commit = [i for i in InstanceRegistry(store.client).live(app.name)
+                 if i.sha == sha and i.host != settings.host]
+    at_commit.sort(key=lambda i: (i.ready is False, i.host))
+    return at_commit[0].host if at_commit else None
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# -- the run's side: is this host the right place for it, now? ----------------------
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run was sent (None: the shared queue, any host) and its scope."""
+
+    host: str | None = None
+    scope: str = SCOPE_APP
+
+    @property
+    def per_instance(self) -> bool:
+        return self.scope == SCOPE_INSTANCE and self.host is not None
+
+    @property
+    def slot(self) -> str | None:
+        """The host whose instance the run occupies (scope instance), else None: the app."""
+        return self.host if self.per_instance else None
+
+    def lock_key(self, app: str) -> str:
+        """One run per app at a time; per instance for scope instance."""
+        if self.per_instance:
+            assert self.host is not None
+            return keys.instance_lock(app, self.host)
+        return keys.run_lock(app)
+
+    def claim_key(self, app: str, deployment: int | None) -> str | None:
+        """The claim a run of ``deployment`` holds (None: a run of no deployment)."""
+        if deployment is None:
+            return None
+        if self.per_instance:
+            assert self.host is not None
+            return keys.instance_claim(app, self.host, deployment)
+        return keys.claim(app, deployment)
+
+
+def skip_reason(settings: Settings, store: StateStore, app: AppConfig, record: RunRecord,
+                place: RunPlace) -> str | None:
+    """Why an automatic run should not run (any more): None if it should.
+
+    Its deployment decides, not its commit: after A→B→A, deployment 1's run of A
+    never makes deployment 3 (A again) skip, and deployment 2's run of B is
+    superseded by deployment 3.
+    """
+    label = f"deployment {record.deployment} ({record.sha[:7]})"
+    if record.deployment is None:
+        return f"commit {record.sha[:7]} is not one of {app.name}'s deployments"
+    if place.per_instance:
+        assert place.host is not None
+        registry = InstanceRegistry(store.client)
+        if registry.instance_done(app.name, place.host, settings.boot_id, record.deployment):
+            return f"{label} already ran on {place.host} since it booted"
+        if app.repo:
+            return _superseded(store, app.name, record.deployment, label)
+        return None
+    if store.is_done(app.name, record.deployment):
+        return f"{label} already ran"
+    return _superseded(store, app.name, record.deployment, label)
+
+
+def _superseded(store: StateStore, app: str, deployment: int, label: str) -> str | None:
+    latest = store.deployments.current(app)
+    if latest is not None and latest.id != deployment:
+        return (f"{label} is no longer the latest (deployment {latest.id}, "
+                f"{latest.sha[:7]}, is)")
+    return None
+
+
+def working_copy_problem(settings: Settings, app: AppConfig, sha: str) -> str | None:
+    """A job never runs in a working copy at another commit: why not here, or None."""
+    if app.path is None:
+        return None  # a repo app's checkout is made at exactly the run's commit
+    try:
+        head = AppSource(app, settings.state_dir).current_sha()
+    except GitError as exc:
+        return str(exc)
+    if head == sha:
+        return None
+    return (f"the working copy of {app.name} on {settings.host} is at {head[:7]}, "
+            f"not {sha[:7]}")
+
+
+def mark_done(settings: Settings, store: StateStore, app: str, deployment: int, run_id: str,
+              place: RunPlace) -> None:
+    """The automatic run of ``deployment`` finished: for the fleet, or for this instance."""
+    if place.per_instance:
+        assert place.host is not None
+        InstanceRegistry(store.client).mark_instance_done(app, place.host, settings.boot_id,
+                                                          deployment, run_id)
+    else:
+        store.mark_done(app, deployment, run_id)
+
+
+def mark_cancelled(settings: Settings, store: StateStore, record: RunRecord) -> None:
+    """A cancelled automatic run's deployment is not run again: on its instance, for scope
+    instance (the deployment's app-wide marker says so), else for the fleet."""
+    if record.deployment is None:
+        return  # a run of no deployment: nothing would run it again anyway
+    mark = _text(store.client.get(keys.done(record.app, record.deployment)))
+    if mark != INSTANCE_SCOPE_MARK or not record.host:
+        store.mark_done(record.app, record.deployment, record.id)
+        return
+    registry = InstanceRegistry(store.client)
+    # The instance's own boot (the cancel may come from another machine).
+    boot = next((i.boot_id for i in registry.live(record.app) if i.host == record.host),
+                settings.boot_id)
+    registry.mark_instance_done(record.app, record.host, boot, record.deployment, record.id)

@@ -1,0 +1,3 @@
+"""The push trigger: an HTTP service that verifies signed pushes and queues the matching
+apps' checks.
+"""

@@ -1,0 +1,1 @@
+"""Test helpers: real Redis, git remotes, services, hosts, stand-ins."""
