@@ -25,8 +25,8 @@ CHECK_TIMEOUT = 30.0  # seconds `check` waits for the workers' answers
 def status(settings: Settings, as_json: bool) -> int:
     """Per app: last seen commit, latest run, its status, when, how long."""
     from postdeploy.cli.views import AppStatus, status_json, status_table
+    from postdeploy.store.instances import InstanceRegistry
     from postdeploy.store.verdict import judge
-    from postdeploy.trigger.instances import InstanceRegistry
     from postdeploy.trigger.manual import known_apps
     from postdeploy.webhook.state import last_push_times
 
@@ -77,7 +77,7 @@ def job_output_stream(raw: bool) -> BinaryIO:
 def run(settings: Settings, app: str, sha: str | None, host: str | None, all_instances: bool,
         failed_hosts: bool, wait: bool, raw: bool) -> int:
     """Re-run APP's job by hand (trigger `manual`)."""
-    from postdeploy.trigger.instances import InstanceRegistry
+    from postdeploy.store.instances import InstanceRegistry
     from postdeploy.trigger.manual import (
         known_apps,
         pick_commit,
@@ -294,7 +294,7 @@ def notify(settings: Settings, app: str | None, send_test: bool) -> int:
 @with_settings
 def validate(settings: Settings, directory: Path, app_name: str | None) -> int:
     """Lint an app repo's appspec.yaml, folder, command and script; and its job user."""
-    from postdeploy.source.validate import has_errors, job_user_finding, validate_app_dir
+    from postdeploy.cli.validate import has_errors, job_user_finding, validate_app_dir
 
     findings = validate_app_dir(directory)
     app = settings.app(app_name) if app_name else next(

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from postdeploy.store.decisions import Event
 from postdeploy.store.deployments import Deployment
+from postdeploy.store.instances import Instance
 from postdeploy.store.records import RunRecord
-from postdeploy.trigger.instances import Instance
 
 if TYPE_CHECKING:
     from postdeploy.store.verdict import Verdict

@@ -16,8 +16,6 @@ from typing import Any
 
 import yaml
 
-from postdeploy.announce.commit_status import CommitStatusConfig
-from postdeploy.announce.commit_status import parse_config as parse_commit_status
 from postdeploy.config.checks import (
     check_app_name,
     check_branch,
@@ -25,11 +23,16 @@ from postdeploy.config.checks import (
     number_in_range,
     state_dir_path,
 )
+from postdeploy.config.commit_status import CommitStatusConfig
+from postdeploy.config.commit_status import parse_config as parse_commit_status
 from postdeploy.config.notify import DEFAULT_NOTIFY_ON, parse_events, parse_urls
 from postdeploy.config.redaction import redact_url
+from postdeploy.config.users import parse_uid_range, parse_user
 from postdeploy.errors import ConfigError
-from postdeploy.run.user import parse_uid_range, parse_user
 
+# POST_DEPLOY_TIMEOUT's bound: one day; also bounds how long the broker waits before
+# redelivery (see postdeploy.store.celery_app).
+MAX_TIMEOUT = 86_400
 DEFAULT_STATE_DIR = ".postdeploy"  # checkouts, embedded Redis data, its address
 DEFAULT_CHECK_INTERVAL = 30.0  # seconds between commit checks (the guide's "every 30s")
 DEFAULT_KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL of a timed-out job

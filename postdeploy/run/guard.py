@@ -38,6 +38,7 @@ from typing import Any
 import redis
 
 from postdeploy.run import processes
+from postdeploy.run.sandbox import Sandbox
 
 TICK = 0.25  # seconds between lease renewals, cancel checks and looks at the job
 STOP_POLL = 0.05  # seconds between looks while waiting for stopped processes to go
@@ -69,17 +70,6 @@ class Lease:
     cancel_key: str | None = None
     # Puts back what else the run needs when Redis lost its data (the run's deployment).
     restore: Callable[[redis.Redis], object] | None = None
-
-
-@dataclass(frozen=True)
-class Sandbox:
-    """Who the job runs as and what it may see (empty: as the worker, seeing everything)."""
-
-    uid: int | None = None
-    gid: int | None = None
-    hide: tuple[str, ...] = ()  # paths covered by an empty tmpfs (directories) or /dev/null
-    root: str | None = None  # an empty tmpfs is mounted here for the binds below
-    binds: tuple[tuple[str, str], ...] = ()  # (source, where the job sees it), under root
 
 
 @dataclass(frozen=True)

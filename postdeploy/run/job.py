@@ -32,6 +32,14 @@ from postdeploy.run.env import executor_secrets, run_environment
 from postdeploy.run.gate import GateWait
 from postdeploy.run.guard import Lease
 from postdeploy.run.output import OutputCapture
+from postdeploy.run.place import (
+    RunPlace,
+    claim_ttl,
+    mark_cancelled,
+    mark_done,
+    skip_reason,
+    working_copy_problem,
+)
 from postdeploy.run.runner import JobOutcome, kill_run_processes, run_process
 from postdeploy.run.sandbox import JobPlace, place_job
 from postdeploy.source.appspec import parse_appspec, resolve_folder
@@ -40,8 +48,6 @@ from postdeploy.store import decisions, deployments, keys, lifecycle
 from postdeploy.store.deployments import Deployment
 from postdeploy.store.records import RunRecord, Status, Trigger
 from postdeploy.store.state import StateStore
-from postdeploy.trigger import placement
-from postdeploy.trigger.placement import RunPlace, claim_ttl
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +102,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
                                    deployment=store.deployments.of_sha(app.name, sha))
 
     auto = record.trigger == Trigger.AUTO
-    if auto and (skipped := placement.skip_reason(settings, store, app, record, run_place)):
+    if auto and (skipped := skip_reason(settings, store, app, record, run_place)):
         return _finish(settings, store, record, JobOutcome(Status.SUPERSEDED, None, skipped),
                        run_place)
     if ended := _before_start(settings, store, source, record, run_place, waiting_since):
@@ -110,7 +116,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
         if lost:
             _mark_lost(settings, store, lost)
             _announce_end(settings, store, lost)
-        if auto and (skipped := placement.skip_reason(settings, store, app, record, run_place)):
+        if auto and (skipped := skip_reason(settings, store, app, record, run_place)):
             return _finish(settings, store, record,
                            JobOutcome(Status.SUPERSEDED, None, skipped), run_place)
         if auto and store.lost_attempts(app.name, record.deployment) >= MAX_LOST_ATTEMPTS:
@@ -137,7 +143,7 @@ def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason:
                                                     reason=reason):
         return False
     if record.trigger == Trigger.AUTO:
-        placement.mark_cancelled(settings, store, record)
+        mark_cancelled(settings, store, record)
     log.warning("%s@%s: run %s cancelled: %s", record.app, record.sha[:7], record.id, reason)
     _announce_end(settings, store, record)
     return True
@@ -150,7 +156,7 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
     Raises GateWait while the app's readiness gate does not pass yet.
     """
     auto = record.trigger == Trigger.AUTO
-    if problem := placement.working_copy_problem(settings, source.app, record.sha):
+    if problem := working_copy_problem(settings, source.app, record.sha):
         if auto:  # not ours to run, nor to mark done: a host that has the commit runs it
             return _finish(settings, store, record, JobOutcome(
                 Status.SUPERSEDED, None, f"{problem}; left to a host that has it"), run_place)
@@ -340,7 +346,7 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
             _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
         return record  # else declared lost by another worker, whose run owns the app now
     if record.trigger == Trigger.AUTO and deployment is not None:
-        _patiently(lambda: placement.mark_done(settings, store, record.app, deployment,
+        _patiently(lambda: mark_done(settings, store, record.app, deployment,
                                                record.id, run_place),
                    "mark the deployment done")
     _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")

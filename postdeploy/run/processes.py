@@ -181,3 +181,15 @@ def _others() -> list[psutil.Process]:
 
 def _alive(proc: psutil.Process) -> bool:
     return bool(proc.status() != psutil.STATUS_ZOMBIE)
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent() -> None:
+    """In a child before exec (Linux): get SIGTERM if `up` itself is killed outright."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass

@@ -27,8 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from postdeploy.run.guard import GuardHandle, GuardResult, GuardSpec, Lease, Sandbox, start_guard
+from postdeploy.run.guard import GuardHandle, GuardResult, GuardSpec, Lease, start_guard
 from postdeploy.run.processes import processes_with_env
+from postdeploy.run.sandbox import Sandbox
 from postdeploy.store.records import Status
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from postdeploy.config.users import JobUser, parse_user, passwd_user
 from postdeploy.errors import ConfigError, JobUserError
-from postdeploy.run.user import JobUser, app_user, parse_user, passwd_user
+from postdeploy.run.user import app_user
 
 if TYPE_CHECKING:
     from postdeploy.config.settings import Settings
-    from postdeploy.run.guard import Sandbox
+
+@dataclass(frozen=True)
+class Sandbox:
+    """Who the job runs as and what it may see (empty: as the worker, seeing everything)."""
+
+    uid: int | None = None
+    gid: int | None = None
+    hide: tuple[str, ...] = ()  # paths covered by an empty tmpfs (directories) or /dev/null
+    root: str | None = None  # an empty tmpfs is mounted here for the binds below
+    binds: tuple[tuple[str, str], ...] = ()  # (source, where the job sees it), under root
+
 
 JOB_ROOT = Path("/run/postdeploy-jobs")  # where a sandboxed job sees its checkout and home
 HOMES_DIR = "homes"  # in the state dir: the job home of each app without a real one
@@ -105,7 +116,6 @@ def place_job(settings: Settings, app: str, checkout: Path) -> JobPlace:
     Raises JobUserError when the app's user cannot be had on this host.
     """
     from postdeploy.config.settings import AppConfig
-    from postdeploy.run.guard import Sandbox
 
     user = app_user(settings, settings.app(app) or AppConfig(name=app)).user
     if user is None:  # not root: the job runs as we do, with our HOME when we have one

@@ -15,7 +15,6 @@ belong to the app, not to us: a process whose run (its POST_DEPLOY_RUN_ID)
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -29,22 +28,12 @@ from typing import BinaryIO
 
 import psutil
 
-from postdeploy.run.processes import processes_with_env
+from postdeploy.run.processes import die_with_parent, processes_with_env
 
 MARKER_VAR = "POST_DEPLOY_UP_ID"  # inherited by jobs: the worker hides POSTDEPLOY_* from them
 RUN_VAR = "POST_DEPLOY_RUN_ID"  # every job process carries its run's id
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL at shutdown
 POLL = 0.2  # seconds between looks at the children
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """In a child before exec (Linux): get SIGTERM if `up` itself is killed outright."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass
 
 
 @dataclass

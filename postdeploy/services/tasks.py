@@ -20,19 +20,20 @@ from postdeploy.run.clock import JobClock
 from postdeploy.run.gate import GateWait
 from postdeploy.run.guard import reap_guards
 from postdeploy.run.job import LockBusy, cancel_run, carry_out_run
+from postdeploy.run.place import RunPlace
 from postdeploy.source.appspec import SCOPE_APP
 from postdeploy.store.celery_app import (
     UNSET_RUN_HARD_LIMIT,
     app,
     current_settings,
-    hard_limit,
+    enqueue_run,
     host_queue,
 )
 from postdeploy.store.connection import redis_client
 from postdeploy.store.records import RunRecord, Status, Trigger
 from postdeploy.store.state import StateStore
 from postdeploy.trigger.check import reconcile
-from postdeploy.trigger.placement import HostPlacement, RunPlace, RunRequest, forward_host
+from postdeploy.trigger.placement import HostPlacement, RunRequest, forward_host
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +52,6 @@ def state_store() -> StateStore:
         settings = current_settings()
         _store = StateStore(redis_client(app.conf.broker_url), settings.history_limit)
     return _store
-
-
-def enqueue_run(app_name: str, sha: str | None, trigger: str, run_id: str | None,
-                timeout: int | None, host: str | None = None, scope: str | None = None) -> str:
-    """Put a run_job message on the queue; the soft time limit is the app's timeout.
-
-    With ``host``, on that host's own queue (only its workers take it).
-    """
-    options: dict[str, Any] = {}
-    if timeout:
-        options = {"soft_time_limit": timeout,
-                   "time_limit": hard_limit(timeout, current_settings().kill_grace)}
-    kwargs: dict[str, Any] = {"app": app_name, "sha": sha, "trigger": trigger, "run_id": run_id}
-    if host is not None:
-        options["queue"] = host_queue(host)
-        kwargs.update({"host": host, "scope": scope})
-    result = run_job.apply_async(kwargs=kwargs, **options)
-    return str(result.id)
 
 
 # The periodic checks send no task events: four events per check and interval
@@ -134,7 +117,8 @@ def host_placement() -> HostPlacement:
     """This process's placement (claims it renews are its own runs)."""
     global _placement
     if _placement is None:
-        from postdeploy.trigger.instances import InstanceRegistry, LocalSpecs
+        from postdeploy.store.instances import InstanceRegistry
+        from postdeploy.trigger.instances import LocalSpecs
 
         settings = current_settings()
         _placement = HostPlacement(settings, state_store(),

@@ -22,10 +22,11 @@ from postdeploy.config.notify import mask_url
 from postdeploy.config.redaction import redact_url
 from postdeploy.config.settings import DEFAULT_FLOWER_PORT, DEFAULT_LISTEN_ADDRESS, Settings
 from postdeploy.errors import ConfigError
+from postdeploy.run.processes import die_with_parent
 from postdeploy.run.sandbox import check_job_user_setting
 from postdeploy.run.user import check_app_users
 from postdeploy.services.embedded_redis import EmbeddedRedis
-from postdeploy.services.supervisor import ChildDied, Supervisor, die_with_parent
+from postdeploy.services.supervisor import ChildDied, Supervisor
 from postdeploy.store.connection import address_file, connect, redis_client
 from postdeploy.store.records import Status
 from postdeploy.store.state import StateStore

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from postdeploy.config.settings import MAX_TIMEOUT
 from postdeploy.errors import AppSpecError
 from postdeploy.source.readiness import (
     DEFAULT_WAIT_TIMEOUT,
@@ -20,7 +21,6 @@ from postdeploy.source.readiness import (
 
 APPSPEC_FILE = "appspec.yaml"
 DEFAULT_TIMEOUT = 300  # seconds, the guide's example value
-MAX_TIMEOUT = 86_400  # one day; also bounds how long the broker waits before redelivery
 MAX_APPSPEC_BYTES = 1024 * 1024  # a real appspec is a few KB; refuse anything huge
 JOB_KEYS = ("POST_DEPLOY_COMMAND", "POST_DEPLOY_FOLDER", "POST_DEPLOY_TIMEOUT")
 # Where and when the job runs (DESIGN.md "Where and when a job runs").

@@ -13,11 +13,11 @@ from celery import Celery
 from celery.app.amqp import AMQP
 from kombu.transport.redis import Channel as RedisChannel
 
-from postdeploy.config.settings import Settings
-from postdeploy.source.appspec import MAX_TIMEOUT
+from postdeploy.config.settings import MAX_TIMEOUT, Settings
 from postdeploy.store import keys
 
 QUEUE = "postdeploy"
+RUN_JOB = "postdeploy.run_job"  # the job task's name (stable: Flower and scripts use it)
 HOST_QUEUE_PREFIX = "postdeploy.host."  # each worker also consumes its host's own queue
 HARD_LIMIT_MARGIN = 30  # seconds above soft limit + kill grace before Celery kills the task
 # Hard limit of a run sent without limits (Flower's async-apply): its deadline comes from
@@ -107,6 +107,24 @@ def current_settings() -> Settings:
 def hard_limit(timeout: int, kill_grace: float) -> int:
     """Celery's hard time limit: above the soft limit plus the SIGTERM grace."""
     return int(timeout + kill_grace + HARD_LIMIT_MARGIN)
+
+
+def enqueue_run(app_name: str, sha: str | None, trigger: str, run_id: str | None,
+                timeout: int | None, host: str | None = None, scope: str | None = None) -> str:
+    """Put a run_job message on the queue; the soft time limit is the app's timeout.
+
+    With ``host``, on that host's own queue (only its workers take it).
+    """
+    options: dict[str, Any] = {}
+    if timeout:
+        options = {"soft_time_limit": timeout,
+                   "time_limit": hard_limit(timeout, current_settings().kill_grace)}
+    kwargs: dict[str, Any] = {"app": app_name, "sha": sha, "trigger": trigger, "run_id": run_id}
+    if host is not None:
+        options["queue"] = host_queue(host)
+        kwargs.update({"host": host, "scope": scope})
+    result = app.send_task(RUN_JOB, kwargs=kwargs, **options)
+    return str(result.id)
 
 
 def _guard_closed_broker_channels() -> None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 
 from postdeploy.store import keys
 from postdeploy.store.deployments import Deployment
+from postdeploy.store.instances import Instance, InstanceRegistry
 from postdeploy.store.records import RunRecord, Status, Trigger
 from postdeploy.store.state import StateStore
-from postdeploy.trigger.instances import Instance, InstanceRegistry
 
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
 NO_COMMAND, NOT_SEEN, REPLACED = "no-command", "not-seen", "replaced"

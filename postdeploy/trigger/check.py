@@ -18,6 +18,7 @@ from typing import Any
 
 from postdeploy.config.settings import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
+from postdeploy.run.place import INSTANCE_SCOPE_MARK
 from postdeploy.source.appspec import DEFAULT_TIMEOUT, SCOPE_INSTANCE, parse_appspec
 from postdeploy.source.git import AppSource
 from postdeploy.store import decisions
@@ -25,7 +26,7 @@ from postdeploy.store.deployments import Observation
 from postdeploy.store.lifecycle import new_run
 from postdeploy.store.records import Trigger
 from postdeploy.store.state import StateStore
-from postdeploy.trigger.placement import INSTANCE_SCOPE_MARK, retire_stale
+from postdeploy.trigger.placement import retire_stale
 
 log = logging.getLogger(__name__)
 

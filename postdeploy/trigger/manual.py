@@ -17,10 +17,11 @@ from postdeploy.config.redaction import MASK
 from postdeploy.config.settings import AppConfig, Settings
 from postdeploy.errors import GitError, PostdeployError, UnknownApp
 from postdeploy.source.git import AppSource, is_sha
-from postdeploy.store.celery_app import configure
+from postdeploy.store.celery_app import app as celery
+from postdeploy.store.celery_app import configure, enqueue_run
+from postdeploy.store.instances import Instance
 from postdeploy.store.records import RunRecord, Trigger
 from postdeploy.store.state import StateStore
-from postdeploy.trigger.instances import Instance
 
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
 
@@ -31,6 +32,8 @@ class UnknownCommit(PostdeployError):
 
 class UnknownHost(PostdeployError):
     """--host or --all-instances names no live instance, or one at another commit."""
+
+CHECK_APP = "postdeploy.check_app"  # the task `check` sends
 
 
 def known_apps(settings: Settings, store: StateStore) -> dict[str, AppConfig | None]:
@@ -135,7 +138,6 @@ def queue_manual_run(settings: Settings, url: str, store: StateStore, name: str,
                      sha: str, host: str | None = None) -> RunRecord:
     """Record a queued manual run and put its message on the queue (``host``'s, if given)."""
     configure(settings, url)
-    from postdeploy.services.tasks import enqueue_run  # imports Celery tasks: only when needed
 
     # The soft time limit is the commit's POST_DEPLOY_TIMEOUT when an earlier run read
     # it; otherwise the worker arms the same deadline once it reads appspec.yaml.
@@ -153,9 +155,8 @@ def check_now(settings: Settings, url: str, names: list[str],
               timeout: float) -> Iterator[tuple[str, bool]]:
     """Ask the workers to check each app now; yield (line to print, went well)."""
     configure(settings, url)
-    from postdeploy.services.tasks import check_app
-
-    pending = [(name, check_app.apply_async(args=[name], expires=timeout)) for name in names]
+    pending = [(name, celery.send_task(CHECK_APP, args=[name], expires=timeout))
+               for name in names]
     deadline = time.monotonic() + timeout
     answered = 0
     for name, result in pending:

@@ -26,7 +26,7 @@ from types import FrameType
 import tornado.netutil
 
 from postdeploy.errors import ConfigError
-from postdeploy.services.supervisor import die_with_parent
+from postdeploy.run.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from postdeploy.run.guard import GuardHandle, GuardResult, GuardSpec, Lease, Sandbox, start_guard
-from postdeploy.run.sandbox import can_isolate
-from postdeploy.run.user import parse_user
+from postdeploy.config.users import parse_user
+from postdeploy.run.guard import GuardHandle, GuardResult, GuardSpec, Lease, start_guard
+from postdeploy.run.sandbox import Sandbox, can_isolate
 from tests.support.core import RedisServer, process_alive, wait_for
 
 ROOT = os.geteuid() == 0

@@ -100,8 +100,8 @@ def stack(redis_server: RedisServer,
     env = service_env(redis_server.url, root / "state", interval=INTERVAL,
                       POSTDEPLOY_CONFIG=str(config), FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
     port = free_port()
-    flower = Service(["-m", "postdeploy.cli", "flower", "--address", "127.0.0.1", "--port", str(port)],
-                     env, root / "flower.log")
+    flower = Service(["-m", "postdeploy.cli", "flower", "--address", "127.0.0.1",
+                      "--port", str(port)], env, root / "flower.log")
     started = [flower]
     try:
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/healthcheck")

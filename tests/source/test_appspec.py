@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from postdeploy.config.settings import AppConfig
+from postdeploy.config.settings import MAX_TIMEOUT, AppConfig
 from postdeploy.errors import AppSpecError
 from postdeploy.source.appspec import (
     DEFAULT_TIMEOUT,
-    MAX_TIMEOUT,
     check_folder_value,
     parse_appspec,
     resolve_folder,

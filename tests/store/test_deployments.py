@@ -12,9 +12,9 @@ from pathlib import Path
 
 import redis
 
+from postdeploy.store.instances import Instance, InstanceRegistry
 from postdeploy.store.records import RunRecord
 from postdeploy.store.state import StateStore
-from postdeploy.trigger.instances import Instance, InstanceRegistry
 from tests.support.clirun import cli, cli_env
 from tests.support.core import GitRemote, Service, appspec_yaml, run_git, runs, wait_for
 from tests.support.hosts import Fleet, Host

@@ -50,7 +50,7 @@ def finished(client: redis.Redis, count: int, timeout: float = 40) -> list[RunRe
 
 def reports_after(client: redis.Redis, hosts: list[Host], intervals: int = 3) -> None:
     """Let every host report (and place runs) ``intervals`` more times."""
-    from postdeploy.trigger.instances import InstanceRegistry
+    from postdeploy.store.instances import InstanceRegistry
 
     registry = InstanceRegistry(client)
     for _ in range(intervals):

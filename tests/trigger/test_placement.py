@@ -11,15 +11,12 @@ from pathlib import Path
 import redis
 
 from postdeploy.config.settings import AppConfig, Settings
+from postdeploy.run.place import INSTANCE_SCOPE_MARK, mark_cancelled
 from postdeploy.store import keys
+from postdeploy.store.instances import InstanceRegistry
 from postdeploy.store.state import StateStore
-from postdeploy.trigger.instances import InstanceRegistry, InstanceReporter, LocalSpecs
-from postdeploy.trigger.placement import (
-    INSTANCE_SCOPE_MARK,
-    HostPlacement,
-    RunRequest,
-    mark_cancelled,
-)
+from postdeploy.trigger.instances import InstanceReporter, LocalSpecs
+from postdeploy.trigger.placement import HostPlacement, RunRequest
 from tests.support.core import GitRemote, appspec_yaml, run_git
 
 
