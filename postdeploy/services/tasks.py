@@ -279,7 +279,7 @@ def _name(signum: Any) -> str:
         return str(signum)
 
 
-# -- notifications (issue 11): all logic in postdeploy.announce.notify --------------------------
+# -- notifications: all logic in postdeploy.announce.notify ---------------------------
 NOTIFY_SOFT_LIMIT = 90  # seconds for one try of one message to every URL (each request <= 10 s)
 
 

@@ -23,7 +23,7 @@ APPSPEC_FILE = "appspec.yaml"
 DEFAULT_TIMEOUT = 300  # seconds, the guide's example value
 MAX_APPSPEC_BYTES = 1024 * 1024  # a real appspec is a few KB; refuse anything huge
 JOB_KEYS = ("POST_DEPLOY_COMMAND", "POST_DEPLOY_FOLDER", "POST_DEPLOY_TIMEOUT")
-# Where and when the job runs (DESIGN.md "Where and when a job runs").
+# Where and when the job runs (docs/hosts.md).
 PLACEMENT_KEYS = ("POST_DEPLOY_SCOPE", "POST_DEPLOY_WAIT_URL", "POST_DEPLOY_WAIT_FOR_COMMIT",
                   "POST_DEPLOY_WAIT_TIMEOUT")
 SCOPE_APP = "app"  # once per deployment across the fleet

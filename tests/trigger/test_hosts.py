@@ -1,4 +1,4 @@
-"""Several hosts, one Redis: where and when a job runs (DESIGN.md, "Where and when").
+"""Several hosts, one Redis: where and when a job runs (docs/hosts.md).
 
 Each simulated host (tests/hosts.py) has its own POSTDEPLOY_HOST, state
 directory, working copy of one origin, PID namespace and an HTTP stand-in for
