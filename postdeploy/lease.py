@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import redis
 
+from postdeploy import keys
+
 TICK = 0.25  # seconds between renewals (and between the guard's looks at everything)
 CALL_TIMEOUT = 0.5  # seconds a guard's Redis connect or reply may take (its client's bound)
 KILL_MARGIN = 1.0  # seconds between the job's last SIGKILL and the earliest lapse
@@ -42,12 +44,19 @@ def fence_after(ttl: float) -> float:
     return max(0.5, ttl / 2)
 
 
-# Compare-and-expire: only the holder's token may extend the lock. A missing lock
-# (Redis lost its data) is put back, since nobody else holds it.
+# KEYS: lock, its fencing counter. ARGV: token, ttl in ms. Compare-and-expire: only
+# the holder's token may extend the lock. A missing lock is put back only if no
+# token was issued after ours (Redis lost its data, with the counter, which is put
+# back too): a lock that lapsed and was taken since stays lost, even once released.
 _RENEW_LOCK = """
 local value = redis.call('GET', KEYS[1])
 if value == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if not value then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) and 2 end
+local mine = tonumber(ARGV[1])
+local issued = tonumber(redis.call('GET', KEYS[2]) or '0')
+if not value and mine and issued and issued <= mine then
+  redis.call('SET', KEYS[2], math.max(issued, mine))
+  return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) and 2
+end
 return 0
 """
 _OTHER_HOLDER = 0
@@ -157,7 +166,8 @@ class LeaseKeeper:
         sent = lease_clock()
         try:
             pipe = self._client.pipeline(transaction=False)
-            pipe.eval(_RENEW_LOCK, 1, lease.lock_key, lease.token, int(lease.ttl * 1000))
+            pipe.eval(_RENEW_LOCK, 2, lease.lock_key, keys.fence_counter(lease.lock_key),
+                      lease.token, int(lease.ttl * 1000))
             if lease.claim_key:
                 # EXPIRE, not SET: Redis at maxmemory refuses SET but not EXPIRE, and a
                 # refused claim must not look like a lost lease.
