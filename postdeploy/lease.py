@@ -101,7 +101,7 @@ class LeaseKeeper:
         self._busy = False
         self._thread: threading.Thread | None = None
         self._next = 0.0
-        self._last_error = "no answer yet"
+        self._last_error = "the last renewal has had no answer"
 
     def renew_now(self) -> str | None:
         """One renewal in the caller's thread (before the job starts); a stop reason or None."""

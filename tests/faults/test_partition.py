@@ -35,11 +35,13 @@ REDIS_PORT = 6379
 
 
 def journal_job(journal: Path, seconds: float) -> str:
-    """A job stamping start, alive (every 0.1 s), a SIGTERM it ignores, and end."""
+    """A job stamping start, alive (every 0.1 s), a SIGTERM it ignores, and end.
+
+    It counts its own steps, not the clock: frozen, it has as much left to do after.
+    """
     stamp = f'echo "$1 $POST_DEPLOY_RUN_ID $(date +%s.%N)" >> {journal}'
     return (f"note() {{ {stamp}; }}; note start; trap 'note term' TERM; "
-            f"end=$(( $(date +%s) + {int(seconds)} )); "
-            f'while [ "$(date +%s)" -lt "$end" ]; do note alive; sleep 0.1; done; note end')
+            f"for i in $(seq {int(seconds * 10)}); do note alive; sleep 0.1; done; note end")
 
 
 def stamps(journal: Path, run_id: str, kind: str | None = None) -> list[float]:
@@ -69,8 +71,9 @@ class Worker:
         except psutil.Error:
             return []
 
-    def signal_all(self, sig: int) -> None:
-        for proc in self.processes():
+    def signal_all(self, sig: int, leaves_first: bool = False) -> None:
+        found = self.processes()
+        for proc in reversed(found) if leaves_first else found:
             try:
                 proc.send_signal(sig)
             except psutil.Error:
@@ -221,12 +224,16 @@ def test_a_frozen_host_does_not_run_beside_the_copy_that_replaced_it(
     with fault("a whole host frozen (worker, guard, job) past the lease, then resumed") as f:
         w1.signal_all(signal.SIGSTOP)  # a VM pause: everything on the host at once
         frozen_at = time.time()
+        partitioned.net.cut("w1")  # ...whose network comes back only after it resumes
         second = wait_for(lambda: next((r.id for r in runs(client, "shop")
                                         if r.id != first and stamps(journal, r.id, "start")),
                                        None), 60, what="the second copy on w2")
         second_start = stamps(journal, second, "start")[0]
-        w1.signal_all(signal.SIGCONT)
+        # The job resumes before its guard: the worst order a resume can take.
         resumed_at = time.time()
+        w1.signal_all(signal.SIGCONT, leaves_first=True)
+        time.sleep(2.0)
+        partitioned.net.heal("w1")
         wait_for(lambda: status_of(client, second) == "succeeded", 60,
                  what="the second copy to succeed")
         after = [t for t in stamps(journal, first) if t > resumed_at]
