@@ -91,10 +91,11 @@ def request_cancel(settings: Settings, store: StateStore, record: RunRecord,
     if record.status in UNSTARTED:
         if cancel_run(settings, store, record, f"cancelled {how}", only_from=UNSTARTED):
             return Cancel(Result.CANCELLED, record)
-        # It moved meanwhile (cancel_run left what is stored in ``record``): it ended,
-        # or a worker started it, and then the request stops it.
-    if record.status.finished:  # also when another cancel got there first
-        return Cancel(Result.ENDED, record)
+        # It moved meanwhile (cancel_run left what is stored in ``record``): it ended
+        # (cancelled by its worker, which found the request, or otherwise), or a worker
+        # started it, and then the request stops it.
+    if record.status.finished:
+        return Cancel(_result_of(record), record)
     log.info("asked the worker running run %s (%s@%s) to stop it: cancelled %s", record.id,
              record.app, record.sha[:7], how)
     # It may have ended between our read and the request: then nobody will stop it.
