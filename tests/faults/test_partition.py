@@ -166,10 +166,11 @@ def test_a_host_cut_off_silently_is_fenced_before_a_second_copy_starts(
                                         if r.id != first and stamps(journal, r.id, "start")),
                                        None), 60, what="the second copy on w2")
         second_start = stamps(journal, second, "start")[0]
-        last_alive = max(stamps(journal, first))
-        term = stamps(journal, first, "term")
         wait_for(lambda: status_of(client, second) == "succeeded", 60,
                  what="the second copy to succeed")
+        last_alive = max(stamps(journal, first))
+        term = stamps(journal, first, "term")
+        assert last_alive < second_start, (last_alive, second_start)
         net.heal("w1")
         # The cut-off worker learns its lease is gone; its late writes are refused.
         try:
@@ -184,7 +185,6 @@ def test_a_host_cut_off_silently_is_fenced_before_a_second_copy_starts(
         assert status_of(client, first) == "lost"
         assert stamps(journal, first, "end") == []
         assert term and term[0] - cut_at < LEASE / 2 + 1.0
-        assert last_alive < second_start, (last_alive, second_start)
         report(f"silent partition (lease {LEASE:g} s): SIGTERM {term[0] - cut_at:.2f} s and "
                f"last sign of life {last_alive - cut_at:.2f} s after the cut; the second "
                f"copy started {second_start - cut_at:.2f} s after it, "
