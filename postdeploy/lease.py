@@ -137,7 +137,7 @@ class LeaseKeeper:
     def _verdict(self) -> str | None:
         answer = self._last
         if answer is not None and answer.lost:
-            return "lease lost (another worker holds the app's run lock)"
+            return "lease lost (another run took the app's run lock)"
         if self.until_fence() <= 0:
             waited = lease_clock() - self.renewed_at
             return (f"lease lost (no renewal for {waited:.1f} s: {self._last_error}); "

@@ -166,7 +166,41 @@ def test_taken_lease_stops_the_job(tmp_path: Path, private_redis: RedisServer) -
     client.set("lock", "someone-else")
     result = job.result(10)
     job.finish()
-    assert result.stopped == "lease lost (another worker holds the app's run lock)"
+    assert result.stopped == "lease lost (another run took the app's run lock)"
+
+
+def test_a_lapsed_lease_taken_and_released_since_is_not_put_back(
+        tmp_path: Path, private_redis: RedisServer) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    client.set("lock", "1", px=5000)
+    client.set("lock:fence", "1")
+    pidfile = tmp_path / "job.pid"
+    job = Job(f"echo $$ > {pidfile}; exec sleep 1000", tmp_path,
+              lease=Lease(_connect(private_redis.url), "lock", "1", 5.0))
+    wait_for(pidfile.exists, 10, what="job start")
+    client.set("lock:fence", "2")  # another run took the lock (token 2) and let it go
+    client.delete("lock")
+    result = job.result(10)
+    job.finish()
+    assert result.stopped == "lease lost (another run took the app's run lock)"
+    assert client.get("lock") is None
+
+
+def test_a_lock_lost_with_redis_data_is_put_back(tmp_path: Path,
+                                                private_redis: RedisServer) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    client.set("lock", "7", px=5000)
+    client.set("lock:fence", "7")
+    pidfile = tmp_path / "job.pid"
+    job = Job(f"echo $$ > {pidfile}; exec sleep 1000", tmp_path,
+              lease=Lease(_connect(private_redis.url), "lock", "7", 5.0))
+    wait_for(pidfile.exists, 10, what="job start")
+    client.flushdb()  # a restart without persistence
+    wait_for(lambda: client.get("lock") == b"7" and client.get("lock:fence") == b"7", 5,
+             what="the guard to put its lock and the counter back")
+    job.handle.stop("timeout")
+    assert job.result(10).stopped == "timeout"
+    job.finish()
 
 
 def test_a_lease_lost_before_the_job_starts_starts_nothing(
