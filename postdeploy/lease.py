@@ -92,7 +92,7 @@ class LeaseKeeper:
 
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
-        self.renewed_at = lease_clock()  # replaced by the first successful renewal
+        self.renewed_at = lease_clock()  # the send time of the latest successful renewal
         self._client = lease.connect()
         self._wanted = threading.Event()
         self._mutex = threading.Lock()
@@ -104,8 +104,14 @@ class LeaseKeeper:
         self._last_error = "the last renewal has had no answer"
 
     def renew_now(self) -> str | None:
-        """One renewal in the caller's thread (before the job starts); a stop reason or None."""
-        self._absorb(self._renew())
+        """One renewal in the caller's thread (before the job starts); a stop reason or None.
+
+        The job starts only under a lease confirmed now: the clock then counts from here.
+        """
+        answer = self._renew()
+        self._absorb(answer)
+        if answer.error:
+            return f"lease lost (cannot confirm it: {answer.error})"
         return self._verdict()
 
     def start(self) -> None:
