@@ -33,12 +33,31 @@ return 0
 """
 
 
+# A Lua function for the fenced writes' scripts: true when ``token`` may no longer
+# write under ``lock``. It may while the lock holds it, and also once the lock has
+# lapsed if no token was issued since: then nobody else can have acted.
+FENCED_OFF = """
+local function fenced_off(lock, counter, token)
+  if token == '' then return false end
+  local holder = redis.call('GET', lock)
+  if holder then return holder ~= token end
+  local issued = tonumber(redis.call('GET', counter) or '0')
+  local mine = tonumber(token)
+  return not (issued and mine and issued <= mine)
+end
+"""
+
+
 @dataclass(frozen=True)
 class Fence:
     """What a fenced write must show: the lock it holds and its token there."""
 
     lock_key: str
     token: str
+
+    @property
+    def counter_key(self) -> str:
+        return keys.fence_counter(self.lock_key)
 
 
 class RunLock:

@@ -11,21 +11,22 @@ import redis
 
 from postdeploy import keys
 from postdeploy.config import AppConfig
-from postdeploy.fencing import Fence, RunLock
+from postdeploy.fencing import FENCED_OFF, Fence, RunLock
 from postdeploy.lease import CALL_TIMEOUT
 from postdeploy.records import RunRecord
 
 DONE_TTL = 90 * 86_400  # seconds; refreshed on every check while the commit is current
 QUEUED_CLAIM_TTL = 3_600  # seconds a queued automatic run blocks re-enqueueing its commit
 
-# KEYS: run record, runs counter hash, run lock ('' unfenced). ARGV: new JSON,
-# expected statuses (space separated), counter field ('' for none), fencing token.
-# Returns {1} stored, {0, stored JSON} refused, {-1} stored although the record was
-# missing (Redis lost its data), {2, stored JSON or ''} refused: the token is stale.
-_REPLACE_RUN = """
+# KEYS: run record, runs counter hash, run lock and its fencing counter ('' when
+# unfenced). ARGV: new JSON, expected statuses (space separated), counter field (''
+# for none), fencing token ('' for none). Returns {1} stored, {0, stored JSON}
+# refused, {-1} stored although the record was missing (Redis lost its data),
+# {2, stored JSON or ''} refused: the token is stale.
+_REPLACE_RUN = FENCED_OFF + """
 local raw = redis.call('GET', KEYS[1])
 local result = {1}
-if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then return {2, raw or ''} end
+if fenced_off(KEYS[3], KEYS[4], ARGV[4]) then return {2, raw or ''} end
 if raw then
   local status = cjson.decode(raw)['status']
   if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. tostring(status) .. ' ', 1, true) then
@@ -38,9 +39,9 @@ redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
 return result
 """
-# KEYS: output hash, run lock ('' unfenced). ARGV: tail, total, fencing token.
-_WRITE_OUTPUT = """
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+# KEYS: output hash, run lock, its fencing counter. ARGV: tail, total, fencing token.
+_WRITE_OUTPUT = FENCED_OFF + """
+if fenced_off(KEYS[2], KEYS[3], ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[1], 'tail', ARGV[1], 'total', ARGV[2])
 return 1
 """
@@ -147,7 +148,8 @@ class StateStore:
         longer holds its lock. Only :mod:`postdeploy.lifecycle` calls it.
         """
         answer = self._replace(keys=[keys.run(record.id), keys.RUNS_TOTAL,
-                                     fence.lock_key if fence else ""],
+                                     fence.lock_key if fence else "",
+                                     fence.counter_key if fence else ""],
                                args=[record.to_json(), " ".join(expected), counter or "",
                                      fence.token if fence else ""])
         if int(answer[0]) == _STALE:
@@ -234,7 +236,8 @@ class StateStore:
                      fence: Fence | None = None) -> bool:
         """Store the run's output tail; False when ``fence`` no longer holds its lock."""
         return bool(self._write_output(
-            keys=[keys.output(run_id), fence.lock_key if fence else ""],
+            keys=[keys.output(run_id), fence.lock_key if fence else "",
+                  fence.counter_key if fence else ""],
             args=[tail, total, fence.token if fence else ""]))
 
     def read_output(self, run_id: str) -> tuple[bytes, int]:

@@ -46,3 +46,15 @@ def test_a_stale_token_cannot_write_the_run(rclient: redis.Redis) -> None:
     assert store.get_run(record.id).status == Status.RUNNING  # type: ignore[union-attr]
     assert store.read_output(record.id) == (b"first", 5)
     assert lifecycle.move(store, record, Status.LOST, fence=current.fence())
+
+
+def test_a_lapsed_token_may_still_write_while_nobody_took_the_lock(
+        rclient: redis.Redis) -> None:
+    store = StateStore(rclient)
+    record = lifecycle.new_run(store, "shop", "a" * 40, "auto")
+    lapsed = store.run_lock("shop", 0.2)
+    assert lapsed.acquire()
+    assert lifecycle.move(store, record, Status.RUNNING, fence=lapsed.fence())
+    wait_for(lambda: not rclient.exists(keys.run_lock("shop")), 5, interval=0.05,
+             what="the lock to lapse")
+    assert lifecycle.move(store, record, Status.SUCCEEDED, fence=lapsed.fence(), exit_code=0)

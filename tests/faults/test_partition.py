@@ -86,6 +86,7 @@ class Partitioned:
     client: redis.Redis  # the test's own, through Redis' unix socket
     redis_url: str  # what the hosts use: TCP on the private subnet
     start: Callable[..., Worker]
+    cli: Callable[..., subprocess.CompletedProcess[str]]  # `postdeploy ARGS` on a host
 
 
 @pytest.fixture
@@ -107,10 +108,19 @@ def partitioned(tmp_path: Path, remote: GitRemote) -> Iterator[Partitioned]:
         wait_for(lambda: socket_path.exists() and client.ping(), 15, what="Redis")
         url = f"redis://{store.address}:{REDIS_PORT}/0"
 
+        def env_of(name: str) -> dict[str, str]:
+            return service_env(url, tmp_path / name / "state", INTERVAL, POSTDEPLOY_HOST=name,
+                               POSTDEPLOY_REPO=remote.url, POSTDEPLOY_APP="shop")
+
+        def cli(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+            host = net.hosts.get(name) or net.add(name)
+            return subprocess.run(["ip", "netns", "exec", host.netns, sys.executable, "-m",
+                                   "postdeploy.cli", *args], env=env_of(name),
+                                  capture_output=True, text=True, timeout=60)
+
         def start(name: str, *modules: str) -> Worker:
             host = net.hosts.get(name) or net.add(name)
-            env = service_env(url, tmp_path / name / "state", INTERVAL, POSTDEPLOY_HOST=name,
-                              POSTDEPLOY_REPO=remote.url, POSTDEPLOY_APP="shop")
+            env = env_of(name)
             log_path = tmp_path / f"{name}.log"
             # Several services on one host: one PID namespace, under one shell.
             command = " & ".join(f"{sys.executable} -m {m}" for m in modules) + "; wait"
@@ -123,7 +133,7 @@ def partitioned(tmp_path: Path, remote: GitRemote) -> Iterator[Partitioned]:
             wait_for(lambda: " ready." in worker.log(), 60, what=f"the worker on {name}")
             return worker
 
-        yield Partitioned(net, client, url, start)
+        yield Partitioned(net, client, url, start, cli)
     finally:
         for worker in started:
             worker.signal_all(signal.SIGCONT)
@@ -200,13 +210,18 @@ def test_a_job_that_ends_as_its_host_is_cut_off_keeps_its_exit(
            f"while [ ! -e {go} ]; do sleep 0.05; done; exit 0")
     sha = remote.commit({"appspec.yaml": appspec_yaml(job)}, "one")
     net, client = partitioned.net, partitioned.client
-    partitioned.start("w1", "worker", "beat")
+    # A manual run and no beat: nothing queues the commit again while the host is away.
+    partitioned.start("w1", "worker")
+    queued = partitioned.cli("w1", "run", "shop", "--sha", sha)
+    assert queued.returncode == 0, queued.stderr
     run_id = running(client, sha, journal, "w1")
     net.cut("w1")
-    time.sleep(1.0)  # the guard's renewals go unanswered now
-    go.touch()  # the job ends on its own, well inside the lease
-    time.sleep(1.0)
-    net.heal("w1")  # before the lease could lapse
+    # The job ends on its own, inside the lease and before its guard would stop it,
+    # while a renewal hangs (a guard blocked in a connect would call it lost later).
+    time.sleep(1.6)
+    go.touch()
+    time.sleep(LEASE + 1.0)  # the lease lapses meanwhile; nobody else takes the lock
+    net.heal("w1")
     wait_for(lambda: status_of(client, run_id) not in ("running", None), 90,
              what="the run to be recorded")
     assert status_of(client, run_id) == "succeeded"
