@@ -15,7 +15,7 @@ from celery.worker import control as worker_control
 from celery.worker import state as worker_state
 
 from postdeploy.appspec import SCOPE_APP
-from postdeploy.cancel import request_cancel
+from postdeploy.cancel import CANCEL_TTL, request_cancel
 from postdeploy.celery_app import (
     UNSET_RUN_HARD_LIMIT,
     app,
@@ -29,6 +29,7 @@ from postdeploy.errors import JobFailed
 from postdeploy.guard import reap_guards
 from postdeploy.jobclock import JobClock
 from postdeploy.jobs import LockBusy, cancel_run, carry_out_run
+from postdeploy.lifecycle import UNSTARTED
 from postdeploy.placement import HostPlacement, RunPlace, RunRequest, forward_host
 from postdeploy.records import RunRecord, Status, Trigger
 from postdeploy.state import StateStore
@@ -231,12 +232,18 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
         if record is None:
             return
         if expired:
-            reason = "expired before a worker took it"
+            how = "expired before a worker took it"
         elif terminated:
-            reason = f"revoked from Flower (or celery control), terminated with {_name(signum)}"
+            how = f"revoked from Flower (or celery control), terminated with {_name(signum)}"
         else:
-            reason = "revoked from Flower (or celery control) before it started"
-        cancel_run(current_settings(), state_store(), record, reason)
+            how = "revoked from Flower (or celery control) before it started"
+        # The request first, as for `postdeploy cancel`: a run that started meanwhile
+        # is stopped by its guard; without terminate, only a run that has not started
+        # is recorded cancelled here.
+        store = state_store()
+        store.request_cancel(record.id, how, CANCEL_TTL)
+        cancel_run(current_settings(), store, record, how,
+                   only_from=None if terminated else UNSTARTED)
     except Exception:  # a signal handler must never take the worker down
         log.exception("could not record the revoke of task %s", request.id)
 
