@@ -25,14 +25,18 @@ EXIT_FAILED = 1  # anything else that went wrong
 
 
 def common_options(func: F) -> F:
-    """--state-dir / --config / --redis-url, accepted before or after the command name."""
+    """--state-dir / --config / --redis-url(-file), accepted before or after the command name."""
     options = [
         click.option("--state-dir", type=click.Path(file_okay=False), default=None,
                      help="State directory (POSTDEPLOY_STATE_DIR, default ./.postdeploy)."),
         click.option("--config", type=click.Path(dir_okay=False), default=None,
                      help="postdeploy.yaml with 'apps:' (POSTDEPLOY_CONFIG)."),
         click.option("--redis-url", default=None,
-                     help="Redis URL (POSTDEPLOY_REDIS_URL); default: the running `up`."),
+                     help="Redis URL without a password (POSTDEPLOY_REDIS_URL); default: "
+                          "the running `up`."),
+        click.option("--redis-url-file", type=click.Path(dir_okay=False), default=None,
+                     help="A file holding the Redis URL: the way to give one with a "
+                          "password, which never belongs on a command line."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -43,11 +47,8 @@ def with_settings(func: F) -> F:
     """Merge the command's and the group's common options into a loaded Settings."""
 
     def wrapper(ctx: click.Context, /, state_dir: str | None, config: str | None,
-                redis_url: str | None, **kwargs: Any) -> Any:
-        group = ctx.obj or {}
-        overrides = {"state_dir": state_dir or group.get("state_dir"),
-                     "config": config or group.get("config"),
-                     "redis_url": redis_url or group.get("redis_url")}
+                redis_url: str | None, redis_url_file: str | None, **kwargs: Any) -> Any:
+        overrides = common_overrides(ctx, state_dir, config, redis_url, redis_url_file)
         return func(Settings.load(overrides=overrides), **kwargs)
 
     # click names the command and writes its help from these.
@@ -60,9 +61,20 @@ def with_settings(func: F) -> F:
 @common_options
 @click.pass_context
 def cli(ctx: click.Context, state_dir: str | None, config: str | None,
-        redis_url: str | None) -> None:
+        redis_url: str | None, redis_url_file: str | None) -> None:
     """Run an app's POST_DEPLOY job once per deployed commit."""
-    ctx.obj = {"state_dir": state_dir, "config": config, "redis_url": redis_url}
+    ctx.obj = {"state_dir": state_dir, "config": config, "redis_url": redis_url,
+               "redis_url_file": redis_url_file}
+
+
+def common_overrides(ctx: click.Context, state_dir: str | None, config: str | None,
+                     redis_url: str | None, redis_url_file: str | None) -> dict[str, Any]:
+    """The common options given after the command name, else before it."""
+    group = ctx.obj or {}
+    return {"state_dir": state_dir or group.get("state_dir"),
+            "config": config or group.get("config"),
+            "redis_url": redis_url or group.get("redis_url"),
+            "redis_url_file": redis_url_file or group.get("redis_url_file")}
 
 
 def open_store(settings: Settings) -> tuple[str, StateStore]:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import click
 
-from postdeploy.cli.group import cli, common_options, with_settings
+from postdeploy.cli.group import cli, common_options, common_overrides, with_settings
 from postdeploy.config.logs import configure_logging
 from postdeploy.config.settings import (
     DEFAULT_FLOWER_PORT,
@@ -41,15 +41,13 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | None,
        interval: float | None, flower: bool, flower_address: str, flower_port: int,
        webhook_port: int | None, webhook_address: str,
-       state_dir: str | None, config: str | None, redis_url: str | None) -> int:
+       state_dir: str | None, config: str | None, redis_url: str | None,
+       redis_url_file: str | None) -> int:
     """All-in-one: Redis (embedded unless given), a worker, beat; Ctrl-C stops all."""
     from postdeploy.services.up import UpOptions, run_up
 
-    group = ctx.obj or {}
     settings = Settings.load(overrides={
-        "state_dir": state_dir or group.get("state_dir"),
-        "config": config or group.get("config"),
-        "redis_url": redis_url or group.get("redis_url"),
+        **common_overrides(ctx, state_dir, config, redis_url, redis_url_file),
         "repo": repo, "branch": branch, "name": name, "check_interval": interval})
     configure_logging(settings.log_level)
     single_repo = bool(repo or settings.environ.get("POSTDEPLOY_REPO"))

@@ -105,6 +105,30 @@ def check_redis_url(value: str, where: str = "POSTDEPLOY_REDIS_URL") -> str:
     return text
 
 
+def refuse_password_flag(value: str) -> None:
+    """--redis-url with a password: ConfigError (any process on the host, a job too,
+    can read another's command line in /proc/PID/cmdline)."""
+    parts = urlsplit(value.strip())
+    if parts.password or "password" in parse_qs(parts.query):
+        raise ConfigError("--redis-url carries a password, which any process on this host "
+                          "can read from the command line; set POSTDEPLOY_REDIS_URL, or "
+                          "put the URL in a file only you can read and pass --redis-url-file "
+                          "FILE")
+
+
+def read_redis_url_file(path: str) -> str:
+    """The URL in ``path`` (--redis-url-file); ConfigError when it cannot be read."""
+    try:
+        text = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"--redis-url-file {path}: cannot read it ({reason}); give a file "
+                          "holding one Redis URL") from None
+    if not text:
+        raise ConfigError(f"--redis-url-file {path} is empty; put one Redis URL in it")
+    return check_redis_url(text, f"the URL in --redis-url-file {path}")
+
+
 def state_dir_path(value: Any, where: str) -> Path:
     path = Path(str(value)).expanduser().absolute()
     # The nearest part that exists must be a directory, or nothing can be made below it.

@@ -21,6 +21,8 @@ from postdeploy.config.checks import (
     check_branch,
     check_redis_url,
     number_in_range,
+    read_redis_url_file,
+    refuse_password_flag,
     state_dir_path,
 )
 from postdeploy.config.commit_status import CommitStatusConfig
@@ -134,6 +136,10 @@ class Settings:
         """
         env = dict(os.environ if environ is None else environ)
         flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if "redis_url" in flags:
+            refuse_password_flag(str(flags["redis_url"]))
+        if "redis_url_file" in flags:
+            flags["redis_url"] = read_redis_url_file(str(flags.pop("redis_url_file")))
 
         config_path = _config_path(flags.get("config") or env.get("POSTDEPLOY_CONFIG"))
         file_values = _read_config_file(config_path) if config_path else {}

@@ -1,11 +1,14 @@
 """Cancelling a run: `postdeploy cancel`, and Flower's revoke of a running job.
 
-A queued or waiting run is ended at once (the lifecycle makes it atomic, and the
-worker refuses to start a run that is no longer queued). A running job lives in
-some worker's pool process, on whichever host: the request is written to Redis
-(``keys.cancel``: who and how, e.g. "from the CLI by root@host") and that
-worker's job guard stops the job's processes (SIGTERM, the grace, SIGKILL); the
-run is recorded ``cancelled`` with the reason "cancelled <who and how>".
+The request is written to Redis first, whatever the run's status looked like
+(``keys.cancel``: who and how, e.g. "from the CLI by root@host"). Then a run
+still queued or waiting is ended at once, in one Lua step that checks it has
+not started (see :mod:`postdeploy.store.lifecycle`). A run that started meanwhile, or
+was running, finds the request: its worker looks after marking it running and
+before starting the job, and the job's guard, on whichever host, stops the
+job's processes (SIGTERM, the grace, SIGKILL); the run is recorded ``cancelled``
+with the reason "cancelled <who and how>". So a cancel never records
+``cancelled`` for a job that goes on running.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from enum import StrEnum
 from postdeploy.config.settings import Settings
 from postdeploy.errors import PostdeployError
 from postdeploy.run.job import cancel_run
+from postdeploy.store.lifecycle import UNSTARTED
 from postdeploy.store.records import RunRecord, Status
 from postdeploy.store.state import StateStore
 
@@ -79,14 +83,19 @@ def request_cancel(settings: Settings, store: StateStore, record: RunRecord,
     ``how`` says who and how ("from the CLI by root@host"); the run's reason
     becomes "cancelled <how>".
     """
-    if record.status in (Status.QUEUED, Status.WAITING):
-        if cancel_run(settings, store, record, f"cancelled {how}"):
-            return Cancel(Result.CANCELLED, record)
-        # It moved meanwhile (cancel_run left what is stored in ``record``): it ended,
-        # or a worker started it, and then only that worker can stop it.
-    if record.status.finished:  # also when another cancel got there first
+    if record.status.finished:
         return Cancel(Result.ENDED, record)
+    # First the request: if the run starts between our read and our write, its
+    # worker or its guard finds it (see the module doc).
     store.request_cancel(record.id, how, CANCEL_TTL)
+    if record.status in UNSTARTED:
+        if cancel_run(settings, store, record, f"cancelled {how}", only_from=UNSTARTED):
+            return Cancel(Result.CANCELLED, record)
+        # It moved meanwhile (cancel_run left what is stored in ``record``): it ended
+        # (cancelled by its worker, which found the request, or otherwise), or a worker
+        # started it, and then the request stops it.
+    if record.status.finished:
+        return Cancel(_result_of(record), record)
     log.info("asked the worker running run %s (%s@%s) to stop it: cancelled %s", record.id,
              record.app, record.sha[:7], how)
     # It may have ended between our read and the request: then nobody will stop it.

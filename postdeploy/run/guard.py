@@ -7,12 +7,13 @@ Why a process of its own, forked from the worker's pool process (cheap: no exec)
   (``setsid``, double fork, ``env -i``): stopping the job walks the kernel's
   process tree, not markers a job can shed.
 - It renews the run's lease (the app's run lock and the deployment's claim) in
-  Redis itself, so a worker that stalls (GC pause, SIGSTOP, VM freeze) does not
-  let the lease lapse while the job still runs. When it cannot renew, it stops
-  the job *before* the lease runs out (fencing: the renew deadline is shorter
-  than the lease), so a second host never starts a second copy while the first
-  lives. After the job ends it keeps the lease until the worker has recorded
-  the run, so a slow final write never lets the commit run twice.
+  Redis itself, so a worker that stalls (GC pause, SIGSTOP, VM freeze) does not let the
+  lease lapse while the job still runs. It fences by its own clock (see
+  :mod:`postdeploy.run.lease`): with no successful renewal for half the lease, it
+  stops the job, and has it dead before the lease can lapse, whatever state its
+  Redis calls are in, so a second host never starts a second copy while the
+  first lives. After the job ends it keeps the lease until the worker has
+  recorded the run, so a slow final write never lets the commit run twice.
 - It watches the run's cancel key (``postdeploy cancel``, Flower's revoke) and
   the worker itself (its control pipe: end of file means the worker died).
 - It starts the job as the job user, in a mount namespace that hides the
@@ -35,42 +36,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import redis
-
 from postdeploy.run import processes
+from postdeploy.run.lease import TICK, Lease, LeaseKeeper, lease_clock
 from postdeploy.run.sandbox import Sandbox
 
-TICK = 0.25  # seconds between lease renewals, cancel checks and looks at the job
+__all__ = ["GuardHandle", "GuardResult", "GuardSpec", "Lease", "Sandbox", "start_guard"]
 STOP_POLL = 0.05  # seconds between looks while waiting for stopped processes to go
 KILL_ROUNDS = 20  # SIGKILL sweeps: a job forking while it is killed cannot outrun them
 GUARD_NAME = b"postdeploy-guard"  # the process name (comm) `up` looks for at shutdown
-
-# Compare-and-expire: only the holder's token may extend the lock.
-_RENEW_LOCK = """
-local value = redis.call('GET', KEYS[1])
-if value == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if not value then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) and 2 end
-return 0
-"""
-
-
-@dataclass(frozen=True)
-class Lease:
-    """What the guard keeps alive in Redis while the run lives, and where cancels arrive.
-
-    ``connect`` makes the guard's own Redis client (it runs after the fork: the
-    worker's connections are not shared).
-    """
-
-    connect: Callable[[], redis.Redis]
-    lock_key: str
-    token: str
-    ttl: float  # seconds; the lock and the claim expire this long after the last renewal
-    claim_key: str | None = None
-    cancel_key: str | None = None
-    # Puts back what else the run needs when Redis lost its data (the run's deployment).
-    restore: Callable[[redis.Redis], object] | None = None
-
 
 @dataclass(frozen=True)
 class GuardSpec:
@@ -244,11 +217,7 @@ class _Guard:
         self.control = control
         self.report = report
         self.terminated = terminated
-        self.client: redis.Redis | None = None
-        self.last_renewal = time.monotonic()
-        # The worker took the lease just now: the first renewal is due a tick later, so
-        # a short job ends before the guard even connects to Redis.
-        self.next_tick = self.last_renewal + TICK
+        self.keeper: LeaseKeeper | None = None
         self.worker_gone = False
         self.done = False
         self._control_buffer = b""
@@ -258,7 +227,15 @@ class _Guard:
 
         spec = self.spec
         if spec.lease is not None:
-            self.client = spec.lease.connect()
+            # Check the lease before the job starts: the worker took it a while ago (git
+            # work), and a lease already lost or cancelled starts nothing.
+            self.keeper = LeaseKeeper(spec.lease)
+            if (reason := self.keeper.renew_now()) is not None:
+                os.close(output_fd)
+                self._send({"result": asdict(GuardResult(None, f"{reason}, before the job "
+                                                               "started"))})
+                self._hold_until_done()
+                return 0
         try:
             job_pid = processes.spawn_job(spec.command, spec.cwd, spec.env, output_fd,
                                           lambda: enter_sandbox(spec.sandbox))
@@ -268,6 +245,8 @@ class _Guard:
             self._hold_until_done()
             return 0
         os.close(output_fd)  # only the job holds the output pipe now: EOF when it is done
+        if self.keeper is not None:
+            self.keeper.start()  # a thread: only now, after the guard's last fork
         self._send({"job_pid": job_pid})
         status, stopped = self._watch(job_pid)
         self._send({"result": asdict(GuardResult(processes.exit_code(status), stopped))})
@@ -282,73 +261,46 @@ class _Guard:
                 return status, None
             reason = self._tick()
             if reason is not None:
+                # The job's own end wins over a verdict formed meanwhile: it ended while
+                # the lease still held (the lease lapses only well after the verdict).
+                status = processes.reap_children(job_pid)
+                if status is not None:
+                    return status, None
                 return self._stop_job(job_pid, reason), reason
 
     def _tick(self) -> str | None:
         """One look at the control pipe, the lease and the cancel key; a stop reason or None."""
-        command = self._read_control(TICK)
+        wait = TICK if self.keeper is None else max(0.0, min(TICK, self.keeper.until_fence()))
+        command = self._read_control(wait)
         if command is not None and command.startswith("stop"):
             return command[5:].strip() or "stopped"
         if self.worker_gone:
             return "its worker stopped"
         if self.terminated:
             return self.terminated[0]
-        if time.monotonic() >= self.next_tick:
-            self.next_tick = time.monotonic() + TICK
-            return self._renew()
-        return None
-
-    def _renew(self) -> str | None:
-        lease = self.spec.lease
-        if lease is None or self.client is None:
-            return None
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.eval(_RENEW_LOCK, 1, lease.lock_key, lease.token, int(lease.ttl * 1000))
-            if lease.claim_key:
-                # EXPIRE, not SET: Redis at maxmemory refuses SET but not EXPIRE, and a
-                # refused claim must not look like a lost lease.
-                pipe.expire(lease.claim_key, max(1, int(lease.ttl)))
-            if lease.cancel_key:
-                pipe.get(lease.cancel_key)
-            replies = pipe.execute(raise_on_error=False)
-            if isinstance(replies[0], Exception):
-                raise replies[0]
-            if lease.claim_key and replies[1] == 0:  # lost with Redis' data: put it back
-                with contextlib.suppress(redis.RedisError):
-                    self.client.set(lease.claim_key, "running", ex=max(1, int(lease.ttl)))
-                    if lease.restore is not None:
-                        lease.restore(self.client)
-        except redis.RedisError as exc:
-            # Fencing: stop the job while the lease still holds, so that nobody else
-            # can take it and start a second copy while this one runs.
-            if time.monotonic() - self.last_renewal >= _renew_deadline(lease.ttl):
-                return f"lease lost (cannot reach Redis: {exc})"
-            return None
-        if replies[0] == 0:
-            return "lease lost (another worker holds the app's run lock)"
-        self.last_renewal = time.monotonic()
-        cancel = replies[-1] if lease.cancel_key else None
-        if isinstance(cancel, bytes) and cancel:
-            return f"cancelled {cancel.decode(errors='replace')}".strip()
-        return None
+        return self.keeper.look() if self.keeper is not None else None
 
     def _stop_job(self, job_pid: int, reason: str) -> int | None:
-        """SIGTERM the job and all its descendants, wait the grace, then SIGKILL the rest."""
+        """SIGTERM the job and all its descendants, wait the grace, then SIGKILL the rest.
+
+        The grace never outlasts the lease: whatever the reason, every process is
+        SIGKILLed before the lease could lapse (see :mod:`postdeploy.run.lease`).
+        """
         status: int | None = None
         processes.signal_descendants(signal.SIGTERM)
-        deadline = time.monotonic() + self.spec.grace
-        lease = self.spec.lease
-        if lease is not None and reason.startswith("lease lost"):
-            # Do not let the grace outlast the lease.
-            deadline = min(deadline, self.last_renewal + lease.ttl - 1.0)
-        while time.monotonic() < deadline:
+        grace_ends = lease_clock() + self.spec.grace
+        fenced = reason.startswith("lease lost")
+        while True:
+            kill_at = grace_ends if self.keeper is None else min(grace_ends,
+                                                                 self.keeper.kill_by())
+            if lease_clock() >= kill_at:
+                break
             status = processes.reap_children(job_pid) if status is None else status
             if not processes.live_descendants():
                 break
-            time.sleep(STOP_POLL)
-            if lease is not None and not reason.startswith("lease lost"):
-                self._renew_quietly()
+            time.sleep(min(STOP_POLL, max(0.0, kill_at - lease_clock())))
+            if self.keeper is not None and not fenced:
+                self.keeper.look()  # a cancel or a timeout keeps the lease meanwhile
         for _ in range(KILL_ROUNDS):
             if not processes.signal_descendants(signal.SIGKILL):
                 break
@@ -357,20 +309,15 @@ class _Guard:
         status = processes.reap_children(job_pid) if status is None else status
         return status
 
-    def _renew_quietly(self) -> None:
-        if time.monotonic() >= self.next_tick:
-            self.next_tick = time.monotonic() + TICK
-            self._renew()
-
     def _hold_until_done(self) -> None:
         """Keep the lease until the worker has recorded the run (or is gone)."""
+        if self.keeper is not None:
+            self.keeper.start()  # (already running, unless the job never started)
         while not self.done and not self.worker_gone:
             processes.reap_children(None)
             self._read_control(TICK)
-            if self.spec.lease is not None and time.monotonic() >= self.next_tick:
-                self.next_tick = time.monotonic() + TICK
-                with contextlib.suppress(redis.RedisError):
-                    self._renew()
+            if self.keeper is not None:
+                self.keeper.look()
         # No renewal from here on: the worker may release the lease once it reads EOF.
         with contextlib.suppress(OSError):
             os.close(self.report)
@@ -406,11 +353,6 @@ class _Guard:
     def _send(self, message: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.write(self.report, _line(message))
-
-
-def _renew_deadline(ttl: float) -> float:
-    """Seconds without a renewal after which the job is stopped: well inside the lease."""
-    return max(0.5, ttl / 2)
 
 
 def _line(message: dict[str, Any]) -> bytes:

@@ -18,8 +18,6 @@ from typing import TypeVar
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from redis.exceptions import LockError
-from redis.lock import Lock
 
 from postdeploy.announce import commit_status
 from postdeploy.announce.notify import notify_if_needed
@@ -46,6 +44,7 @@ from postdeploy.source.appspec import parse_appspec, resolve_folder
 from postdeploy.source.git import AppSource, is_sha
 from postdeploy.store import decisions, deployments, keys, lifecycle
 from postdeploy.store.deployments import Deployment
+from postdeploy.store.fencing import Fence, RunLock
 from postdeploy.store.records import RunRecord, Status, Trigger
 from postdeploy.store.state import StateStore
 
@@ -109,8 +108,9 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
         return ended
 
     lock = store.run_lock(app.name, settings.lock_ttl, run_place.slot)
-    if not lock.acquire(blocking=False):
+    if not lock.acquire():
         raise LockBusy(app.name, record.id)
+    fence = lock.fence()
     try:
         lost = store.take_active(app.name, run_place.slot)
         if lost:
@@ -118,14 +118,14 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
             _announce_end(settings, store, lost)
         if auto and (skipped := skip_reason(settings, store, app, record, run_place)):
             return _finish(settings, store, record,
-                           JobOutcome(Status.SUPERSEDED, None, skipped), run_place)
+                           JobOutcome(Status.SUPERSEDED, None, skipped), run_place, fence)
         if auto and store.lost_attempts(app.name, record.deployment) >= MAX_LOST_ATTEMPTS:
             # A job that takes its worker down with it (OOM, `kill $PPID`) would
             # otherwise be run again for ever.
             return _finish(settings, store, record, JobOutcome(Status.ERROR, None, (
                 f"its last {MAX_LOST_ATTEMPTS} runs died with their worker (lost); not run "
                 f"again automatically: see `postdeploy logs {app.name}`, then "
-                f"`postdeploy run {app.name}` by hand")), run_place)
+                f"`postdeploy run {app.name}` by hand")), run_place, fence)
         current = store.get_run(record.id)
         if current is not None:  # it may have been cancelled while it waited
             record = current
@@ -137,10 +137,15 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
         _patiently(lambda: _release(lock), "release the run lock")
 
 
-def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason: str) -> bool:
-    """End an unfinished run as cancelled; its deployment is not run again automatically."""
+def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason: str,
+               only_from: frozenset[Status] | None = None) -> bool:
+    """End an unfinished run as cancelled; its deployment is not run again automatically.
+
+    ``only_from``: only if it is still in one of these statuses (a cancel that must
+    not record ``cancelled`` for a job that started meanwhile).
+    """
     if record.status.finished or not lifecycle.move(store, record, Status.CANCELLED,
-                                                    reason=reason):
+                                                    reason=reason, only_from=only_from):
         return False
     if record.trigger == Trigger.AUTO:
         mark_cancelled(settings, store, record)
@@ -195,12 +200,14 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
 
 
 def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock: JobClock,
-                record: RunRecord, lock: Lock, worker: str | None,
+                record: RunRecord, lock: RunLock, worker: str | None,
                 task_id: str | None, run_place: RunPlace) -> RunRecord:
     app = record.app
+    fence = lock.fence()
     store.set_active(app, record.id, run_place.slot)
-    if not lifecycle.move(store, record, Status.RUNNING, worker=worker or socket.gethostname(),
-                          task_id=task_id, host=settings.host):
+    if not lifecycle.move(store, record, Status.RUNNING, fence=fence,
+                          worker=worker or socket.gethostname(), task_id=task_id,
+                          host=settings.host):
         # Cancelled (or otherwise ended) while it waited in the queue: it never starts.
         _patiently(lambda: store.clear_active(app, run_place.slot), "clear the active run")
         return record
@@ -224,7 +231,8 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
             cwd = resolve_folder(workdir, spec.folder)
             clock.arm(spec.timeout)
             _heed_cancel_request(store, clock, record)
-            if not lifecycle.update(store, record, command=mask_secrets(spec.command, secrets),
+            if not lifecycle.update(store, record, fence=fence,
+                                    command=mask_secrets(spec.command, secrets),
                                     timeout=spec.timeout):
                 # Ended meanwhile (cancelled while git worked): the job never starts.
                 outcome = JobOutcome(record.status, record.exit_code, record.reason)
@@ -245,7 +253,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                                  "the job started (the checkout took that long)")
         if outcome.status == Status.CANCELLED and clock.terminated:
             outcome = _revoked_or_shutdown(store, clock, record, outcome)
-        return _finish(settings, store, record, outcome, run_place)
+        return _finish(settings, store, record, outcome, run_place, fence)
 
 
 @dataclass(frozen=True)
@@ -260,16 +268,16 @@ class Job:
 
 
 def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, record: RunRecord,
-                     lock: Lock, job: Job, place: JobPlace,
+                     lock: RunLock, job: Job, place: JobPlace,
                      lease_held: ExitStack, run_place: RunPlace) -> JobOutcome:
     def store_output(tail: bytes, total: int) -> None:
         record.output_bytes = total
-        _quietly(lambda: store.write_output(record.id, tail, total))
+        _quietly(lambda: store.write_output(record.id, tail, total, lock.fence()))
 
     capture = OutputCapture(job.label, settings.output_limit, job.secrets, store_output)
     # Scope instance: the instance's lock and claim, not the app's.
-    lease = Lease(connect=store.guard_client, lock_key=run_place.lock_key(record.app),
-                  token=_token(lock), ttl=float(settings.lock_ttl),
+    lease = Lease(connect=store.guard_client, lock_key=lock.key,
+                  token=lock.token or "", ttl=float(settings.lock_ttl),
                   claim_key=run_place.claim_key(record.app, record.deployment),
                   cancel_key=keys.cancel(record.id), restore=_deployment_restorer(record))
     outcome = lease_held.enter_context(run_process(
@@ -309,18 +317,29 @@ def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
         if stored is not None and stored.status == Status.CANCELLED:
             clock.terminate_handled = True  # the pool process lives on
             return JobOutcome(Status.CANCELLED, outcome.exit_code, stored.reason)
+        how = _quietly(lambda: store.cancel_request(record.id))
+        if how:  # the revoke's request, written before it records the run
+            clock.terminate_handled = True
+            return JobOutcome(Status.CANCELLED, outcome.exit_code, f"cancelled {how}")
         time.sleep(0.05)
     return JobOutcome(Status.LOST, outcome.exit_code,
                       _lost_reason(record, "its worker was shut down mid-run"))
 
 
 def _finish(settings: Settings, store: StateStore, record: RunRecord,
-            outcome: JobOutcome, run_place: RunPlace) -> RunRecord:
-    """Record the outcome (unless the run ended otherwise meanwhile) and tidy up."""
+            outcome: JobOutcome, run_place: RunPlace, fence: Fence | None = None) -> RunRecord:
+    """Record the outcome (unless the run ended otherwise meanwhile) and tidy up.
+
+    ``fence``: the run lock's token while it is held; once another run holds the
+    lock, the outcome is not recorded and nothing is tidied (that run owns the app).
+    """
     status = outcome.status
     label = f"{record.app}@{record.sha[:7]}"
-    moved = _patiently(lambda: lifecycle.move(store, record, status, exit_code=outcome.exit_code,
+    moved = _patiently(lambda: lifecycle.move(store, record, status, fence=fence,
+                                              exit_code=outcome.exit_code,
                                               reason=outcome.reason), "record the run")
+    if not record.status.finished:
+        return record  # fenced off: another run holds the lock and will settle this one
     if moved and status == Status.SUCCEEDED:
         log.info("%s: POST_DEPLOY job succeeded in %.1f s (run %s)",
                  label, record.duration or 0.0, record.id)
@@ -396,17 +415,8 @@ def _current_sha(source: AppSource) -> str:
         raise JobFailed(str(exc)) from None
 
 
-def _token(lock: Lock) -> str:
-    """The lock's token, for the guard that renews it (redis-py keeps it as bytes)."""
-    token = lock.local.token
-    return token.decode() if isinstance(token, bytes) else str(token)
-
-
-def _release(lock: Lock) -> None:
-    try:
-        lock.release()
-    except LockError:
-        pass  # it lapsed (and maybe another run holds it now): nothing of ours to release
+def _release(lock: RunLock) -> None:
+    lock.release()  # (False: it lapsed, maybe retaken: nothing of ours to release)
 
 
 def _quietly(action: Callable[[], T]) -> T | None:

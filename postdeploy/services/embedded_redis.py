@@ -73,9 +73,14 @@ class EmbeddedRedis:
         for _ in range(PORT_ATTEMPTS):
             self.port = free_port()
             self.proc = subprocess.Popen(
-                self._argv(), cwd=self.data_dir, stdin=subprocess.DEVNULL,
+                self._argv(), cwd=self.data_dir, stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=self._preexec_fn)
+            # The password goes in through stdin ("-": config from stdin), never on the
+            # command line, which every process on the host (a job too) can read.
+            assert self.proc.stdin is not None
+            with self.proc.stdin as config:
+                config.write(f"requirepass {self.password}\n".encode())
             problem = self._wait_ready()
             if problem is None:
                 return self.url
@@ -99,9 +104,8 @@ class EmbeddedRedis:
         self.proc = None
 
     def _argv(self) -> list[str]:
-        return [redis_executable(),
+        return [redis_executable(), "-",
                 "--bind", "127.0.0.1", "--port", str(self.port),
-                "--requirepass", self.password,
                 "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                 # A broker must never drop keys to make room.

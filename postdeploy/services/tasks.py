@@ -15,7 +15,7 @@ from celery.worker import control as worker_control
 from celery.worker import state as worker_state
 
 from postdeploy.errors import JobFailed
-from postdeploy.run.cancel import request_cancel
+from postdeploy.run.cancel import CANCEL_TTL, request_cancel
 from postdeploy.run.clock import JobClock
 from postdeploy.run.gate import GateWait
 from postdeploy.run.guard import reap_guards
@@ -30,6 +30,7 @@ from postdeploy.store.celery_app import (
     host_queue,
 )
 from postdeploy.store.connection import redis_client
+from postdeploy.store.lifecycle import UNSTARTED
 from postdeploy.store.records import RunRecord, Status, Trigger
 from postdeploy.store.state import StateStore
 from postdeploy.trigger.check import reconcile
@@ -215,12 +216,18 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
         if record is None:
             return
         if expired:
-            reason = "expired before a worker took it"
+            how = "expired before a worker took it"
         elif terminated:
-            reason = f"revoked from Flower (or celery control), terminated with {_name(signum)}"
+            how = f"revoked from Flower (or celery control), terminated with {_name(signum)}"
         else:
-            reason = "revoked from Flower (or celery control) before it started"
-        cancel_run(current_settings(), state_store(), record, reason)
+            how = "revoked from Flower (or celery control) before it started"
+        # The request first, as for `postdeploy cancel`: a run that started meanwhile
+        # is stopped by its guard; without terminate, only a run that has not started
+        # is recorded cancelled here.
+        store = state_store()
+        store.request_cancel(record.id, how, CANCEL_TTL)
+        cancel_run(current_settings(), store, record, how,
+                   only_from=None if terminated else UNSTARTED)
     except Exception:  # a signal handler must never take the worker down
         log.exception("could not record the revoke of task %s", request.id)
 

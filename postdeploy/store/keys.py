@@ -31,6 +31,11 @@ def run_lock(app: str) -> str:
     return f"{PREFIX}app:{app}:lock"
 
 
+def fence_counter(lock_key: str) -> str:
+    """Counter: the last fencing token issued for the run lock ``lock_key`` (only grows)."""
+    return f"{lock_key}:fence"
+
+
 def active_run(app: str) -> str:
     """String: id of the run holding the lock; left behind only by a lost run."""
     return f"{PREFIX}app:{app}:active"

@@ -4,7 +4,9 @@ Every change of a stored run goes through :func:`move`: the allowed moves are
 listed in ``TRANSITIONS``, timestamps are set here, and the record is saved once.
 The stored status is checked and replaced in one Lua script, so of two writers
 racing (a stalled worker and the run that declared it lost, a revoke and the job's
-own end) only an allowed move wins, and a finished run never changes again.
+own end) only an allowed move wins, and a finished run never changes again. The
+run's own moves carry its lock's fencing token (:mod:`postdeploy.store.fencing`): once
+another run holds the lock, they are refused.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import fields
 
 from postdeploy.errors import PostdeployError
 from postdeploy.store.deployments import Deployment
+from postdeploy.store.fencing import Fence
 from postdeploy.store.records import RunRecord, Status, Trigger
-from postdeploy.store.state import StateStore
+from postdeploy.store.state import StaleFence, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
                                Status.TIMED_OUT, Status.ERROR, Status.LOST,
                                Status.CANCELLED}),
 }
+UNSTARTED = frozenset({Status.QUEUED, Status.WAITING})  # no job process exists yet
 _FIELDS = frozenset(f.name for f in fields(RunRecord)) - {"id", "app", "sha", "trigger",
                                                           "status", "deployment",
                                                           "previous_sha"}
@@ -60,13 +64,15 @@ def new_run(store: StateStore, app: str, sha: str, trigger: Trigger | str,
     return record
 
 
-def move(store: StateStore, record: RunRecord, target: Status, **changes: object) -> bool:
+def move(store: StateStore, record: RunRecord, target: Status, *, fence: Fence | None = None,
+         only_from: frozenset[Status] | None = None, **changes: object) -> bool:
     """Move ``record`` to ``target`` with ``changes`` to its other fields; one save.
 
-    True when stored. False when the run is finished (it never changes again) or
-    had meanwhile moved somewhere ``target`` cannot be reached from: ``record``
-    then holds what is stored. Raises InvalidTransition for a move that is never
-    allowed from ``record``'s own, unfinished status.
+    True when stored. False when the run is finished (it never changes again), had
+    meanwhile moved somewhere ``target`` cannot be reached from (or, given
+    ``only_from``, to a status outside it), or ``fence`` no longer holds the run's
+    lock: ``record`` then holds what is stored. Raises InvalidTransition for a move
+    that is never allowed from ``record``'s own, unfinished status.
     """
     if record.status.finished:
         if record.status != target:
@@ -90,7 +96,15 @@ def move(store: StateStore, record: RunRecord, target: Status, **changes: object
     counter = f"{record.app}\t{record.trigger}\t{target}" if target.finished else None
     ran = target.finished and wanted.started_at is not None and wanted.finished_at is not None
     duration = (wanted.finished_at or 0) - (wanted.started_at or 0) if ran else None
-    stored = store.replace_run(wanted, sources_of(target), counter, duration)
+    sources = sources_of(target) if only_from is None else sources_of(target) & only_from
+    try:
+        stored = store.replace_run(wanted, sources, counter, fence, duration)
+    except StaleFence as stale:
+        log.warning("run %s: another run holds its lock now (fencing token %s is stale); "
+                    "not recording it %s", record.id, fence.token if fence else "?", target)
+        if stale.stored is not None:
+            _assign(record, stale.stored)
+        return False
     if stored is not None:
         if stored.status != target:
             log.info("run %s is %s already; not moving it to %s", record.id, stored.status,
@@ -101,9 +115,10 @@ def move(store: StateStore, record: RunRecord, target: Status, **changes: object
     return True
 
 
-def update(store: StateStore, record: RunRecord, **changes: object) -> bool:
+def update(store: StateStore, record: RunRecord, *, fence: Fence | None = None,
+           **changes: object) -> bool:
     """Change fields of an unfinished run without moving it; False if it finished meanwhile."""
-    return move(store, record, record.status, **changes)
+    return move(store, record, record.status, fence=fence, only_from=None, **changes)
 
 
 def _copy(record: RunRecord) -> RunRecord:

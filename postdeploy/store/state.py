@@ -8,27 +8,31 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
-from redis.lock import Lock
 
 from postdeploy.config.settings import AppConfig
 from postdeploy.store import keys
 from postdeploy.store.deployments import DeploymentLog, Observation
+from postdeploy.store.fencing import FENCED_OFF, Fence, RunLock
 from postdeploy.store.records import RunRecord
 
+CALL_TIMEOUT = 0.5  # seconds a guard's Redis connect or reply may take (its client's bound)
 DONE_TTL = 90 * 86_400  # seconds; refreshed on every check while the deployment is current
 QUEUED_CLAIM_TTL = 3_600  # seconds a queued automatic run blocks re-enqueueing its deployment
 # Upper bounds (seconds) of the job duration histogram's buckets: from a quick
 # seed to the longest timeout.
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 86_400)
 
-# KEYS: run record, runs counter hash, durations histogram hash. ARGV: new JSON,
-# expected statuses (space separated), counter field ('' for none), the app's
-# histogram field prefix and the job's duration ('' for none), then the bucket
-# bounds the duration falls in. Returns {1} stored, {0, stored JSON} refused, {-1}
-# stored although the record was missing (Redis lost its data).
-_REPLACE_RUN = """
+# KEYS: run record, runs counter hash, run lock and its fencing counter ('' when
+# unfenced), durations histogram hash. ARGV: new JSON, expected statuses (space
+# separated), counter field ('' for none), fencing token ('' for none), the app's
+# histogram field prefix, the job's duration ('' for none), then the bucket bounds
+# the duration falls in. Returns {1} stored, {0, stored JSON} refused, {-1} stored
+# although the record was missing (Redis lost its data), {2, stored JSON or ''}
+# refused: the token is stale.
+_REPLACE_RUN = FENCED_OFF + """
 local raw = redis.call('GET', KEYS[1])
 local result = {1}
+if fenced_off(KEYS[3], KEYS[4], ARGV[4]) then return {2, raw or ''} end
 if raw then
   local status = cjson.decode(raw)['status']
   if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. tostring(status) .. ' ', 1, true) then
@@ -39,18 +43,30 @@ else
 end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
-if ARGV[5] ~= '' then
-  for i = 6, #ARGV do redis.call('HINCRBY', KEYS[3], ARGV[4] .. ARGV[i], 1) end
-  redis.call('HINCRBY', KEYS[3], ARGV[4] .. 'count', 1)
-  redis.call('HINCRBYFLOAT', KEYS[3], ARGV[4] .. 'sum', ARGV[5])
+if ARGV[6] ~= '' then
+  for i = 7, #ARGV do redis.call('HINCRBY', KEYS[5], ARGV[5] .. ARGV[i], 1) end
+  redis.call('HINCRBY', KEYS[5], ARGV[5] .. 'count', 1)
+  redis.call('HINCRBYFLOAT', KEYS[5], ARGV[5] .. 'sum', ARGV[6])
 end
 return result
 """
+# KEYS: output hash, run lock, its fencing counter. ARGV: tail, total, fencing token.
+_WRITE_OUTPUT = FENCED_OFF + """
+if fenced_off(KEYS[2], KEYS[3], ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], 'tail', ARGV[1], 'total', ARGV[2])
+return 1
+"""
 _STORED_ANEW = -1
 _REFUSED = 0
+_STALE = 2
 
 
-GUARD_SOCKET_TIMEOUT = 1.0  # seconds; a job guard's Redis calls never block longer
+class StaleFence(Exception):
+    """A fenced write whose token no longer holds the run lock (another run owns the app)."""
+
+    def __init__(self, stored: RunRecord | None) -> None:
+        super().__init__("stale fencing token")
+        self.stored = stored
 
 
 class StateStore:
@@ -61,6 +77,7 @@ class StateStore:
         self.history_limit = history_limit
         self._replace = client.register_script(_REPLACE_RUN)
         self.deployments = DeploymentLog(client, DONE_TTL)
+        self._write_output = client.register_script(_WRITE_OUTPUT)
 
     # -- apps ---------------------------------------------------------------
     def register_apps(self, apps: Iterable[AppConfig]) -> None:
@@ -133,21 +150,26 @@ class StateStore:
             self.client.delete(*[keys.run(n) for n in names], *[keys.output(n) for n in names])
 
     def replace_run(self, record: RunRecord, expected: Iterable[str],
-                    counter: str | None = None,
+                    counter: str | None = None, fence: Fence | None = None,
                     duration: float | None = None) -> RunRecord | None:
         """Store ``record`` if the stored run's status is one of ``expected``.
 
         One Lua call: the check, the write and, for a finished run, the count in
         ``keys.RUNS_TOTAL`` (field ``counter``) and its job's ``duration`` in the
         ``keys.RUN_DURATIONS`` histogram. Returns None when stored, else the stored
-        run that refused the change. Only :mod:`postdeploy.store.lifecycle` calls it.
+        run that refused the change; raises StaleFence when ``fence`` no longer
+        holds its lock. Only :mod:`postdeploy.store.lifecycle` calls it.
         """
         buckets = ([] if duration is None else
                    [f"{b:g}" for b in DURATION_BUCKETS if duration <= b] + ["+Inf"])
-        answer = self._replace(keys=[keys.run(record.id), keys.RUNS_TOTAL, keys.RUN_DURATIONS],
+        answer = self._replace(keys=[keys.run(record.id), keys.RUNS_TOTAL,
+                                     fence.lock_key if fence else "",
+                                     fence.counter_key if fence else "", keys.RUN_DURATIONS],
                                args=[record.to_json(), " ".join(expected), counter or "",
-                                     f"{record.app}\t",
+                                     fence.token if fence else "", f"{record.app}\t",
                                      "" if duration is None else repr(duration), *buckets])
+        if int(answer[0]) == _STALE:
+            raise StaleFence(RunRecord.from_json(answer[1]) if answer[1] else None)
         if int(answer[0]) == _REFUSED:
             return RunRecord.from_json(answer[1])
         if int(answer[0]) == _STORED_ANEW:
@@ -199,24 +221,24 @@ class StateStore:
     def guard_client(self) -> redis.Redis:
         """A new client to the same Redis, for a job's guard (a process of its own).
 
-        Short socket timeouts: the guard must notice a lost Redis in time to stop
-        its job before the lease runs out.
+        Every call bounded (connect and reply within CALL_TIMEOUT, no retry): the
+        guard must know in time that it cannot renew, and stop its job.
         """
         pool = self.client.connection_pool
-        kwargs = {**pool.connection_kwargs, "socket_timeout": GUARD_SOCKET_TIMEOUT}
+        kwargs = {**pool.connection_kwargs, "socket_timeout": CALL_TIMEOUT,
+                  "socket_connect_timeout": CALL_TIMEOUT, "retry_on_timeout": False,
+                  "retry": None, "health_check_interval": 0}
         return redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=pool.connection_class, **kwargs))
 
-    def run_lock(self, app: str, ttl: float, host: str | None = None) -> Lock:
-        """The app's run lock: one run of an app at a time, across every host.
+    def run_lock(self, app: str, ttl: float, host: str | None = None) -> RunLock:
+        """The app's run lock, with a fencing token: one run of an app at a time.
 
-        redis-py's Lock: a random token per holder, renewed (``reacquire``) and
-        released only by its holder; a holder that dies lets it lapse after ``ttl``
-        seconds. Not thread-local: the job's ticks may renew it from anywhere.
-        ``host``: the lock of that instance (scope instance: one run per instance).
+        A holder that dies lets it lapse after ``ttl`` seconds. ``host``: the lock
+        of that instance (scope instance: one run per instance).
         """
         key = keys.instance_lock(app, host) if host else keys.run_lock(app)
-        return Lock(self.client, key, timeout=ttl, thread_local=False)
+        return RunLock(self.client, key, ttl)
 
     # -- cancel requests ----------------------------------------------------
     def request_cancel(self, run_id: str, how: str, ttl: int) -> None:
@@ -230,8 +252,13 @@ class StateStore:
         return _text(value) if value else None
 
     # -- output -------------------------------------------------------------
-    def write_output(self, run_id: str, tail: bytes, total: int) -> None:
-        self.client.hset(keys.output(run_id), mapping={"tail": tail, "total": total})
+    def write_output(self, run_id: str, tail: bytes, total: int,
+                     fence: Fence | None = None) -> bool:
+        """Store the run's output tail; False when ``fence`` no longer holds its lock."""
+        return bool(self._write_output(
+            keys=[keys.output(run_id), fence.lock_key if fence else "",
+                  fence.counter_key if fence else ""],
+            args=[tail, total, fence.token if fence else ""]))
 
     def read_output(self, run_id: str) -> tuple[bytes, int]:
         tail, total = self.client.hmget(keys.output(run_id), ["tail", "total"])

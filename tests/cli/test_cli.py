@@ -348,3 +348,29 @@ def test_status_shows_a_failing_commit_check(tmp_path: Path, redis_url: str) -> 
 def test_version(tmp_path: Path) -> None:
     result = cli(tmp_path, "--version")
     assert result.returncode == 0 and result.stdout.startswith("postdeploy, version ")
+
+
+@pytest.mark.parametrize("args", [
+    ["--redis-url", "redis://:s3cret-pw@127.0.0.1:6379/0", "worker"],
+    ["status", "--redis-url", "redis://user:s3cret-pw@127.0.0.1:6379/0"],
+    ["up", "--repo", ".", "--redis-url", "redis://:s3cret-pw@127.0.0.1:6379/0"],
+    ["--redis-url", "redis://127.0.0.1:6379/0?password=s3cret-pw", "beat"],
+])
+def test_a_password_on_the_command_line_is_refused(tmp_path: Path, args: list[str]) -> None:
+    result = cli(tmp_path / "state", *args, cwd=tmp_path, timeout=30)
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "POSTDEPLOY_REDIS_URL" in line and "--redis-url-file" in line
+    assert "s3cret-pw" not in result.stderr + result.stdout
+
+
+def test_the_redis_url_comes_from_a_file(tmp_path: Path, redis_url: str) -> None:
+    url_file = tmp_path / "redis.url"
+    url_file.write_text(redis_url + "\n")
+    url_file.chmod(0o600)
+    result = cli(tmp_path / "state", "--redis-url-file", str(url_file), "status", cwd=tmp_path,
+                 timeout=30)
+    assert result.returncode == 0, result.stderr
+    line = one_error_line(cli(tmp_path / "state", "status", "--redis-url-file",
+                              str(tmp_path / "missing"), cwd=tmp_path, timeout=30))
+    assert "--redis-url-file" in line and "cannot read it" in line

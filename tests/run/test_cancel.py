@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -319,3 +321,85 @@ def test_flower_revoke_of_a_running_job_cancels_it_and_the_pool_lives(
     wait_checks(rclient, 6)
     assert [r.id for r in runs(rclient, "shop")] == [running.id]
     assert pool_pids(worker) == pools
+
+
+class HoldingProxy:
+    """A TCP proxy in front of Redis that holds a client's command matching ``hold_if``
+    (a whole chunk as sent) until :meth:`release`: a cancel that reads, then writes late."""
+
+    def __init__(self, port: int, hold_if: Callable[[bytes], bool]) -> None:
+        self.upstream = port
+        self.hold_if = hold_if
+        self.holding = threading.Event()
+        self.released = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream), timeout=10)
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False),
+                             daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        source.settimeout(120)
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                if from_client and not self.released.is_set() and self.hold_if(chunk):
+                    self.holding.set()
+                    self.released.wait(60)
+                sink.sendall(chunk)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_cancel_that_read_queued_and_writes_once_the_job_started_stops_it(
+        remote: GitRemote, rclient: redis.Redis, redis_url: str, services: Start,
+        env_for: EnvFor, tmp_path: Path) -> None:
+    started, ended = tmp_path / "started", tmp_path / "ended"
+    sha = remote.commit({"appspec.yaml": appspec_yaml(
+        f"touch {started}; sleep 5; touch {ended}", timeout="600")})
+    env = env_for(remote)
+    run_id = queue_manual_run(env, sha)
+    # The app's lock is busy: the worker takes the message and retries, the run stays queued.
+    rclient.set(keys.run_lock("shop"), "held by the test", ex=300)
+    worker = services("worker", env)
+    wait_for(lambda: worker_ready(worker), 30, what="the worker")
+    # The cancel's write of the run (a Lua call) is held back after it read `queued`.
+    proxy = HoldingProxy(redis.Redis.from_url(redis_url).connection_pool.connection_kwargs[
+        "port"], lambda chunk: b"EVAL" in chunk.upper())
+    try:
+        cancel = subprocess.Popen(
+            [sys.executable, "-m", "postdeploy.cli", "--state-dir", str(tmp_path / "elsewhere"),
+             "cancel", "shop", run_id],
+            env=cli_env(POSTDEPLOY_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proxy.holding.wait(30), "the cancel never wrote the run"
+        rclient.delete(keys.run_lock("shop"))  # the worker starts the run now
+        wait_for(lambda: StateStore(rclient).get_run(run_id).status != "queued",  # type: ignore[union-attr]
+                 30, what="the worker to start the run")
+        proxy.release()
+        out, err = cancel.communicate(timeout=60)
+    finally:
+        proxy.close()
+    assert cancel.returncode == 0, (out, err)
+    assert out.startswith(f"cancelled run {run_id} ")
+    record = StateStore(rclient).get_run(run_id)
+    assert record is not None and record.status == "cancelled"
+    time.sleep(7)  # longer than the job: had it gone on, it would have ended by now
+    assert not ended.exists()
+    assert job_processes(run_id) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -159,11 +160,112 @@ def test_fencing_stops_the_job_before_the_lease_runs_out(tmp_path: Path,
 def test_taken_lease_stops_the_job(tmp_path: Path, private_redis: RedisServer) -> None:
     client = redis.Redis.from_url(private_redis.url)
     client.set("lock", "tok", px=5000)
-    job = Job("sleep 1000", tmp_path, lease=Lease(_connect(private_redis.url), "lock", "tok", 5.0))
+    pidfile = tmp_path / "job.pid"
+    job = Job(f"echo $$ > {pidfile}; exec sleep 1000", tmp_path,
+              lease=Lease(_connect(private_redis.url), "lock", "tok", 5.0))
+    wait_for(pidfile.exists, 10, what="job start")
     client.set("lock", "someone-else")
     result = job.result(10)
     job.finish()
-    assert result.stopped == "lease lost (another worker holds the app's run lock)"
+    assert result.stopped == "lease lost (another run took the app's run lock)"
+
+
+def test_a_lapsed_lease_taken_and_released_since_is_not_put_back(
+        tmp_path: Path, private_redis: RedisServer) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    client.set("lock", "1", px=5000)
+    client.set("lock:fence", "1")
+    pidfile = tmp_path / "job.pid"
+    job = Job(f"echo $$ > {pidfile}; exec sleep 1000", tmp_path,
+              lease=Lease(_connect(private_redis.url), "lock", "1", 5.0))
+    wait_for(pidfile.exists, 10, what="job start")
+    client.set("lock:fence", "2")  # another run took the lock (token 2) and let it go
+    client.delete("lock")
+    result = job.result(10)
+    job.finish()
+    assert result.stopped == "lease lost (another run took the app's run lock)"
+    assert client.get("lock") is None
+
+
+def test_a_lock_lost_with_redis_data_is_put_back(tmp_path: Path,
+                                                private_redis: RedisServer) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    client.set("lock", "7", px=5000)
+    client.set("lock:fence", "7")
+    pidfile = tmp_path / "job.pid"
+    job = Job(f"echo $$ > {pidfile}; exec sleep 1000", tmp_path,
+              lease=Lease(_connect(private_redis.url), "lock", "7", 5.0))
+    wait_for(pidfile.exists, 10, what="job start")
+    client.flushdb()  # a restart without persistence
+    wait_for(lambda: client.get("lock") == b"7" and client.get("lock:fence") == b"7", 5,
+             what="the guard to put its lock and the counter back")
+    job.handle.stop("timeout")
+    assert job.result(10).stopped == "timeout"
+    job.finish()
+
+
+def test_a_lease_lost_before_the_job_starts_starts_nothing(
+        tmp_path: Path, private_redis: RedisServer) -> None:
+    client = redis.Redis.from_url(private_redis.url)
+    client.set("lock", "someone-else", px=5000)
+    marker = tmp_path / "ran"
+    job = Job(f"touch {marker}", tmp_path,
+              lease=Lease(_connect(private_redis.url), "lock", "tok", 5.0))
+    result = job.result(10)
+    job.finish()
+    assert result.stopped is not None and result.stopped.endswith("before the job started")
+    assert result.exit_code is None and not marker.exists()
+
+
+def _unbounded(url: str) -> Callable[[], redis.Redis]:
+    """A client whose calls may block for ever: the guard must not depend on its timeouts."""
+    return lambda: redis.Redis.from_url(url)
+
+
+def test_fencing_holds_while_a_renewal_hangs(tmp_path: Path,
+                                            private_redis: RedisServer) -> None:
+    assert private_redis.proc is not None
+    redis.Redis.from_url(private_redis.url).set("lock", "tok", px=4000)
+    pidfile = tmp_path / "job.pid"
+    lease = Lease(_unbounded(private_redis.url), "lock", "tok", ttl=4.0)
+    job = Job(f"echo $$ > {pidfile}; trap '' TERM; while true; do sleep 0.1; done",
+              tmp_path, grace=30, lease=lease)
+    wait_for(pidfile.exists, 10, what="job start")
+    # A silent partition: the server takes connections and commands but never answers.
+    os.kill(private_redis.proc.pid, signal.SIGSTOP)
+    try:
+        stopped_at = time.monotonic()
+        result = job.result(10)
+        killed_after = time.monotonic() - stopped_at
+        assert result.stopped is not None and result.stopped.startswith("lease lost")
+        assert not process_alive(int(pidfile.read_text()))
+        assert killed_after < 4.0 - 0.5  # dead before the lease could lapse, with room
+        print(f"renewal hanging: job dead {killed_after:.2f} s after Redis went silent "
+              "(lease 4 s)")
+    finally:
+        os.kill(private_redis.proc.pid, signal.SIGCONT)
+    job.finish()
+
+
+def test_a_job_that_exits_while_renewals_hang_keeps_its_exit(
+        tmp_path: Path, private_redis: RedisServer) -> None:
+    assert private_redis.proc is not None
+    redis.Redis.from_url(private_redis.url).set("lock", "tok", px=4000)
+    go = tmp_path / "go"
+    started = tmp_path / "started"
+    lease = Lease(_unbounded(private_redis.url), "lock", "tok", ttl=4.0)
+    job = Job(f"touch {started}; while [ ! -e {go} ]; do sleep 0.05; done; exit 0",
+              tmp_path, lease=lease)
+    wait_for(started.exists, 10, what="job start")
+    os.kill(private_redis.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.8)  # a renewal is stuck now
+        go.touch()  # the job ends on its own, inside the lease
+        result = job.result(10)
+    finally:
+        os.kill(private_redis.proc.pid, signal.SIGCONT)
+    job.finish()
+    assert result == GuardResult(0, None)
 
 
 @pytest.mark.skipif(not ROOT, reason="switching to the job user needs root")

@@ -18,6 +18,9 @@ def test_data_survives_a_restart_and_a_password_is_required(tmp_path: Path) -> N
         redis.Redis.from_url(url).set("postdeploy:probe", "kept")
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=server.port).get("postdeploy:probe")
+        assert server.proc is not None  # the password is not on its command line
+        assert server.password.encode() not in Path(f"/proc/{server.proc.pid}/cmdline"
+                                                     ).read_bytes()
     finally:
         server.stop()
     assert list((tmp_path / "redis").glob("appendonly*"))  # the append-only data

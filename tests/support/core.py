@@ -64,14 +64,17 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+        args = [REDIS_SERVER, "-", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "",
                 "--appendonly", "yes" if self.persistent else "no",
                 "--appendfsync", "always", "--maxmemory-policy", "noeviction"]
-        if self.password:
-            args += ["--requirepass", self.password]
         log = open(self.directory / "redis.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        # The password through stdin ("-"), as postdeploy does: never on a command line.
+        assert self.proc.stdin is not None
+        with self.proc.stdin as config:
+            config.write(f"requirepass {self.password}\n".encode() if self.password else b"")
         client = redis.Redis.from_url(self.url)
         wait_for(lambda: _pings(client), 15, what="redis-server to answer")
         return self
