@@ -85,7 +85,7 @@ def wait(settings: Settings, app: str, sha: str | None, timeout: float, as_json:
 @cli.command()
 @click.argument("app")
 @click.argument("sha", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Stable JSON (see README).")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON (see docs/commands.md).")
 @with_settings
 def why(settings: Settings, app: str, sha: str | None, as_json: bool) -> int:
     """Why APP's job ran or not for SHA (default: the current commit): its

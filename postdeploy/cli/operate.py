@@ -20,7 +20,7 @@ CHECK_TIMEOUT = 30.0  # seconds `check` waits for the workers' answers
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Stable JSON (see README).")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON (see docs/commands.md).")
 @with_settings
 def status(settings: Settings, as_json: bool) -> int:
     """Per app: last seen commit, latest run, its status, when, how long."""
@@ -191,7 +191,7 @@ def logs(settings: Settings, app: str, run_id: str | None, follow: bool, raw: bo
 
 @cli.command()
 @click.argument("app")
-@click.option("--json", "as_json", is_flag=True, help="Stable JSON (see README).")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON (see docs/commands.md).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @with_settings
 def history(settings: Settings, app: str, as_json: bool, limit: int) -> int:

@@ -1,6 +1,6 @@
 """How the CLI shows apps and runs: readable tables and stable JSON.
 
-The JSON shapes are a contract (scripts parse them); README.md documents them.
+The JSON shapes are a contract (scripts parse them); docs/commands.md documents them.
 Add fields, never rename or remove them.
 """
 

@@ -1,7 +1,7 @@
 """Hostile and broken input, one table: each row's defined outcome, nothing executed
 that the app did not ask for (the row's marker file), the service still running.
 
-README.md's "Reliability and security" table states each row's outcome.
+docs/reliability.md's table states each row's outcome.
 """
 
 from __future__ import annotations

@@ -560,8 +560,8 @@ def test_status_shows_when_the_last_push_arrived(hook: Hook, rclient: redis.Redi
 
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("curl")),
                     reason="needs openssl and curl")
-def test_the_readmes_generic_hook_example_works(hook: Hook, rclient: redis.Redis) -> None:
-    readme = (REPO_ROOT / "README.md").read_text()
+def test_the_docs_generic_hook_example_works(hook: Hook, rclient: redis.Redis) -> None:
+    readme = (REPO_ROOT / "docs" / "webhooks.md").read_text()
     example = readme.split("signed like GitHub's:\n\n```sh\n", 1)[1].split("```", 1)[0]
     example = example.replace("127.0.0.1:9810", f"127.0.0.1:{hook.port}")
     result = subprocess.run(["bash", "-c", example], capture_output=True, text=True,
