@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 
 from postdeploy.config.commit_status import CommitStatusConfig
 from postdeploy.config.redaction import mask_secrets
+from postdeploy.config.secrets import executor_secrets
 from postdeploy.store import keys
 from postdeploy.store.records import RunRecord, Status
 
@@ -125,13 +126,7 @@ def report(settings: Settings, store: StateStore, record: RunRecord) -> None:
                          expires=EXPIRES)
     except Exception as exc:  # a status must never disturb the run lifecycle
         log.warning("commit status for run %s not queued: %s", record.id,
-                    mask_secrets(str(exc), secrets(settings)))
-
-
-def secrets(settings: Settings) -> list[str]:
-    """The tokens of every app's commit statuses that the executor has."""
-    names = {a.commit_status.token_env for a in settings.apps if a.commit_status}
-    return [token for name in sorted(names) if (token := settings.environ.get(name))]
+                    mask_secrets(str(exc), executor_secrets(settings)))
 
 
 def deliver(settings: Settings, store: StateStore, run_id: str, status: str,
@@ -170,7 +165,7 @@ def _deliver(settings: Settings, store: StateStore, run_id: str, status: str,
         return False
     record.status = Status(status)  # the state this message is about
     request = build_request(config, token, record, mask_secrets(
-        describe(record), [*secrets(settings), token]))
+        describe(record), [*executor_secrets(settings), token]))
     code = post(request, REQUEST_DEADLINE)
     if not 200 <= code < 300:
         return _failed(settings, run_id, status, attempt,
@@ -182,7 +177,7 @@ def _deliver(settings: Settings, store: StateStore, run_id: str, status: str,
 
 
 def _failed(settings: Settings, run_id: str, status: str, attempt: int, why: str) -> bool:
-    why = mask_secrets(why, secrets(settings))
+    why = mask_secrets(why, executor_secrets(settings))
     if attempt >= ATTEMPTS:
         log.warning("could not send the %s commit status of run %s after %d tries: %s; the "
                     "run's record is unchanged", status, run_id, attempt, why)

@@ -24,8 +24,9 @@ import apprise
 import redis
 
 from postdeploy.announce.forked import DeadlinePassed, call_forked
-from postdeploy.config.notify import MAX_SOCKET_TIMEOUT, mask_url, quiet_apprise, url_secrets
+from postdeploy.config.notify import MAX_SOCKET_TIMEOUT, mask_url, quiet_apprise
 from postdeploy.config.redaction import mask_secrets
+from postdeploy.config.secrets import executor_secrets
 from postdeploy.config.settings import Settings
 from postdeploy.store import keys
 from postdeploy.store.celery_app import app as celery
@@ -115,7 +116,7 @@ def notify_if_needed(settings: Settings, store: StateStore, run: RunRecord | str
     except Exception as exc:  # a notification must never disturb the run lifecycle
         run_id = run if isinstance(run, str) else run.id
         log.warning("notification for run %s not queued: %s", run_id,
-                    mask_secrets(str(exc), executor_secrets(settings)))
+                    mask_secrets(str(exc), _secrets(settings)))
 
 
 def _per_instance_deployment(store: StateStore, record: RunRecord) -> int | None:
@@ -167,7 +168,7 @@ def deliver(settings: Settings, store: StateStore, run_id: str, event: str,
     try:
         return _deliver(settings, store, run_id, event, pending, attempt, previous, deployment)
     except Exception as exc:
-        reason = mask_secrets(f"{type(exc).__name__}: {exc}", executor_secrets(settings))
+        reason = mask_secrets(f"{type(exc).__name__}: {exc}", _secrets(settings))
         if attempt >= NOTIFY_ATTEMPTS:
             log.warning("could not send the %s notification of run %s after %d tries: %s; "
                         "the run's record is unchanged", event, run_id, attempt, reason)
@@ -193,7 +194,7 @@ def _deliver(settings: Settings, store: StateStore, run_id: str, event: str,
     verdict = judge(store, record.app, record.sha) if deployment is not None else None
     message = compose(settings, store, record, event, prior,
                       verdict.text if verdict is not None else None)
-    results = send(urls, message, executor_secrets(settings))
+    results = send(urls, message, _secrets(settings))
     failed = [r for r in results if not r.ok]
     final = attempt >= NOTIFY_ATTEMPTS
     _count(store, len(results) - len(failed), len(failed) if final else 0)
@@ -222,7 +223,7 @@ def send_test(settings: Settings, app_name: str | None) -> list[Delivery]:
         body=(f"A test message from postdeploy on {host} ({about}).\n"
               f"Runs are reported here on: {', '.join(sorted(settings.notify_on))}."),
         kind=apprise.NotifyType.INFO)
-    return send(destinations(settings, app_name), message, executor_secrets(settings))
+    return send(destinations(settings, app_name), message, _secrets(settings))
 
 
 def compose(settings: Settings, store: StateStore, record: RunRecord, event: str,
@@ -254,7 +255,7 @@ def compose(settings: Settings, store: StateStore, record: RunRecord, event: str
         tail = _last_lines(store.read_output(record.id)[0])
         lines += ["", f"Last {len(tail)} lines of output:" if tail else "No output.", *tail]
     lines += ["", f"More: postdeploy logs {record.app} {record.id}"]
-    body = mask_secrets("\n".join(lines), executor_secrets(settings))
+    body = mask_secrets("\n".join(lines), _secrets(settings))
     kind = (apprise.NotifyType.SUCCESS if event in ("recovered", "succeeded") else
             apprise.NotifyType.WARNING if event == "cancelled" else apprise.NotifyType.FAILURE)
     return Message(f"postdeploy: {label} {_HEADLINE.get(event, event)}", body, kind)
@@ -323,21 +324,9 @@ def _apprise_errors() -> Iterator[list[str]]:
         logger.setLevel(level)
 
 
-def executor_secrets(settings: Settings) -> list[str]:
-    """What the executor itself must never show: Redis, repo and notify credentials,
-    commit status tokens."""
-    found: set[str] = set()
-    for url in (settings.redis_url, str(celery.conf.broker_url or ""),
-                *(a.repo for a in settings.apps)):
-        if url and "://" in url:
-            found |= url_secrets(url, tokens=False)
-    for url in destinations(settings, None):
-        found |= url_secrets(url)
-    from postdeploy.announce.commit_status import secrets as status_tokens
-
-    found.update(status_tokens(settings))
-    # Longest first: a whole URL is masked before the token inside it.
-    return sorted(found, key=len, reverse=True)
+def _secrets(settings: Settings) -> list[str]:
+    """The executor's secrets (:mod:`postdeploy.config.secrets`), with the broker in use."""
+    return executor_secrets(settings, str(celery.conf.broker_url or "") or None)
 
 
 def fingerprint(url: str) -> str:

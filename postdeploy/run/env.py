@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from postdeploy.config.redaction import MIN_SECRET_LENGTH, url_credentials
 from postdeploy.config.settings import Settings
 from postdeploy.run.sandbox import JobPlace, job_user_env
 from postdeploy.store.records import RunRecord
@@ -37,19 +36,3 @@ def run_environment(settings: Settings, app_env: Mapping[str, str], record: RunR
                 # Empty for the app's first deployment (and a commit never deployed).
                 "POST_DEPLOY_PREVIOUS_SHA": record.previous_sha or ""})
     return env
-
-
-def executor_secrets(settings: Settings) -> frozenset[str]:
-    """Everything the executor knows that a job must not print: masked like SECRET values."""
-    # Imported here: notify brings Celery and Apprise, which the readers of
-    # job_environment (instance reports, readiness gates) do not need.
-    from postdeploy.announce.notify import executor_secrets as notify_secrets
-
-    found = set(notify_secrets(settings))
-    for app in settings.apps:
-        found.update(url_credentials(app.repo or ""))
-        for url in app.notify:
-            found.update(url_credentials(url))
-    if settings.webhook_secret:
-        found.add(settings.webhook_secret)
-    return frozenset(s for s in found if len(s) >= MIN_SECRET_LENGTH)

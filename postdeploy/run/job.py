@@ -22,11 +22,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from postdeploy.announce import commit_status
 from postdeploy.announce.notify import notify_if_needed
 from postdeploy.config.redaction import mask_secrets
+from postdeploy.config.secrets import executor_secrets
 from postdeploy.config.settings import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed, JobUserError
 from postdeploy.run import gate as waiting
 from postdeploy.run.clock import JobClock
-from postdeploy.run.env import executor_secrets, run_environment
+from postdeploy.run.env import run_environment
 from postdeploy.run.gate import GateWait
 from postdeploy.run.guard import Lease
 from postdeploy.run.output import OutputCapture
@@ -43,6 +44,7 @@ from postdeploy.run.sandbox import JobPlace, place_job
 from postdeploy.source.appspec import parse_appspec, resolve_folder
 from postdeploy.source.git import AppSource, is_sha
 from postdeploy.store import decisions, deployments, keys, lifecycle
+from postdeploy.store.celery_app import app as celery
 from postdeploy.store.deployments import Deployment
 from postdeploy.store.fencing import Fence, RunLock
 from postdeploy.store.records import RunRecord, Status, Trigger
@@ -214,7 +216,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
     commit_status.report(settings, store, record)
     store.hold_claim(app, record.deployment, settings.lock_ttl, run_place.slot)
     label = f"{app}@{record.sha[:7]}"
-    secrets: frozenset[str] = executor_secrets(settings)
+    secrets = frozenset(executor_secrets(settings, str(celery.conf.broker_url or "") or None))
     # The job's guard holds the run's lease until the run is recorded (the end of this
     # block), so a slow final write can never let the deployment run twice.
     with ExitStack() as lease_held:
