@@ -39,6 +39,7 @@ from typing import Any
 from postdeploy.run import processes
 from postdeploy.run.lease import TICK, Lease, LeaseKeeper, lease_clock
 from postdeploy.run.sandbox import Sandbox
+from postdeploy.run.stop import Stop, StopKind
 
 __all__ = ["GuardHandle", "GuardResult", "GuardSpec", "Lease", "Sandbox", "start_guard"]
 STOP_POLL = 0.05  # seconds between looks while waiting for stopped processes to go
@@ -60,8 +61,13 @@ class GuardResult:
     """How the job ended: an exit code, or the signal that killed it, and why it was stopped."""
 
     exit_code: int | None  # negative: killed by that signal
-    stopped: str | None = None  # "timeout", "cancelled: ...", "lease lost", "worker gone", ...
+    stopped: Stop | None = None  # why the guard stopped it (None: it ended by itself)
     start_error: str | None = None  # the job could not be started at all
+
+    @classmethod
+    def from_message(cls, data: dict[str, Any]) -> GuardResult:
+        return cls(data.get("exit_code"), Stop.from_message(data.get("stopped")),
+                   data.get("start_error"))
 
 
 class GuardHandle:
@@ -89,7 +95,8 @@ class GuardHandle:
                 if not chunk:
                     self._close_report()
                     if self.result is None:
-                        self.result = GuardResult(None, "the job guard died")
+                        self.result = GuardResult(None, Stop(StopKind.GUARD_DIED,
+                                                             "the job guard died"))
                 self._buffer += chunk
                 self._handle_lines()
         return self.result
@@ -142,7 +149,7 @@ class GuardHandle:
             if "log" in message:
                 self._on_log(str(message["log"]))
             if "result" in message:
-                self.result = GuardResult(**message["result"])
+                self.result = GuardResult.from_message(message["result"])
 
 
 _exiting: set[int] = set()  # guards that let their lease go, maybe not yet reaped
@@ -230,10 +237,10 @@ class _Guard:
             # Check the lease before the job starts: the worker took it a while ago (git
             # work), and a lease already lost or cancelled starts nothing.
             self.keeper = LeaseKeeper(spec.lease)
-            if (reason := self.keeper.renew_now()) is not None:
+            if (stop := self.keeper.renew_now()) is not None:
                 os.close(output_fd)
-                self._send({"result": asdict(GuardResult(None, f"{reason}, before the job "
-                                                               "started"))})
+                self._send({"result": asdict(GuardResult(None, stop.later(
+                    ", before the job started")))})
                 self._hold_until_done()
                 return 0
         try:
@@ -253,34 +260,34 @@ class _Guard:
         self._hold_until_done()
         return 0
 
-    def _watch(self, job_pid: int) -> tuple[int | None, str | None]:
+    def _watch(self, job_pid: int) -> tuple[int | None, Stop | None]:
         """Until the job exits; stop it (and every descendant) when asked or fenced."""
         while True:
             status = processes.reap_children(job_pid)
             if status is not None:
                 return status, None
-            reason = self._tick()
-            if reason is not None:
+            stop = self._tick()
+            if stop is not None:
                 # The job's own end wins over a verdict formed meanwhile: it ended while
                 # the lease still held (the lease lapses only well after the verdict).
                 status = processes.reap_children(job_pid)
                 if status is not None:
                     return status, None
-                return self._stop_job(job_pid, reason), reason
+                return self._stop_job(job_pid, stop), stop
 
-    def _tick(self) -> str | None:
+    def _tick(self) -> Stop | None:
         """One look at the control pipe, the lease and the cancel key; a stop reason or None."""
         wait = TICK if self.keeper is None else max(0.0, min(TICK, self.keeper.until_fence()))
         command = self._read_control(wait)
         if command is not None and command.startswith("stop"):
-            return command[5:].strip() or "stopped"
+            return Stop(StopKind.ASKED, command[5:].strip() or "stopped")
         if self.worker_gone:
-            return "its worker stopped"
+            return Stop(StopKind.WORKER_GONE, "its worker stopped")
         if self.terminated:
-            return self.terminated[0]
+            return Stop(StopKind.TERMINATED, self.terminated[0])
         return self.keeper.look() if self.keeper is not None else None
 
-    def _stop_job(self, job_pid: int, reason: str) -> int | None:
+    def _stop_job(self, job_pid: int, stop: Stop) -> int | None:
         """SIGTERM the job and all its descendants, wait the grace, then SIGKILL the rest.
 
         The grace never outlasts the lease: whatever the reason, every process is
@@ -289,7 +296,7 @@ class _Guard:
         status: int | None = None
         processes.signal_descendants(signal.SIGTERM)
         grace_ends = lease_clock() + self.spec.grace
-        fenced = reason.startswith("lease lost")
+        fenced = stop.kind == StopKind.LEASE_LOST
         while True:
             kill_at = grace_ends if self.keeper is None else min(grace_ends,
                                                                  self.keeper.kill_by())

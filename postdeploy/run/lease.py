@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import redis
 
+from postdeploy.run.stop import Stop, StopKind
 from postdeploy.store import keys
 
 TICK = 0.25  # seconds between renewals (and between the guard's looks at everything)
@@ -104,7 +105,7 @@ class LeaseKeeper:
         self._next = 0.0
         self._last_error = "the last renewal has had no answer"
 
-    def renew_now(self) -> str | None:
+    def renew_now(self) -> Stop | None:
         """One renewal in the caller's thread (before the job starts); a stop reason or None.
 
         The job starts only under a lease confirmed now: the clock then counts from here.
@@ -112,7 +113,7 @@ class LeaseKeeper:
         answer = self._renew()
         self._absorb(answer)
         if answer.error:
-            return f"lease lost (cannot confirm it: {answer.error})"
+            return Stop(StopKind.LEASE_LOST, f"lease lost (cannot confirm it: {answer.error})")
         return self._verdict()
 
     def start(self) -> None:
@@ -121,7 +122,7 @@ class LeaseKeeper:
             self._thread = threading.Thread(target=self._loop, name="lease", daemon=True)
             self._thread.start()
 
-    def look(self) -> str | None:
+    def look(self) -> Stop | None:
         """Ask for a renewal when one is due; why the job must stop now, or None."""
         now = lease_clock()
         with self._mutex:
@@ -141,16 +142,17 @@ class LeaseKeeper:
         """The lease_clock() time by which every process of the job must be dead."""
         return self.renewed_at + self.lease.ttl - KILL_MARGIN
 
-    def _verdict(self) -> str | None:
+    def _verdict(self) -> Stop | None:
         answer = self._last
         if answer is not None and answer.lost:
-            return "lease lost (another run took the app's run lock)"
+            return Stop(StopKind.LEASE_LOST, "lease lost (another run took the app's run lock)")
         if self.until_fence() <= 0:
             waited = lease_clock() - self.renewed_at
-            return (f"lease lost (no renewal for {waited:.1f} s: {self._last_error}); "
-                    "stopped before it could lapse")
+            return Stop(StopKind.LEASE_LOST,
+                        f"lease lost (no renewal for {waited:.1f} s: {self._last_error}); "
+                        "stopped before it could lapse")
         if answer is not None and answer.cancel:
-            return f"cancelled {answer.cancel}".strip()
+            return Stop(StopKind.CANCELLED, f"cancelled {answer.cancel}".strip())
         return None
 
     def _absorb(self, answer: _Answer) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from postdeploy.run.guard import GuardHandle, GuardResult, GuardSpec, Lease, start_guard
 from postdeploy.run.processes import processes_with_env
 from postdeploy.run.sandbox import Sandbox
+from postdeploy.run.stop import StopKind
 from postdeploy.store.records import Status
 
 log = logging.getLogger(__name__)
@@ -136,16 +137,16 @@ def _outcome(guard: GuardHandle, result: GuardResult, asked: StopRequest | None)
         return JobOutcome(Status.ERROR, None, result.start_error)
     if asked is not None:
         return JobOutcome(asked.status, code, asked.reason)
-    stopped = result.stopped
-    if stopped is not None:
-        if stopped.startswith("cancelled"):
-            return JobOutcome(Status.CANCELLED, code, stopped)
-        if stopped == "the job guard died" and guard.job_pid is not None:
+    stop = result.stopped
+    if stop is not None:
+        if stop.kind == StopKind.CANCELLED:
+            return JobOutcome(Status.CANCELLED, code, stop.reason)
+        if stop.kind == StopKind.GUARD_DIED and guard.job_pid is not None:
             _kill_group(guard.job_pid)  # its guard is gone: nothing else would stop it
             return JobOutcome(Status.FAILED, code, "the job killed its guard; it was stopped")
         # The lease lapsed (Redis unreachable, another worker took it) or the executor
         # is stopping: the run did not finish here, and its deployment is run again.
-        return JobOutcome(Status.LOST, code, f"stopped: {stopped}")
+        return JobOutcome(Status.LOST, code, f"stopped: {stop.reason}")
     if code == 0:
         return JobOutcome(Status.SUCCEEDED, 0)
     if code is not None and code < 0:

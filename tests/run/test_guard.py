@@ -16,6 +16,7 @@ import redis
 from postdeploy.config.users import parse_user
 from postdeploy.run.guard import GuardHandle, GuardResult, GuardSpec, Lease, start_guard
 from postdeploy.run.sandbox import Sandbox, can_isolate
+from postdeploy.run.stop import Stop, StopKind
 from tests.support.core import RedisServer, process_alive, wait_for
 
 ROOT = os.geteuid() == 0
@@ -84,7 +85,7 @@ def test_stop_reaches_escaped_descendants(tmp_path: Path) -> None:
     job.handle.stop("timeout")
     result = job.result()
     job.finish()
-    assert result.stopped == "timeout"
+    assert result.stopped == Stop(StopKind.ASKED, "timeout")
     for pid in map(int, pids.read_text().split()):
         wait_for(lambda pid=pid: not process_alive(pid), 5, what=f"process {pid} to die")
 
@@ -109,7 +110,7 @@ def test_worker_death_stops_the_job(tmp_path: Path) -> None:
     os.close(job.handle._control)  # what the kernel does when the worker dies
     job.handle._control = -1
     result = job.result()
-    assert result.stopped == "its worker stopped"
+    assert result.stopped == Stop(StopKind.WORKER_GONE, "its worker stopped")
     assert not process_alive(int(pidfile.read_text()))
     job.finish()
 
@@ -132,7 +133,7 @@ def test_lease_is_renewed_and_cancel_arrives(tmp_path: Path,
     assert client.get("lock") == b"tok" and client.get("claim") == b"running"
     client.set("cancel", "from the CLI by tester")
     result = job.result(10)
-    assert result.stopped == "cancelled from the CLI by tester"
+    assert result.stopped == Stop(StopKind.CANCELLED, "cancelled from the CLI by tester")
     assert client.get("lock") == b"tok"  # held until the worker has recorded the run
     job.finish()
     wait_for(lambda: client.pttl("lock") < 2000, 5, what="renewals to stop")
@@ -150,7 +151,7 @@ def test_fencing_stops_the_job_before_the_lease_runs_out(tmp_path: Path,
     private_redis.stop()  # a partition from Redis: no renewal from now on
     lost_at = time.monotonic()
     result = job.result(10)
-    assert result.stopped is not None and result.stopped.startswith("lease lost")
+    assert result.stopped is not None and result.stopped.kind == StopKind.LEASE_LOST
     # Stopped (SIGKILL despite the 30 s grace) before the 4 s lease could lapse.
     assert time.monotonic() - lost_at < 4.0
     assert not process_alive(int(pidfile.read_text()))
@@ -167,7 +168,8 @@ def test_taken_lease_stops_the_job(tmp_path: Path, private_redis: RedisServer) -
     client.set("lock", "someone-else")
     result = job.result(10)
     job.finish()
-    assert result.stopped == "lease lost (another run took the app's run lock)"
+    assert result.stopped == Stop(StopKind.LEASE_LOST,
+                                 "lease lost (another run took the app's run lock)")
 
 
 def test_a_lapsed_lease_taken_and_released_since_is_not_put_back(
@@ -183,7 +185,8 @@ def test_a_lapsed_lease_taken_and_released_since_is_not_put_back(
     client.delete("lock")
     result = job.result(10)
     job.finish()
-    assert result.stopped == "lease lost (another run took the app's run lock)"
+    assert result.stopped == Stop(StopKind.LEASE_LOST,
+                                 "lease lost (another run took the app's run lock)")
     assert client.get("lock") is None
 
 
@@ -200,7 +203,7 @@ def test_a_lock_lost_with_redis_data_is_put_back(tmp_path: Path,
     wait_for(lambda: client.get("lock") == b"7" and client.get("lock:fence") == b"7", 5,
              what="the guard to put its lock and the counter back")
     job.handle.stop("timeout")
-    assert job.result(10).stopped == "timeout"
+    assert job.result(10).stopped == Stop(StopKind.ASKED, "timeout")
     job.finish()
 
 
@@ -213,7 +216,7 @@ def test_a_lease_lost_before_the_job_starts_starts_nothing(
               lease=Lease(_connect(private_redis.url), "lock", "tok", 5.0))
     result = job.result(10)
     job.finish()
-    assert result.stopped is not None and result.stopped.endswith("before the job started")
+    assert result.stopped is not None and result.stopped.reason.endswith("before the job started")
     assert result.exit_code is None and not marker.exists()
 
 
@@ -237,7 +240,7 @@ def test_fencing_holds_while_a_renewal_hangs(tmp_path: Path,
         stopped_at = time.monotonic()
         result = job.result(10)
         killed_after = time.monotonic() - stopped_at
-        assert result.stopped is not None and result.stopped.startswith("lease lost")
+        assert result.stopped is not None and result.stopped.kind == StopKind.LEASE_LOST
         assert not process_alive(int(pidfile.read_text()))
         assert killed_after < 4.0 - 0.5  # dead before the lease could lapse, with room
         print(f"renewal hanging: job dead {killed_after:.2f} s after Redis went silent "
