@@ -63,10 +63,12 @@ def up(ctx: click.Context, repo: str | None, branch: str | None, name: str | Non
               help="Address to listen on (loopback: put a TLS proxy in front).")
 @click.option("--port", type=click.IntRange(1, 65535), default=9810, show_default=True)
 @click.option("--processes", type=click.IntRange(min=1), default=None,
-              help="Server processes sharing the port (default: one per CPU, at most 4).")
+              help="Server processes sharing the port (default: one per CPU, at most 4); "
+                   "more answer a burst of deliveries sooner.")
 @with_settings
 def webhook(settings: Settings, address: str, port: int, processes: int | None) -> int:
-    """Receive signed push webhooks (GitHub, GitLab, Gitea, generic); check those apps now."""
+    """Receive signed push webhooks (GitHub, GitLab, Gitea, Bitbucket, generic); check
+    those apps now."""
     from postdeploy.webhook.processes import default_count
     from postdeploy.webhook.service import check_settings, serve
 

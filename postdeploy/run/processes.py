@@ -34,18 +34,6 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
-def live_in_group(pgid: int) -> list[int]:
-    """Live members of process group ``pgid``."""
-    alive = []
-    for proc in _others():
-        try:
-            if os.getpgid(proc.pid) == pgid and _alive(proc):
-                alive.append(proc.pid)
-        except (psutil.Error, OSError):
-            continue
-    return alive
-
-
 def spawn_job(command: str, cwd: str, env: Mapping[str, str], output_fd: int,
               enter_sandbox: Callable[[], None]) -> int:
     """Fork and exec ``bash -c command`` in a session of its own; the job's pid.

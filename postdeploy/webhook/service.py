@@ -35,7 +35,6 @@ from postdeploy.webhook.dispatch import Dispatcher
 from postdeploy.webhook.http import MAX_BODY, HookServer
 from postdeploy.webhook.match import AppIndex, Push
 from postdeploy.webhook.processes import (
-    MAX_DEFAULT,
     STOP_SIGNALS,
     listen_sockets,
     run_servers,
@@ -45,8 +44,6 @@ from postdeploy.webhook.state import Delivery, WebhookState
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "127.0.0.1"  # loopback unless asked: put a TLS proxy in front
-DEFAULT_PORT = 9810
 BODY_TIMEOUT = 10.0  # seconds a client may take to send its body
 # Bodies over MAX_BODY are still read (and dropped) up to this size to answer 413;
 # a longer chunked body gets the connection closed instead.
@@ -61,8 +58,6 @@ GC_YOUNG = 10_000  # new objects between two collections of the youngest generat
 NO_SECRET = ("POSTDEPLOY_WEBHOOK_SECRET is not set; the webhook service only accepts signed "
              "pushes: set it to a long random value (e.g. `openssl rand -hex 32`) and give the "
              "git host the same secret")
-PROCESSES_HELP = ("server processes sharing the port (default: one per CPU, at most "
-                  f"{MAX_DEFAULT}); more answer a burst of deliveries sooner")
 
 
 class WebhookService:
