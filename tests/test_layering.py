@@ -19,7 +19,7 @@ LINT = Path(sys.executable).with_name("lint-imports")
 
 
 def lint(tree: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(LINT), "--no-cache", "--config", str(tree / "pyproject.toml")],
+    return subprocess.run([str(LINT), "--no-cache", "--no-logo", str(tree / "pyproject.toml")],
                           cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=120)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import redis
 
+from tests.announce.test_notify import Receiver
 from tests.support.clirun import cli, cli_env
 from tests.support.core import (
     GitRemote,
@@ -22,7 +23,6 @@ from tests.support.core import (
     wait_for,
 )
 from tests.support.hosts import Fleet
-from tests.test_notify import Receiver
 
 Start = Callable[..., Service]
 EnvFor = Callable[..., dict[str, str]]
