@@ -56,10 +56,15 @@ def sources_of(target: Status) -> frozenset[Status]:
 
 
 def new_run(store: StateStore, app: str, sha: str, trigger: Trigger | str,
-            timeout: int | None = None, deployment: Deployment | None = None) -> RunRecord:
-    """Store a new queued run on the app's history (of ``deployment``, when known)."""
+            timeout: int | None = None, deployment: Deployment | None = None,
+            host: str | None = None) -> RunRecord:
+    """Store a new queued run on the app's history: the one place runs are created.
+
+    ``deployment``: the one it runs for, when known; ``host``: the host it is sent to.
+    """
     record = RunRecord.new(app, sha, trigger, deployment)
     record.timeout = timeout
+    record.host = host
     store.add_run(record)
     return record
 

@@ -20,6 +20,7 @@ from postdeploy.source.git import AppSource, is_sha
 from postdeploy.store.celery_app import app as celery
 from postdeploy.store.celery_app import configure, enqueue_run
 from postdeploy.store.instances import Instance
+from postdeploy.store.lifecycle import new_run
 from postdeploy.store.records import RunRecord, Trigger
 from postdeploy.store.state import StateStore
 
@@ -144,9 +145,8 @@ def queue_manual_run(settings: Settings, url: str, store: StateStore, name: str,
     timeout = next((r.timeout for r in store.history(name) if r.sha == sha and r.timeout),
                    None)
     # A manual run is of no deployment's markers, but tells its job what it replaced.
-    record = RunRecord.new(name, sha, Trigger.MANUAL.value, store.deployments.of_sha(name, sha))
-    record.host = host
-    store.add_run(record)
+    record = new_run(store, name, sha, Trigger.MANUAL, None, store.deployments.of_sha(name, sha),
+                     host)
     enqueue_run(name, sha, Trigger.MANUAL.value, record.id, timeout, host=host)
     return record
 

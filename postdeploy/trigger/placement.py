@@ -39,7 +39,7 @@ from postdeploy.source.appspec import DEFAULT_TIMEOUT, SCOPE_APP, SCOPE_INSTANCE
 from postdeploy.store import decisions, keys, lifecycle
 from postdeploy.store.deployments import Deployment, Observation
 from postdeploy.store.instances import Instance, InstanceRegistry
-from postdeploy.store.records import RunRecord, Status, Trigger
+from postdeploy.store.records import Status, Trigger
 from postdeploy.store.state import DONE_TTL, StateStore
 from postdeploy.trigger.instances import LocalSpecs
 
@@ -181,10 +181,8 @@ class HostPlacement:
                claim: str) -> RunRequest:
         sha = deployment.sha
         self._retire_stale(app, deployment.id, scope)
-        record = RunRecord.new(app, sha, Trigger.AUTO.value, deployment)
-        record.timeout = timeout
-        record.host = self.settings.host
-        self.store.add_run(record)
+        record = lifecycle.new_run(self.store, app, sha, Trigger.AUTO, timeout, deployment,
+                                   self.settings.host)
         request = RunRequest(app, sha, record.id, timeout, self.settings.host, scope)
         try:
             self.enqueue(request)
