@@ -27,7 +27,6 @@ from urllib.parse import quote, urlsplit
 from postdeploy.config.commit_status import CommitStatusConfig
 from postdeploy.config.redaction import mask_secrets
 from postdeploy.config.secrets import executor_secrets
-from postdeploy.store import keys
 from postdeploy.store.records import RunRecord, Status
 
 if TYPE_CHECKING:
@@ -117,8 +116,7 @@ def report(settings: Settings, store: StateStore, record: RunRecord) -> None:
         app = settings.app(record.app)
         if app is None or app.commit_status is None:
             return
-        if record.status == Status.SUPERSEDED and not store.client.exists(
-                keys.commit_status_sent(record.id)):
+        if record.status == Status.SUPERSEDED and not store.commit_status_rank(record.id):
             return
         from postdeploy.store.celery_app import app as celery
 
@@ -155,8 +153,7 @@ def _deliver(settings: Settings, store: StateStore, run_id: str, status: str,
     if not final and Status(record.status).finished:
         return False  # the result follows (or went) in its own task
     rank = 2 if final else 1
-    sent = store.client.get(keys.commit_status_sent(run_id))
-    if sent is not None and int(sent) >= rank:
+    if store.commit_status_rank(run_id) >= rank:
         return False
     token = settings.environ.get(config.token_env)
     if not token:
@@ -170,7 +167,7 @@ def _deliver(settings: Settings, store: StateStore, run_id: str, status: str,
     if not 200 <= code < 300:
         return _failed(settings, run_id, status, attempt,
                        f"{config.provider} answered HTTP {code}")
-    store.client.set(keys.commit_status_sent(run_id), rank, ex=SENT_TTL)
+    store.set_commit_status_rank(run_id, rank, SENT_TTL)
     log.info("%s@%s: commit status postdeploy/%s %s sent to %s", record.app, record.sha[:7],
              record.app, status, config.provider)
     return False

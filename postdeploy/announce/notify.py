@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import socket
 from collections.abc import Iterable, Iterator
@@ -108,7 +107,7 @@ def notify_if_needed(settings: Settings, store: StateStore, run: RunRecord | str
             return
         marker = (keys.notified(record.id, event) if deployment is None else
                   keys.deployment_notified(record.app, deployment, event))
-        if not store.client.set(marker, "1", nx=True, ex=MARKER_TTL):
+        if not store.mark_once(marker, MARKER_TTL):
             return
         celery.send_task(TASK_NAME, kwargs={"run_id": record.id, "event": event,
                                             "previous": previous, "deployment": deployment},
@@ -136,16 +135,15 @@ def _event_for(settings: Settings, store: StateStore,
     """
     status = str(record.status)
     wanted = settings.notify_on
-    failing = keys.notify_failing(record.app)
     if status in FAILURES:
         if status not in wanted:
             return None, None
-        store.client.set(failing, json.dumps({"run": record.id, "status": status}))
+        store.set_failing(record.app, record.id, status)
         return status, None
     if status == Status.SUCCEEDED.value:
-        raw = store.client.getdel(failing)
-        if raw and "recovered" in wanted:
-            return "recovered", str(json.loads(raw)["run"])
+        failed_run = store.pop_failing(record.app)
+        if failed_run and "recovered" in wanted:
+            return "recovered", failed_run
         return ("succeeded", None) if status in wanted else (None, None)
     return (status, None) if status in wanted else (None, None)
 

@@ -197,7 +197,7 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
                        settings.host, record.id)
     # The claim stays while we wait, and lapses soon if this host goes away.
     if (claim := run_place.claim_key(record.app, record.deployment)) is not None:
-        store.client.set(claim, settings.host, ex=claim_ttl(settings.check_interval))
+        store.keep_claim(claim, settings.host, claim_ttl(settings.check_interval))
     raise GateWait(record.id, waiting.next_look(), verdict.since)
 
 

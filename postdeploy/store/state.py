@@ -132,6 +132,58 @@ class StateStore:
         if deployment is not None:
             self.client.delete(_claim(app, deployment, host))
 
+    # -- claims a host's placement makes (it names the claim's key: app or instance) ---
+    def take_claim(self, claim: str, done: str, holder: str, ttl: int) -> bool:
+        """Claim unless done or claimed; a done marker's expiry is refreshed meanwhile."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.expire(done, DONE_TTL)
+        pipe.set(claim, holder, nx=True, ex=ttl)
+        is_done, claimed = pipe.execute()
+        if is_done and claimed:
+            self.client.delete(claim)
+        return bool(claimed) and not is_done
+
+    def keep_claim(self, claim: str, holder: str, ttl: int) -> None:
+        """(Re)set a claim this host holds, e.g. while its run waits for the gate."""
+        self.client.set(claim, holder, ex=ttl)
+
+    def keep_claims(self, claims: Iterable[str], ttl: int) -> None:
+        """Extend the claims of this host's unfinished runs, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for claim in claims:
+            pipe.expire(claim, ttl)
+        pipe.execute()
+
+    def drop_claim(self, claim: str) -> None:
+        self.client.delete(claim)
+
+    def mark_decided(self, app: str, deployment: int, mark: str) -> None:
+        """Leave ``mark`` in the deployment's done marker (its scope, learned from the
+        appspec), without touching its claim."""
+        self.client.set(keys.done(app, deployment), mark, ex=DONE_TTL)
+
+    # -- once-only markers and small per-app state of the announcements -------------
+    def mark_once(self, key: str, ttl: int) -> bool:
+        """True the first time ``key`` is marked (within ``ttl``): at most once."""
+        return bool(self.client.set(key, "1", nx=True, ex=ttl))
+
+    def set_failing(self, app: str, run_id: str, status: str) -> None:
+        """The failed run ``app``'s last notification was about, until it recovers."""
+        self.client.set(keys.notify_failing(app), json.dumps({"run": run_id, "status": status}))
+
+    def pop_failing(self, app: str) -> str | None:
+        """The failed run a recovery recovers from (and forget it), or None."""
+        raw = self.client.getdel(keys.notify_failing(app))
+        return str(json.loads(raw)["run"]) if raw else None
+
+    def commit_status_rank(self, run_id: str) -> int:
+        """0 none sent yet, 1 its pending status sent, 2 its result sent."""
+        value = self.client.get(keys.commit_status_sent(run_id))
+        return int(value) if value is not None else 0
+
+    def set_commit_status_rank(self, run_id: str, rank: int, ttl: int) -> None:
+        self.client.set(keys.commit_status_sent(run_id), rank, ex=ttl)
+
     # -- runs ---------------------------------------------------------------
     def add_run(self, record: RunRecord) -> None:
         """Store a new run and push it on the app's capped history."""

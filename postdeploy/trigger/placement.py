@@ -40,7 +40,7 @@ from postdeploy.store import decisions, keys, lifecycle
 from postdeploy.store.deployments import Deployment, Observation
 from postdeploy.store.instances import Instance, InstanceRegistry
 from postdeploy.store.records import Status, Trigger
-from postdeploy.store.state import DONE_TTL, StateStore
+from postdeploy.store.state import StateStore
 from postdeploy.trigger.instances import LocalSpecs
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,7 @@ class HostPlacement:
             return None
         local = self.specs.get(app, head)
         if local.spec is not None and local.spec.scope == SCOPE_INSTANCE:
-            self.client.set(keys.done(app.name, deployment.id), INSTANCE_SCOPE_MARK,
-                            ex=DONE_TTL)
+            self.store.mark_decided(app.name, deployment.id, INSTANCE_SCOPE_MARK)
             return None
         claim = keys.claim(app.name, deployment.id)
         if not self._claim(claim, keys.done(app.name, deployment.id)):
@@ -168,14 +167,7 @@ class HostPlacement:
 
     # -- claims ---------------------------------------------------------------
     def _claim(self, claim: str, done: str) -> bool:
-        """Claim unless done or claimed; a done marker's expiry is refreshed meanwhile."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.expire(done, DONE_TTL)
-        pipe.set(claim, self.settings.host, nx=True, ex=self.ttl)
-        is_done, claimed = pipe.execute()
-        if is_done and claimed:
-            self.client.delete(claim)
-        return bool(claimed) and not is_done
+        return self.store.take_claim(claim, done, self.settings.host, self.ttl)
 
     def _queue(self, app: str, deployment: Deployment, timeout: int | None, scope: str,
                claim: str) -> RunRequest:
@@ -187,7 +179,7 @@ class HostPlacement:
         try:
             self.enqueue(request)
         except Exception:
-            self.client.delete(claim)
+            self.store.drop_claim(claim)
             raise
         self._mine[claim] = record.id
         where = "on this host" if scope == SCOPE_APP else "for this instance"
@@ -199,13 +191,10 @@ class HostPlacement:
         if not self._mine:
             return
         records = {claim: self.store.get_run(run_id) for claim, run_id in self._mine.items()}
-        pipe = self.client.pipeline(transaction=False)
         for claim, record in records.items():
             if record is None or Status(record.status).finished:
                 del self._mine[claim]
-            else:
-                pipe.expire(claim, self.ttl)
-        pipe.execute()
+        self.store.keep_claims(list(self._mine), self.ttl)
 
     def _retire_stale(self, app: str, deployment: int, scope: str) -> None:
         retire_stale(self.store, app, deployment,
