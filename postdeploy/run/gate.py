@@ -69,15 +69,20 @@ class Verdict:
 
 
 def look(settings: Settings, source: AppSource, sha: str, since: float | None,
-         extra_env: Mapping[str, str], waiting_reason: str | None = None) -> Verdict | None:
+         extra_env: Mapping[str, str], waiting_reason: str | None = None,
+         gated: bool | None = None) -> Verdict | None:
     """Probe the app's readiness gate once; None when the app sets none.
 
     ``waiting_reason``: the run's reason from its previous look, whose answer
-    stands when this look comes too late to probe (the wait is over).
+    stands when this look comes too late to probe (the wait is over). ``gated``
+    False: the check that queued the run read the appspec at ``sha`` and found no
+    gate, so it is not read again (two git processes spared per run).
 
     Raises AppSpecError for a malformed appspec or a URL that cannot be used
     (the run then ends as ``error``), GitError when the commit cannot be read.
     """
+    if gated is False:
+        return None
     spec = _spec(settings, source, sha)
     if spec.gate is None:
         return None

@@ -174,7 +174,8 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
         verdict = waiting.look(settings, source, record.sha, waiting_since,
                                {"POST_DEPLOY_RUN_ID": record.id,
                                 "POST_DEPLOY_TRIGGER": record.trigger},
-                               record.reason if record.status == Status.WAITING else None)
+                               record.reason if record.status == Status.WAITING else None,
+                               gated=record.gated)
     except (AppSpecError, GitError) as exc:
         return _finish(settings, store, record, JobOutcome(Status.ERROR, None, str(exc)),
                        run_place)

@@ -57,14 +57,16 @@ def sources_of(target: Status) -> frozenset[Status]:
 
 def new_run(store: StateStore, app: str, sha: str, trigger: Trigger | str,
             timeout: int | None = None, deployment: Deployment | None = None,
-            host: str | None = None) -> RunRecord:
+            host: str | None = None, gated: bool | None = None) -> RunRecord:
     """Store a new queued run on the app's history: the one place runs are created.
 
-    ``deployment``: the one it runs for, when known; ``host``: the host it is sent to.
+    ``deployment``: the one it runs for, when known; ``host``: the host it is sent to;
+    ``gated``: whether its appspec sets a readiness gate, when the caller read it.
     """
     record = RunRecord.new(app, sha, trigger, deployment)
     record.timeout = timeout
     record.host = host
+    record.gated = gated
     store.add_run(record)
     return record
 

@@ -57,6 +57,9 @@ class RunRecord:
     host: str | None = None  # POSTDEPLOY_HOST of the worker that ran it (or must run it)
     deployment: int | None = None  # the app's deployment it runs for (None: sha never deployed)
     previous_sha: str | None = None  # the commit that deployment replaced (None: the first)
+    # Whether the appspec at sha sets a readiness gate, as the check that queued the run
+    # read it (None: not known): a run without one reads no appspec before its checkout.
+    gated: bool | None = None
 
     def __post_init__(self) -> None:
         # JSON and callers give plain strings; keep the fields typed whatever came in.

@@ -100,6 +100,7 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
         return CheckResult(app.name, sha, "unchanged")
 
     timeout = DEFAULT_TIMEOUT
+    gated: bool | None = None  # unknown: the run reads the appspec for its gate itself
     try:
         text = source.read_appspec(sha)
         spec = parse_appspec(text, settings.environ)
@@ -115,12 +116,13 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
                      app.name, sha[:7])
             return CheckResult(app.name, sha, "per-instance")
         timeout = spec.timeout
+        gated = spec.gate is not None
     except (AppSpecError, GitError) as exc:
         # The run itself records the problem as `error`; it needs a queued run to do so.
         log.debug("%s@%s: appspec problem left to the run: %s", app.name, sha[:7], exc)
 
     retire_stale(store, app.name, deployment.id)  # a run a vanished worker held, if any
-    record = new_run(store, app.name, sha, Trigger.AUTO, timeout, deployment)
+    record = new_run(store, app.name, sha, Trigger.AUTO, timeout, deployment, gated=gated)
     try:
         enqueue(app.name, sha, Trigger.AUTO.value, record.id, timeout)
     except Exception:

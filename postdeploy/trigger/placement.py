@@ -140,7 +140,8 @@ class HostPlacement:
             return None
         # A malformed appspec still gets a run: the run records the problem as `error`.
         timeout = local.spec.timeout if local.spec else DEFAULT_TIMEOUT
-        return self._queue(app.name, deployment, timeout, SCOPE_APP, claim)
+        gated = local.spec.gate is not None if local.spec else None
+        return self._queue(app.name, deployment, timeout, SCOPE_APP, claim, gated)
 
     # -- scope instance -------------------------------------------------------
     def _instance(self, app: AppConfig, sha: str, deployment: int | None) -> RunRequest | None:
@@ -170,11 +171,11 @@ class HostPlacement:
         return self.store.take_claim(claim, done, self.settings.host, self.ttl)
 
     def _queue(self, app: str, deployment: Deployment, timeout: int | None, scope: str,
-               claim: str) -> RunRequest:
+               claim: str, gated: bool | None = None) -> RunRequest:
         sha = deployment.sha
         self._retire_stale(app, deployment.id, scope)
         record = lifecycle.new_run(self.store, app, sha, Trigger.AUTO, timeout, deployment,
-                                   self.settings.host)
+                                   self.settings.host, gated)
         request = RunRequest(app, sha, record.id, timeout, self.settings.host, scope)
         try:
             self.enqueue(request)
