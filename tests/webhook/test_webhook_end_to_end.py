@@ -137,13 +137,13 @@ def test_a_frozen_redis_is_answered_503_within_5_s(tmp_path: Path) -> None:
 
 
 def secret_holders(pids: list[int]) -> set[str]:
-    """The commands (module part) of the processes whose environment has the secret."""
+    """The commands (module and subcommand) of the processes whose environment has the secret."""
     found = set()
     for pid in pids:
         try:
             process = psutil.Process(pid)
             if process.environ().get("POSTDEPLOY_WEBHOOK_SECRET") == SECRET:
-                found.add(" ".join(process.cmdline()[1:3]))
+                found.add(" ".join(process.cmdline()[1:4]))
         except psutil.Error:  # a job that ended meanwhile
             continue
     return found
@@ -164,7 +164,7 @@ def test_up_runs_the_webhook_service(tmp_path: Path, remote: GitRemote) -> None:
         wait_for(lambda: healthy(port) or not up.alive(), 60, what="up's webhook service")
         assert f"webhook http://127.0.0.1:{port}/hooks/" in up.log()
         # Only the webhook service holds the secret, not the worker that runs jobs.
-        assert secret_holders(family(up.proc.pid)[1:]) == {"-m postdeploy.webhook.service"}
+        assert secret_holders(family(up.proc.pid)[1:]) == {"-m postdeploy.cli webhook"}
         client = redis.Redis.from_url((state_dir / "redis.url").read_text().strip())
         wait_for(lambda: finished_runs(client, "shop"), 60, what="the start-up run")
         sha = remote.commit({"appspec.yaml": appspec_yaml('echo "[POST-DEPLOY] at $COMMIT_SHA"'),
