@@ -226,17 +226,20 @@ def test_job_durations_are_a_histogram_counted_as_runs_end(
     wait_for(lambda: len(finished_runs(rclient, "shop")) == 2, 60, what="the second run")
     took = [r.duration or 0 for r in finished_runs(rclient, "shop")]
 
-    _, port = start_metrics(tmp_path, service_env(redis_url, tmp_path / "state"))
-    text = wait_for(lambda: scrape(port), 10, what="a scrape")
-    parsed = samples(text)
-    assert "# TYPE postdeploy_job_duration_seconds histogram" in text
-    bucket = "postdeploy_job_duration_seconds_bucket"
-    assert value(parsed, bucket, app="shop", le="1.0") == 1  # the failing one, at once
-    assert value(parsed, bucket, app="shop", le="5.0") == 2
-    assert value(parsed, bucket, app="shop", le="+Inf") == 2
-    assert value(parsed, "postdeploy_job_duration_seconds_count", app="shop") == 2
-    assert abs((value(parsed, "postdeploy_job_duration_seconds_sum", app="shop") or 0)
-               - sum(took)) < 0.01
+    service, port = start_metrics(tmp_path, service_env(redis_url, tmp_path / "state"))
+    try:
+        text = wait_for(lambda: scrape(port), 10, what="a scrape")
+        parsed = samples(text)
+        assert "# TYPE postdeploy_job_duration_seconds histogram" in text
+        bucket = "postdeploy_job_duration_seconds_bucket"
+        assert value(parsed, bucket, app="shop", le="1.0") == 1  # the failing one, at once
+        assert value(parsed, bucket, app="shop", le="5.0") == 2
+        assert value(parsed, bucket, app="shop", le="+Inf") == 2
+        assert value(parsed, "postdeploy_job_duration_seconds_count", app="shop") == 2
+        assert abs((value(parsed, "postdeploy_job_duration_seconds_sum", app="shop") or 0)
+                   - sum(took)) < 0.01
+    finally:
+        service.stop()
 
 
 def test_a_deployment_whose_job_has_not_finished_shows_how_long_it_has_waited(
@@ -246,12 +249,15 @@ def test_a_deployment_whose_job_has_not_finished_shows_how_long_it_has_waited(
     store = StateStore(rclient)
     store.register_apps([AppConfig("shop", repo="/srv/shop.git")])
     deployment = store.observe("shop", SHA, None).deployment
-    _, port = start_metrics(tmp_path, service_env(redis_url, tmp_path / "state"))
-    time.sleep(1.5)
-    waited = value(samples(scrape(port) or ""), "postdeploy_deployment_unfinished_seconds",
-                   app="shop")
-    assert waited is not None and waited >= 1.5
-    run = new_run(store, "shop", SHA, "auto", 300, deployment)
-    assert move(store, run, Status.RUNNING) and move(store, run, Status.SUCCEEDED)
-    assert value(samples(scrape(port) or ""), "postdeploy_deployment_unfinished_seconds",
-                 app="shop") == 0
+    service, port = start_metrics(tmp_path, service_env(redis_url, tmp_path / "state"))
+    try:
+        time.sleep(1.5)
+        waited = value(samples(scrape(port) or ""), "postdeploy_deployment_unfinished_seconds",
+                       app="shop")
+        assert waited is not None and waited >= 1.5
+        run = new_run(store, "shop", SHA, "auto", 300, deployment)
+        assert move(store, run, Status.RUNNING) and move(store, run, Status.SUCCEEDED)
+        assert value(samples(scrape(port) or ""), "postdeploy_deployment_unfinished_seconds",
+                     app="shop") == 0
+    finally:
+        service.stop()
