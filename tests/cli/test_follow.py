@@ -7,9 +7,9 @@ through Redis, as it would from an operator's laptop.
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import redis
@@ -59,7 +59,11 @@ def test_logs_follow_of_a_given_run_exits_zero_when_it_succeeds_and_ctrl_c_leave
     run_id = running_run(rclient)
 
     interrupted = follow(tmp_path / "cli", fleet.redis_url, run_id)
-    time.sleep(1)
+    out = interrupted.stdout
+    assert out is not None
+    # Ctrl-C once it is following: it has printed the part already stored.
+    wait_for(lambda: select.select([out], [], [], 0)[0], 30, what="the follower's output")
+    assert out.readline().strip() == "part-one"
     interrupted.send_signal(2)  # Ctrl-C
     _, err = interrupted.communicate(timeout=30)
     assert interrupted.returncode == 130 and "stopped following" in err

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
+from postdeploy.services.metrics import queue_length
+from postdeploy.store import keys
 from tests.announce.test_notify import Receiver
 from tests.support.clirun import cli, cli_env
 from tests.support.core import (
@@ -25,6 +26,7 @@ from tests.support.core import (
 from tests.support.hosts import Fleet
 
 Start = Callable[..., Service]
+UNACKED = keys.CELERY_PREFIX + "unacked"  # kombu's hash of messages taken, not yet acked
 EnvFor = Callable[..., dict[str, str]]
 
 
@@ -159,7 +161,9 @@ def test_a_scope_instance_deployment_on_three_hosts_gets_one_verdict_and_one_mes
         assert message["title"] == f"postdeploy: shop@{c1[:7]} failed"
         assert "Hosts: succeeded on 2 of 3 hosts; failed on host-c: exit 2" in \
             message["message"]
-        time.sleep(3)
+        # Every notification task sent for the three runs has been taken and done.
+        wait_for(lambda: queue_length(rclient) == 0 and not rclient.hlen(UNACKED), 30,
+                 what="the notification tasks to be done")
         assert len(receiver.messages) == 1
 
         (fixed / "ok").write_text("")

@@ -24,6 +24,7 @@ import psutil
 import pytest
 import redis
 
+from postdeploy.store import keys
 from tests.faults.conftest import FaultScope
 from tests.faults.harness import audit
 from tests.support.core import REDIS_SERVER, GitRemote, appspec_yaml, runs, service_env, wait_for
@@ -169,7 +170,8 @@ def test_a_host_cut_off_silently_is_fenced_before_a_second_copy_starts(
     first = running(client, sha, journal, "w1")
     partitioned.start("w2", "worker", "beat")
     with fault("a host cut off from Redis silently mid-job, longer than the lease") as f:
-        time.sleep(1.0)
+        # About 1 s into the job (it stamps every 0.1 s).
+        wait_for(lambda: len(stamps(journal, first, "alive")) >= 10, 30, what="1 s of the job")
         net.cut("w1")
         cut_at = time.time()
         second = wait_for(lambda: next((r.id for r in runs(client, "shop")
@@ -220,7 +222,9 @@ def test_a_job_that_ends_as_its_host_is_cut_off_keeps_its_exit(
     # while a renewal hangs (a guard blocked in a connect would call it lost later).
     time.sleep(1.6)
     go.touch()
-    time.sleep(LEASE + 1.0)  # the lease lapses meanwhile; nobody else takes the lock
+    # The lease lapses meanwhile (its lock expires in Redis); nobody else takes it.
+    wait_for(lambda: not client.exists(keys.run_lock("shop")), LEASE + 15,
+             what="the cut-off run's lock to lapse")
     net.heal("w1")
     wait_for(lambda: status_of(client, run_id) not in ("running", None), 90,
              what="the run to be recorded")

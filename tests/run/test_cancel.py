@@ -400,6 +400,6 @@ def test_a_cancel_that_read_queued_and_writes_once_the_job_started_stops_it(
     assert out.startswith(f"cancelled run {run_id} ")
     record = StateStore(rclient).get_run(run_id)
     assert record is not None and record.status == "cancelled"
-    time.sleep(7)  # longer than the job: had it gone on, it would have ended by now
+    # Every process of the job is gone: nothing is left that could still end it.
+    wait_for(lambda: job_processes(run_id) == [], 30, what="the job's processes to go")
     assert not ended.exists()
-    assert job_processes(run_id) == []

@@ -251,10 +251,13 @@ def test_a_deployment_whose_job_has_not_finished_shows_how_long_it_has_waited(
     deployment = store.observe("shop", SHA, None).deployment
     service, port = start_metrics(tmp_path, service_env(redis_url, tmp_path / "state"))
     try:
-        time.sleep(1.5)
-        waited = value(samples(scrape(port) or ""), "postdeploy_deployment_unfinished_seconds",
-                       app="shop")
-        assert waited is not None and waited >= 1.5
+        def unfinished() -> float | None:
+            return value(samples(scrape(port) or ""),
+                         "postdeploy_deployment_unfinished_seconds", app="shop")
+
+        # It counts up while the deployment's job has not finished.
+        first = wait_for(unfinished, 10, what="the gauge")
+        wait_for(lambda: (unfinished() or 0) >= first + 1.0, 10, what="the gauge to grow")
         run = new_run(store, "shop", SHA, "auto", 300, deployment)
         assert move(store, run, Status.RUNNING) and move(store, run, Status.SUCCEEDED)
         assert value(samples(scrape(port) or ""), "postdeploy_deployment_unfinished_seconds",
