@@ -132,15 +132,24 @@ def fleet(tmp_path: Path, remote: GitRemote, redis_url: str) -> Iterator[Fleet]:
 
 
 @pytest.fixture(scope="session")
-def app_users() -> tuple[str, ...]:
-    """Real passwd users with a home, for apps' ``user:`` (made once, kept: root only)."""
+def app_users() -> Iterator[tuple[str, ...]]:
+    """Real passwd users with a home, for apps' ``user:`` (root only). Those this
+    session made are removed at its end, with their homes and processes, whatever
+    the tests did; users that were there before are left as they were."""
     if not AS_ROOT:
         pytest.skip("making users and switching to them needs root")
-    for name in APP_USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--create-home", "--user-group", "--shell",
-                            "/bin/bash", name], capture_output=True, check=False)
-            pwd.getpwnam(name)  # made now, or by a session racing us
-    return APP_USERS
+    made = []
+    try:
+        for name in APP_USERS:
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                subprocess.run(["useradd", "--create-home", "--user-group", "--shell",
+                                "/bin/bash", name], capture_output=True, check=False)
+                pwd.getpwnam(name)  # made now, or by a session racing us
+                made.append(name)
+        yield APP_USERS
+    finally:
+        for name in made:
+            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
+            subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
