@@ -14,16 +14,15 @@ no job ever sees it) and is masked wherever text leaves the executor.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
+from postdeploy.announce.forked import DeadlinePassed, call_forked
 from postdeploy.config.commit_status import CommitStatusConfig
 from postdeploy.config.redaction import mask_secrets
 from postdeploy.config.secrets import executor_secrets
@@ -188,40 +187,28 @@ def post(request: StatusRequest, deadline: float) -> int:
     """POST ``request`` and return the HTTP status, all within ``deadline`` seconds.
 
     A per-read timeout alone lets a server that dribbles its answer hold the
-    worker for ever; a timer closes the socket at the deadline instead.
+    worker for ever, so the request runs in a forked child that is killed at the
+    deadline (:mod:`postdeploy.announce.forked`, as notifications do).
     """
+    try:
+        return int(call_forked(functools.partial(_post, request, deadline), within=deadline))
+    except DeadlinePassed:
+        raise TimeoutError(f"no whole answer within {deadline:g} s") from None
+
+
+def _post(request: StatusRequest, timeout: float) -> int:
     parts = urlsplit(request.url)
     connection_class = HTTPSConnection if parts.scheme == "https" else HTTPConnection
-    connection = connection_class(parts.hostname or "", parts.port, timeout=deadline)
-    expired = threading.Event()
-
-    def cut_off() -> None:
-        expired.set()
-        if connection.sock is not None:
-            try:
-                connection.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    timer = threading.Timer(deadline, cut_off)
-    timer.daemon = True
-    started = time.monotonic()
-    timer.start()
+    connection = connection_class(parts.hostname or "", parts.port, timeout=timeout)
     try:
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         connection.request("POST", path, body=request.body, headers=request.headers)
         answer = connection.getresponse()
         answer.read(MAX_ANSWER)
-        if expired.is_set():
-            raise TimeoutError(f"no whole answer within {deadline:g} s")
         return int(answer.status)
     except (OSError, HTTPException) as exc:
-        if expired.is_set():
-            raise TimeoutError(f"no whole answer within {deadline:g} s") from None
-        raise ConnectionError(f"{type(exc).__name__}: {exc} after "
-                              f"{time.monotonic() - started:.1f} s") from None
+        raise ConnectionError(f"{type(exc).__name__}: {exc}") from None
     finally:
-        timer.cancel()
         connection.close()
 
 
