@@ -30,7 +30,7 @@ from postdeploy.config.settings import Settings
 from postdeploy.store import keys
 from postdeploy.store.celery_app import app as celery
 from postdeploy.store.records import RunRecord, Status, Trigger
-from postdeploy.store.state import StateStore
+from postdeploy.store.state import INSTANCE_SCOPE_MARK, StateStore
 from postdeploy.store.verdict import judge
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ def _per_instance_deployment(store: StateStore, record: RunRecord) -> int | None
     """The deployment ``record`` ran for, if it runs once per instance (one verdict)."""
     if record.trigger != Trigger.AUTO or record.deployment is None:
         return None
-    mark = store.client.get(keys.done(record.app, record.deployment))
-    return record.deployment if mark in (b"scope:instance", "scope:instance") else None
+    mark = store.done_mark(record.app, record.deployment)
+    return record.deployment if mark == INSTANCE_SCOPE_MARK else None
 
 
 def _event_for(settings: Settings, store: StateStore,

@@ -17,11 +17,8 @@ from postdeploy.source.git import AppSource
 from postdeploy.store import keys
 from postdeploy.store.instances import GONE_AFTER, InstanceRegistry
 from postdeploy.store.records import RunRecord
-from postdeploy.store.state import StateStore
+from postdeploy.store.state import INSTANCE_SCOPE_MARK, StateStore
 
-# Done-marker value of a deployment whose job runs per instance (the app-wide marker then
-# only says "decided"; each host keeps its own marker).
-INSTANCE_SCOPE_MARK = "scope:instance"
 MIN_CLAIM_TTL = 10  # seconds: even with a 1 s interval a claim outlives a busy moment
 
 
@@ -126,7 +123,7 @@ def mark_cancelled(settings: Settings, store: StateStore, record: RunRecord) -> 
     instance (the deployment's app-wide marker says so), else for the fleet."""
     if record.deployment is None:
         return  # a run of no deployment: nothing would run it again anyway
-    mark = _text(store.client.get(keys.done(record.app, record.deployment)))
+    mark = store.done_mark(record.app, record.deployment)
     if mark != INSTANCE_SCOPE_MARK or not record.host:
         store.mark_done(record.app, record.deployment, record.id)
         return
@@ -135,7 +132,3 @@ def mark_cancelled(settings: Settings, store: StateStore, record: RunRecord) -> 
     boot = next((i.boot_id for i in registry.live(record.app) if i.host == record.host),
                 settings.boot_id)
     registry.mark_instance_done(record.app, record.host, boot, record.deployment, record.id)
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value

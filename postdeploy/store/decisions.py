@@ -21,6 +21,7 @@ import redis
 from postdeploy.store import keys
 from postdeploy.store.deployments import Deployment, DeploymentLog
 from postdeploy.store.records import RunRecord, Status, Trigger
+from postdeploy.store.state import INSTANCE_SCOPE_MARK, NO_COMMAND_MARK
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,10 @@ def story(client: redis.Redis, deployments: DeploymentLog, app: str, sha: str,
 
 
 def _done_text(deployment: Deployment, mark: str) -> str:
-    if mark == "no-command":
+    if mark == NO_COMMAND_MARK:
         return (f"deployment {deployment.id}: skipped, POST_DEPLOY_COMMAND is not set at "
                 "this commit")
-    if mark == "scope:instance":
+    if mark == INSTANCE_SCOPE_MARK:
         return f"deployment {deployment.id}: scope instance, each host runs it for itself"
     return (f"deployment {deployment.id}: done by run {mark}; checks, pushes and restarts "
             "of the same commit run nothing more")

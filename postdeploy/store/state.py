@@ -16,6 +16,9 @@ from postdeploy.store.fencing import FENCED_OFF, Fence, RunLock
 from postdeploy.store.records import RunRecord
 
 CALL_TIMEOUT = 0.5  # seconds a guard's Redis connect or reply may take (its client's bound)
+# A deployment's done marker holds the run that did it, or why none runs for the fleet:
+NO_COMMAND_MARK = "no-command"  # its appspec sets no POST_DEPLOY_COMMAND
+INSTANCE_SCOPE_MARK = "scope:instance"  # it runs per instance; each host keeps its own marker
 DONE_TTL = 90 * 86_400  # seconds; refreshed on every check while the deployment is current
 QUEUED_CLAIM_TTL = 3_600  # seconds a queued automatic run blocks re-enqueueing its deployment
 # Upper bounds (seconds) of the job duration histogram's buckets: from a quick
@@ -111,6 +114,11 @@ class StateStore:
 
     def is_done(self, app: str, deployment: int) -> bool:
         return bool(self.client.exists(keys.done(app, deployment)))
+
+    def done_mark(self, app: str, deployment: int) -> str | None:
+        """What the deployment's done marker holds: a run id, a *_MARK, or None."""
+        value = self.client.get(keys.done(app, deployment))
+        return _text(value) if value is not None else None
 
     def mark_done(self, app: str, deployment: int, run_id: str) -> None:
         pipe = self.client.pipeline()

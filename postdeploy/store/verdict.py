@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from postdeploy.store import keys
 from postdeploy.store.deployments import Deployment
 from postdeploy.store.instances import Instance, InstanceRegistry
 from postdeploy.store.records import RunRecord, Status, Trigger
-from postdeploy.store.state import StateStore
+from postdeploy.store.state import INSTANCE_SCOPE_MARK, NO_COMMAND_MARK, StateStore
 
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
 NO_COMMAND, NOT_SEEN, REPLACED = "no-command", "not-seen", "replaced"
@@ -66,16 +65,15 @@ def judge(store: StateStore, app: str, sha: str | None = None,
 
 def _judge(store: StateStore, app: str, current: Deployment | None, deployment: Deployment,
            history: list[RunRecord] | None) -> Verdict:
-    mark = store.client.get(keys.done(app, deployment.id))
-    mark_text = mark.decode() if isinstance(mark, bytes) else mark
+    mark_text = store.done_mark(app, deployment.id)
     runs = [r for r in (history if history is not None else store.history(app))
             if r.deployment == deployment.id and r.trigger == Trigger.AUTO]  # newest first
     replaced = current is not None and current.id != deployment.id
     label = f"deployment {deployment.id} ({deployment.sha[:7]})"
-    if mark_text == "no-command":
+    if mark_text == NO_COMMAND_MARK:
         return Verdict(NO_COMMAND, f"{label}: no job, POST_DEPLOY_COMMAND is not set at "
                                    "this commit", deployment)
-    if mark_text == "scope:instance":
+    if mark_text == INSTANCE_SCOPE_MARK:
         return _per_instance(store, app, deployment, runs, replaced, label)
     decided = next((r for r in runs if r.status in _FINAL), None)
     if decided is not None:

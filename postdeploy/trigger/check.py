@@ -18,14 +18,13 @@ from typing import Any
 
 from postdeploy.config.settings import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
-from postdeploy.run.place import INSTANCE_SCOPE_MARK
 from postdeploy.source.appspec import DEFAULT_TIMEOUT, SCOPE_INSTANCE, parse_appspec
 from postdeploy.source.git import AppSource
 from postdeploy.store import decisions
 from postdeploy.store.deployments import Observation
 from postdeploy.store.lifecycle import new_run
 from postdeploy.store.records import Trigger
-from postdeploy.store.state import StateStore
+from postdeploy.store.state import INSTANCE_SCOPE_MARK, NO_COMMAND_MARK, StateStore
 from postdeploy.trigger.placement import retire_stale
 
 log = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
         if spec.command is None:
             log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",
                      app.name, sha[:7])
-            store.mark_done(app.name, deployment.id, "no-command")
+            store.mark_done(app.name, deployment.id, NO_COMMAND_MARK)
             return CheckResult(app.name, sha, "no-command")
         if spec.scope == SCOPE_INSTANCE:
             # Each host's loop runs it for its own instance (see postdeploy.trigger.placement).

@@ -31,7 +31,6 @@ import redis
 
 from postdeploy.config.settings import AppConfig, Settings
 from postdeploy.run.place import (
-    INSTANCE_SCOPE_MARK,
     claim_ttl,
     working_copy_problem,
 )
@@ -40,7 +39,7 @@ from postdeploy.store import decisions, keys, lifecycle
 from postdeploy.store.deployments import Deployment, Observation
 from postdeploy.store.instances import Instance, InstanceRegistry
 from postdeploy.store.records import Status, Trigger
-from postdeploy.store.state import StateStore
+from postdeploy.store.state import INSTANCE_SCOPE_MARK, NO_COMMAND_MARK, StateStore
 from postdeploy.trigger.instances import LocalSpecs
 
 log = logging.getLogger(__name__)
@@ -136,7 +135,7 @@ class HostPlacement:
         if local.spec is not None and local.spec.command is None:
             log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",
                      app.name, head[:7])
-            self.store.mark_done(app.name, deployment.id, "no-command")
+            self.store.mark_done(app.name, deployment.id, NO_COMMAND_MARK)
             return None
         # A malformed appspec still gets a run: the run records the problem as `error`.
         timeout = local.spec.timeout if local.spec else DEFAULT_TIMEOUT
