@@ -61,24 +61,13 @@ def note(client: redis.Redis, app: str, sha: str, what: str, host: str | None = 
         log.debug("decision for %s@%s not noted: %s", app, sha[:7], exc)
 
 
-def deployments_of(client: redis.Redis, app: str, sha: str) -> list[Deployment]:
-    """Every kept deployment of ``sha``, oldest first."""
-    raw: dict[bytes, bytes] = client.hgetall(keys.deployments(app))  # type: ignore[assignment]
-    found = []
-    for field, value in raw.items():
-        if field.isdigit():
-            deployment = Deployment.from_json(value)
-            if deployment.sha == sha:
-                found.append(deployment)
-    return sorted(found, key=lambda d: d.id)
-
-
 def story(client: redis.Redis, deployments: DeploymentLog, app: str, sha: str,
           runs: list[RunRecord]) -> list[Event]:
     """The story of ``app``@``sha``: its deployments, the noted decisions and ``runs``
     (the app's kept runs; those of other commits are left out), oldest first."""
     events: list[Event] = []
-    for deployment in deployments_of(client, app, sha):
+    of_sha = deployments.every_of_sha(app, sha)
+    for deployment in of_sha:
         replaced = (f"replacing {deployment.previous_sha[:7]}" if deployment.previous_sha
                     else "the app's first")
         events.append(Event(deployment.at, None,
@@ -96,8 +85,7 @@ def story(client: redis.Redis, deployments: DeploymentLog, app: str, sha: str,
         if run.sha == sha:
             events.extend(_run_events(run))
     current = deployments.current(app)
-    if current is not None and current.sha != sha and any(d.id < current.id for d in
-                                                          deployments_of(client, app, sha)):
+    if current is not None and current.sha != sha and any(d.id < current.id for d in of_sha):
         events.append(Event(current.at, None, f"replaced by deployment {current.id} "
                                               f"({current.sha[:7]})"))
     return sorted(events, key=lambda e: e.at)

@@ -195,6 +195,12 @@ class DeploymentLog:
         raw = self.client.hget(keys.deployments(app), str(deployment))
         return Deployment.from_json(raw) if raw else None
 
+    def every_of_sha(self, app: str, sha: str) -> list[Deployment]:
+        """Every kept deployment of ``sha``, oldest first (`why` tells them all)."""
+        raw: dict[bytes, bytes] = self.client.hgetall(keys.deployments(app))  # type: ignore[assignment]
+        found = [Deployment.from_json(value) for field, value in raw.items() if field.isdigit()]
+        return sorted((d for d in found if d.sha == sha), key=lambda d: d.id)
+
     def of_sha(self, app: str, sha: str) -> Deployment | None:
         """The latest deployment of ``sha``, if the app ever deployed it."""
         value = self.client.hget(keys.deployments(app), f"sha:{sha}")
