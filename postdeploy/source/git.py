@@ -20,9 +20,10 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import git
 
@@ -35,8 +36,22 @@ from postdeploy.source.gitsafety import FETCH_REFSPEC, RepoAccess, own_clone_con
 LS_REMOTE_TIMEOUT = 30.0  # seconds; a ref lookup that takes longer is a network problem
 FETCH_TIMEOUT = 600.0  # seconds for a clone or fetch of a large repository
 SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
+MAX_TREE_BYTES = 16 * 1024 * 1024  # a commit's root tree, read for appspec.yaml's mode
 
 log = logging.getLogger(__name__)
+
+class _Missing:
+    """What a look at this host's objects finds when the commit is not there."""
+
+
+_MISSING = _Missing()
+_T = TypeVar("_T")
+Fetch = Literal["if-missing", "first", "never"]
+
+
+class CommitMissing(GitError):
+    """This host does not have the commit (and was asked not to fetch it)."""
+
 
 def is_sha(value: str) -> bool:
     return bool(SHA_PATTERN.match(value))
@@ -70,28 +85,34 @@ class AppSource:
         what = f"branch {self.app.branch!r}" if self.app.branch else "HEAD"
         raise GitError(f"{what} not found in {self.app.source}; check the branch name")
 
-    def read_appspec(self, sha: str) -> bytes | None:
+    def read_appspec(self, sha: str, fetch: Fetch = "if-missing") -> bytes | None:
         """appspec.yaml at ``sha`` (None if that commit has none): the one reader of it.
 
-        Fetches the commit if this host lacks it. Raises AppSpecError for a file
-        over MAX_APPSPEC_BYTES (refused by its size, before reading it), a symlink
-        or a directory; GitError when the commit cannot be had.
+        ``fetch``: "if-missing" fetches the commit when this host lacks it; "first"
+        (a commit just seen for the first time, almost never here yet) fetches
+        before looking; "never" raises CommitMissing instead. Raises AppSpecError
+        for a file over MAX_APPSPEC_BYTES (refused by its size, before reading it),
+        a symlink or a directory; GitError when the commit cannot be had.
         """
+        if fetch == "never":
+            found = self._appspec_in_objects(sha)
+            if isinstance(found, _Missing):
+                raise CommitMissing(f"commit {sha[:12]} is not on this host yet")
+            return found
         with self._host_lock():
-            self._ensure_commit(sha)
-            return self._appspec_at(sha)
+            return self._until_here(sha, lambda: self._appspec_in_objects(sha),
+                                    fresh=fetch == "first")
 
     def ensure_commit(self, sha: str) -> None:
         """Make sure this host has ``sha`` (cloning or fetching); GitError if it cannot."""
         with self._host_lock():
-            self._ensure_commit(sha)
+            self._until_here(sha, lambda: True if self.has_commit(sha) else _MISSING)
 
     def prepare(self, sha: str) -> tuple[Path, bytes | None]:
         """A working tree at exactly ``sha`` and appspec.yaml there (see read_appspec).
 
         A ``path`` app's tree is used as it is. For a ``repo`` app the common case
-        costs two git processes (checkout, clean): the fetch happens only when the
-        commit is missing.
+        costs two git processes (checkout, clean): the commit check fetched it.
         """
         if self.app.path:
             return self.workdir, self.read_appspec(sha)
@@ -101,38 +122,11 @@ class AppSource:
             try:
                 self._git(self.clone_dir, checkout, timeout=FETCH_TIMEOUT)
             except GitError:
-                self._ensure_commit(sha)
+                self._until_here(sha, lambda: True if self.has_commit(sha) else _MISSING)
                 self._git(self.clone_dir, checkout, timeout=FETCH_TIMEOUT)
             # Keep ignored files (installed dependencies); drop stray untracked leftovers.
             self._git(self.clone_dir, ["clean", "-ffdq"], timeout=FETCH_TIMEOUT)
-            return self.clone_dir, self._appspec_at(sha, checked_out=True)
-
-    def _appspec_at(self, sha: str, checked_out: bool = False) -> bytes | None:
-        """The one place appspec.yaml is read and judged (size, symlink, directory).
-
-        ``checked_out``: our own clone was just forced to ``sha``, so its file is the
-        commit's; reading it there spares two git processes per run (about 3 ms of
-        CPU). Otherwise (a ``path`` app's working copy may differ from its commit,
-        and checks read before any checkout) it comes from git's objects.
-        """
-        if checked_out:
-            try:
-                info = (self.clone_dir / APPSPEC_FILE).lstat()
-            except FileNotFoundError:
-                return None
-            _judge_appspec(info.st_mode, info.st_size)
-            return (self.clone_dir / APPSPEC_FILE).read_bytes()
-        # ls-tree gives mode and size without reading the content: a huge file is
-        # refused unread.
-        listing = self._git(self.workdir, ["ls-tree", "-l", sha, "--", APPSPEC_FILE],
-                            timeout=LS_REMOTE_TIMEOUT).strip()
-        if not listing:
-            return None
-        mode, kind, oid, size = listing.split("\t", 1)[0].split()
-        if kind != "blob":  # a tree or a submodule
-            mode, size = oct(stat.S_IFDIR), "0"
-        _judge_appspec(int(mode, 8), int(size))
-        return self._git_bytes(self.workdir, ["cat-file", "blob", oid], timeout=LS_REMOTE_TIMEOUT)
+            return self.clone_dir, self._appspec_checked_out()
 
     def has_commit(self, sha: str) -> bool:
         try:
@@ -140,6 +134,70 @@ class AppSource:
             return True
         except GitError:
             return False
+
+    def _until_here(self, sha: str, look: Callable[[], _T | _Missing],
+                    fresh: bool = False) -> _T:
+        """``look()``'s answer once this host has ``sha``: as it is (unless ``fresh``),
+        then after fetching the app's branches, then after fetching the commit itself
+        (one force-pushed away). A ``path`` app's working copy is never fetched."""
+        if self.app.path:
+            fetches = []
+        else:
+            self._own_clone()
+            # The URL itself, not "origin": what the remote is called is the job's.
+            fetches = [["fetch", "--quiet", "--prune", "--force", self.access.url,
+                        FETCH_REFSPEC], ["fetch", "--quiet", self.access.url, sha]]
+        if not (fresh and fetches):
+            if not isinstance(found := look(), _Missing):
+                return found
+        for index, fetch in enumerate(fetches):
+            try:
+                self._git(self.clone_dir, fetch, timeout=FETCH_TIMEOUT)
+            except GitError:
+                if index == 0:
+                    raise  # the repository cannot be reached: say why
+            if not isinstance(found := look(), _Missing):
+                return found
+        raise GitError(f"commit {sha[:12]} not found in {self.app.source}")
+
+    def _appspec_checked_out(self) -> bytes | None:
+        """Our own clone was just forced to the commit, so its file is the commit's:
+        read there, it costs no git process."""
+        try:
+            info = (self.clone_dir / APPSPEC_FILE).lstat()
+        except FileNotFoundError:
+            return None
+        _judge_appspec(info.st_mode, info.st_size)
+        return (self.clone_dir / APPSPEC_FILE).read_bytes()
+
+    def _appspec_in_objects(self, sha: str) -> bytes | None | _Missing:
+        """appspec.yaml as the commit holds it (a ``path`` app's working copy may
+        differ from its commit), or _MISSING when this host lacks the commit.
+
+        One ``git cat-file --batch`` where ``ls-tree`` and ``cat-file blob`` took two
+        processes: the commit's root tree first, for the entry's mode (a symlink, a
+        directory or a submodule is refused), then the blob, refused by the size in
+        its header before its content is read.
+        """
+        argv = ["git", *self._options(self.workdir), "cat-file", "--batch"]
+        try:
+            with _Batch(argv, self.workdir, self.access.environment(dict(os.environ)),
+                        time.monotonic() + LS_REMOTE_TIMEOUT) as batch:
+                tree = batch.get(f"{sha}^{{tree}}", MAX_TREE_BYTES)
+                if tree is None:
+                    return _MISSING
+                entry = _tree_entry(tree, APPSPEC_FILE.encode(), len(sha) // 2)
+                if entry is None:
+                    return None
+                mode, oid = entry
+                _judge_appspec(mode, 0)
+                blob = batch.get(oid, MAX_APPSPEC_BYTES, lambda size: _judge_appspec(mode, size))
+                return _MISSING if blob is None else blob  # a partial clone: fetch it
+        except subprocess.TimeoutExpired:
+            raise GitError(f"git cat-file timed out after {LS_REMOTE_TIMEOUT:g} s for "
+                           f"{self.app.source}") from None
+        except OSError as exc:
+            raise GitError(f"cannot run git: {exc}") from None
 
     def _path_head(self) -> str:
         # GitPython resolves HEAD from the ref files, without starting a git process:
@@ -152,27 +210,6 @@ class AppSource:
                            "check the app's 'path'") from None
         except ValueError as exc:
             raise GitError(f"{self.app.path}: cannot read HEAD ({exc})") from None
-
-    def _ensure_commit(self, sha: str) -> None:
-        if self.app.path:
-            if not self.has_commit(sha):
-                raise GitError(f"commit {sha[:12]} not found in {self.app.path}")
-            return
-        self._own_clone()
-        if self.has_commit(sha):
-            return
-        # The URL itself, not "origin": what the remote is called is the job's to change.
-        self._git(self.clone_dir, ["fetch", "--quiet", "--prune", "--force", self.access.url,
-                                   FETCH_REFSPEC], timeout=FETCH_TIMEOUT)
-        if self.has_commit(sha):
-            return
-        try:  # a commit no branch points to any more (force-pushed away)
-            self._git(self.clone_dir, ["fetch", "--quiet", self.access.url, sha],
-                      timeout=FETCH_TIMEOUT)
-        except GitError:
-            pass
-        if not self.has_commit(sha):
-            raise GitError(f"commit {sha[:12]} not found in {self.app.source}")
 
     def _own_clone(self) -> None:
         """Clone if needed; then make sure the clone's git directory is what we made.
@@ -210,23 +247,29 @@ class AppSource:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _git(self, cwd: Path | None, args: list[str], timeout: float) -> str:
-        return self._git_bytes(cwd, args, timeout).decode(errors="replace")
-
-    def _git_bytes(self, cwd: Path | None, args: list[str], timeout: float) -> bytes:
-        """Run one git command; its stdout, or GitError with git's own reason."""
+    def _options(self, cwd: Path | None) -> list[str]:
+        """git's options for a command in ``cwd``: the access settings, and whose
+        repository it is."""
         options = self.access.config_args()
         if cwd == self.clone_dir:
             # Our clone, by path and by name: git never looks further up for a
             # repository (a job may delete .git), and it works in the clone even
             # when the job user owns its files.
-            options = [*options, "-c", f"safe.directory={cwd}",
-                       f"--git-dir={cwd / '.git'}", f"--work-tree={cwd}"]
-        elif self.app.path and cwd == self.workdir:
+            return [*options, "-c", f"safe.directory={cwd}",
+                    f"--git-dir={cwd / '.git'}", f"--work-tree={cwd}"]
+        if self.app.path and cwd == self.workdir:
             # A working copy someone else owns (the app's user): trusted for this
             # command only, never by a change to the operator's git config.
-            options = [*options, "-c", f"safe.directory={cwd}",
-                       "-c", f"safe.directory={cwd.resolve()}"]
+            return [*options, "-c", f"safe.directory={cwd}",
+                    "-c", f"safe.directory={cwd.resolve()}"]
+        return options
+
+    def _git(self, cwd: Path | None, args: list[str], timeout: float) -> str:
+        return self._git_bytes(cwd, args, timeout).decode(errors="replace")
+
+    def _git_bytes(self, cwd: Path | None, args: list[str], timeout: float) -> bytes:
+        """Run one git command; its stdout, or GitError with git's own reason."""
+        options = self._options(cwd)
         try:
             # The executor's environment is read here only to pass on the part git
             # needs (see gitsafety.ALLOWED_ENV); it holds no settings of ours.
@@ -299,6 +342,81 @@ def _await_exit(proc: subprocess.Popen[bytes], deadline: float) -> None:
     finally:
         os.close(pidfd)
     proc.wait()  # it has exited: this only collects the status
+
+
+class _Batch:
+    """One ``git cat-file --batch``, asked for one object at a time, each answer read
+    within the deadline; on leaving, git is killed with whatever it had not sent."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str],
+                 deadline: float) -> None:
+        self._proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      bufsize=0)
+        self._deadline = deadline
+        self._buffer = bytearray()
+
+    def __enter__(self) -> _Batch:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._proc.kill()
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._proc.wait()
+
+    def get(self, name: str, limit: int,
+            judge: Callable[[int], None] | None = None) -> bytes | None:
+        """The object's content; None if git has no such object. ``judge`` sees its
+        size first and may refuse it; over ``limit`` bytes it is refused unread."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(name.encode() + b"\n")
+        header = self._take(self._find(b"\n") + 1).split()
+        if len(header) != 3 or not header[2].isdigit():
+            return None  # "<name> missing" (or ambiguous)
+        size = int(header[2])
+        if judge is not None:
+            judge(size)
+        if size > limit:
+            raise GitError(f"{name}: {size} bytes in git's objects; the limit is {limit}")
+        return self._take(size + 1)[:-1]  # the content and git's newline after it
+
+    def _find(self, byte: bytes) -> int:
+        while (at := self._buffer.find(byte)) < 0:
+            self._fill()
+        return at
+
+    def _take(self, count: int) -> bytes:
+        while len(self._buffer) < count:
+            self._fill()
+        taken = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return taken
+
+    def _fill(self) -> None:
+        assert self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise subprocess.TimeoutExpired(self._proc.args, 0)
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise GitError("git cat-file stopped before its answer ended")
+        self._buffer += chunk
+
+
+def _tree_entry(tree: bytes, name: bytes, oid_size: int) -> tuple[int, str] | None:
+    """(mode, object id) of ``name`` in a raw tree object (entries of ``<octal mode>
+    <name>\\0<binary id>``), or None."""
+    at = 0
+    while at < len(tree):
+        space = tree.index(b" ", at)
+        nul = tree.index(b"\0", space)
+        if tree[space + 1:nul] == name:
+            return int(tree[at:space], 8), tree[nul + 1:nul + 1 + oid_size].hex()
+        at = nul + 1 + oid_size
+    return None
 
 
 def _remove(path: Path) -> None:

@@ -101,7 +101,7 @@ def reconcile(settings: Settings, store: StateStore, app: AppConfig,
     timeout = DEFAULT_TIMEOUT
     gated: bool | None = None  # unknown: the run reads the appspec for its gate itself
     try:
-        text = source.read_appspec(sha)
+        text = source.read_appspec(sha, fetch="first" if seen.started else "if-missing")
         spec = parse_appspec(text, settings.environ)
         if spec.command is None:
             log.info("%s@%s: POST_DEPLOY_COMMAND is not set; no job to run",

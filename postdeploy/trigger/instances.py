@@ -25,7 +25,7 @@ from postdeploy.config.settings import AppConfig, Settings
 from postdeploy.errors import AppSpecError, GitError
 from postdeploy.run.env import job_environment
 from postdeploy.source.appspec import JobSpec, parse_appspec
-from postdeploy.source.git import AppSource
+from postdeploy.source.git import AppSource, CommitMissing
 from postdeploy.source.readiness import Gate, Probe, gate_url, probe
 from postdeploy.store import keys
 from postdeploy.store.instances import Instance, InstanceRegistry
@@ -139,11 +139,12 @@ class LocalSpecs:
     def _read(self, app: AppConfig, sha: str) -> LocalSpec:
         source = AppSource(app, self.settings.state_dir)
         try:
-            if app.repo and not ((source.clone_dir / ".git").exists()
-                                 and source.has_commit(sha)):
+            if app.repo and not (source.clone_dir / ".git").exists():
                 return LocalSpec(sha, None, NOT_HERE)
-            text = source.read_appspec(sha)
+            text = source.read_appspec(sha, fetch="never")
             return LocalSpec(sha, parse_appspec(text, self.settings.environ))
+        except CommitMissing:
+            return LocalSpec(sha, None, NOT_HERE)
         except (AppSpecError, GitError) as exc:
             log.debug("%s@%s: appspec not usable here: %s", app.name, sha[:7], exc)
             return LocalSpec(sha, None, str(exc))

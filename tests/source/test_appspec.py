@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from postdeploy.config.settings import MAX_TIMEOUT, AppConfig
-from postdeploy.errors import AppSpecError
+from postdeploy.errors import AppSpecError, GitError
 from postdeploy.source.appspec import (
     DEFAULT_TIMEOUT,
     check_folder_value,
     parse_appspec,
     resolve_folder,
 )
-from postdeploy.source.git import AppSource
+from postdeploy.source.git import AppSource, CommitMissing
 from tests.support.core import GitRemote, appspec_yaml
 
 
@@ -164,3 +164,19 @@ def test_the_reader_refuses_an_appspec_directory(tmp_path: Path, remote: GitRemo
             source.read_appspec(sha)
         with pytest.raises(AppSpecError, match="must be a regular file"):
             source.prepare(sha)
+
+
+def test_the_reader_fetches_as_asked_and_never_when_told_not_to(
+        tmp_path: Path, remote: GitRemote) -> None:
+    first = remote.commit({"appspec.yaml": appspec_yaml("echo one")})
+    source = AppSource(AppConfig(name="shop", repo=remote.url), tmp_path / "state")
+    assert source.read_appspec(first) == appspec_yaml("echo one").encode()  # clones
+    second = remote.commit({"appspec.yaml": appspec_yaml("echo two")})
+    with pytest.raises(CommitMissing, match="not on this host yet"):
+        source.read_appspec(second, fetch="never")
+    assert source.read_appspec(second, fetch="first") == appspec_yaml("echo two").encode()
+    assert source.read_appspec(second, fetch="never") == appspec_yaml("echo two").encode()
+    empty = remote.commit({"appspec.yaml": ""}, "an empty appspec")
+    assert source.read_appspec(empty) == b""
+    with pytest.raises(GitError, match=f"commit {'0' * 12} not found in"):
+        source.read_appspec("0" * 40)
