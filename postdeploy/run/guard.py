@@ -233,22 +233,28 @@ class _Guard:
         from postdeploy.run.sandbox import enter_sandbox  # the job's side of the sandbox
 
         spec = self.spec
-        if spec.lease is not None:
-            # Check the lease before the job starts: the worker took it a while ago (git
-            # work), and a lease already lost or cancelled starts nothing.
-            self.keeper = LeaseKeeper(spec.lease)
-            if (stop := self.keeper.renew_now()) is not None:
-                os.close(output_fd)
-                self._send({"result": asdict(GuardResult(None, stop.later(
-                    ", before the job started")))})
-                self._hold_until_done()
-                return 0
+        refused: list[Stop] = []
+
+        def lease_holds() -> bool:
+            # Checked while the job's process gets ready: the worker took the lease a
+            # while ago (git work), and a lease already lost or cancelled starts nothing.
+            if self.keeper is not None and (stop := self.keeper.renew_now()) is not None:
+                refused.append(stop)
+            return not refused
+
+        self.keeper = LeaseKeeper(spec.lease) if spec.lease is not None else None
         try:
             job_pid = processes.spawn_job(spec.command, spec.cwd, spec.env, output_fd,
-                                          lambda: enter_sandbox(spec.sandbox))
+                                          lambda: enter_sandbox(spec.sandbox), lease_holds)
         except OSError as exc:
             os.close(output_fd)
             self._send({"result": asdict(GuardResult(None, None, str(exc)))})
+            self._hold_until_done()
+            return 0
+        if job_pid is None:
+            os.close(output_fd)
+            self._send({"result": asdict(GuardResult(None, refused[0].later(
+                ", before the job started")))})
             self._hold_until_done()
             return 0
         os.close(output_fd)  # only the job holds the output pipe now: EOF when it is done

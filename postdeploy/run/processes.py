@@ -35,18 +35,25 @@ def processes_with_env(name: str, value: str) -> list[int]:
 
 
 def spawn_job(command: str, cwd: str, env: Mapping[str, str], output_fd: int,
-              enter_sandbox: Callable[[], None]) -> int:
+              enter_sandbox: Callable[[], None],
+              clear_to_start: Callable[[], bool] = lambda: True) -> int | None:
     """Fork and exec ``bash -c command`` in a session of its own; the job's pid.
 
     The job reads /dev/null and writes ``output_fd`` (stdout and stderr). In the
     child, ``enter_sandbox`` (user, mounts) runs before the chdir, so ``cwd`` is a
-    path as the job sees the file system. Raises OSError when the job cannot start.
+    path as the job sees the file system. ``clear_to_start`` runs here while the
+    child gets ready, which then waits just before its exec: the job starts only
+    if it says True (else None, and the child exits having run nothing), so a
+    check made then (the lease) costs the start no time of its own. Raises
+    OSError when the job cannot start.
     """
     errors_r, errors_w = os.pipe()
+    go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(errors_r)
+            os.close(go_w)
             os.setsid()
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
@@ -54,8 +61,13 @@ def spawn_job(command: str, cwd: str, env: Mapping[str, str], output_fd: int,
             os.dup2(output_fd, 2)
             enter_sandbox()
             os.chdir(cwd)
-            os.closerange(3, errors_w)
-            os.closerange(errors_w + 1, max_fd())  # errors_w itself closes at exec
+            low, high = sorted((errors_w, go_r))
+            os.closerange(3, low)
+            os.closerange(low + 1, high)
+            os.closerange(high + 1, max_fd())  # errors_w itself closes at exec
+            if os.read(go_r, 1) != b"g":
+                os._exit(0)  # not cleared to start: nothing ran
+            os.close(go_r)
             os.execve("/bin/bash", ["bash", "-c", command], env)
         except BaseException as exc:  # noqa: B036 (tell the parent, never return)
             with contextlib.suppress(Exception):
@@ -63,14 +75,23 @@ def spawn_job(command: str, cwd: str, env: Mapping[str, str], output_fd: int,
         finally:
             os._exit(127)
     os.close(errors_w)
+    os.close(go_r)
+    try:
+        cleared = clear_to_start()
+        if cleared:
+            with contextlib.suppress(BrokenPipeError):  # it failed already: errors say why
+                os.write(go_w, b"g")
+    finally:
+        os.close(go_w)
     failure = b""
     while chunk := os.read(errors_r, 1000):  # EOF at exec (close-on-exec) or at exit
         failure += chunk
     os.close(errors_r)
-    if failure:
+    if failure or not cleared:
         reap_children(pid, block=True)
+    if failure:
         raise OSError(f"cannot start the job: {failure.decode(errors='replace')}")
-    return pid
+    return pid if cleared else None
 
 
 def live_descendants() -> list[psutil.Process]:
