@@ -207,8 +207,8 @@ def serve_floor(port: int, processes: int) -> int:
     import tornado.httpserver
     from tornado import httputil
 
-    from postdeploy.webhook.processes import listen_sockets, run_servers
-    from postdeploy.webhook.service import BODY_TIMEOUT, READ_LIMIT, STOP_TIMEOUT
+    from postdeploy.webhook.processes import listen_sockets, run_servers, stop_event
+    from postdeploy.webhook.service import BODY_TIMEOUT, READ_LIMIT
 
     answer = b'{"status": "queued", "apps": []}'
 
@@ -232,13 +232,13 @@ def serve_floor(port: int, processes: int) -> int:
         tornado.httpserver.HTTPServer(Server(), max_body_size=READ_LIMIT,
                                       max_buffer_size=READ_LIMIT, body_timeout=BODY_TIMEOUT,
                                       idle_connection_timeout=60).add_sockets(sockets)
-        await asyncio.Event().wait()
+        await stop_event().wait()
 
     def serve(sockets: list[socket.socket]) -> int:
         asyncio.run(run(sockets))
         return 0
 
-    return run_servers(listen_sockets("127.0.0.1", port, processes), serve, STOP_TIMEOUT)
+    return run_servers(listen_sockets("127.0.0.1", port, processes), serve)
 
 
 if __name__ == "__main__":
