@@ -16,7 +16,8 @@ service runs with its default number of processes (one per CPU, at most 4) and
 with one, each against the bare server in as many processes sharing the port.
 The same bare answer through ``tornado.web`` (an Application, a RequestHandler)
 under the same load shows what the web framework costs over the bare server:
-what answering through Tornado's lower request-delegate interface would save.
+what the service saves by answering through Tornado's request-delegate
+interface (postdeploy/webhook/http.py).
 """
 
 from __future__ import annotations
