@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # gains nothing on a host that also runs the workers.
 MAX_DEFAULT = 4
 # Deaths over the service's whole life (fork_processes counts them all, not per
-# minute): a process that dies at every start stops the service within a second.
+# minute): a process that dies at every start stops the service within seconds.
 MAX_RESTARTS = 10
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
