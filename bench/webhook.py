@@ -14,6 +14,10 @@ answering 202 to each request without looking at it, under the same load
 (rounds alternate between the servers so all see the same machine). The
 service runs with its default number of processes (one per CPU, at most 4) and
 with one, each against the bare server in as many processes sharing the port.
+The same bare answer through ``tornado.web`` (an Application, a RequestHandler)
+under the same load shows what the web framework costs over the bare server:
+what the service saves by answering through Tornado's request-delegate
+interface (postdeploy/webhook/http.py).
 """
 
 from __future__ import annotations
@@ -110,16 +114,19 @@ def measure(root: Path, redis_url: str, commits: int, deliveries: int = 200,
     # The service's default process count here, and one process: each against the bare
     # server with as many processes, so that like is compared with like.
     counts = sorted({default_count(), 1}, reverse=True)
-    servers: list[tuple[Server, Server]] = []
+    servers: list[tuple[Server, Server, Server]] = []
     for count in counts:
-        port, floor_port = free_port(), free_port()
+        port = free_port()
         hook = Service(["-m", "postdeploy.cli", "webhook", "--port", str(port),
                         "--processes", str(count)], env, root / f"webhook-{count}.log")
-        floor = Service(["-m", "bench.webhook", str(floor_port), str(count)], env,
-                        root / f"floor-{count}.log", cwd=REPO_ROOT)
-        servers.append((Server(_processes(count), hook, port),
-                        Server(f"bare Tornado server, {_processes(count)}", floor, floor_port)))
-    everything = [server for pair in servers for server in pair]
+        floors = []
+        for kind, label in (("bare", "bare Tornado server"), ("web", "bare tornado.web app")):
+            floor_port = free_port()
+            floor = Service(["-m", "bench.webhook", str(floor_port), str(count), kind], env,
+                            root / f"floor-{kind}-{count}.log", cwd=REPO_ROOT)
+            floors.append(Server(f"{label}, {_processes(count)}", floor, floor_port))
+        servers.append((Server(_processes(count), hook, port), floors[0], floors[1]))
+    everything = [server for group in servers for server in group]
     try:
         wait_ready(worker, client)
         for server in everything:
@@ -151,7 +158,7 @@ def measure(root: Path, redis_url: str, commits: int, deliveries: int = 200,
         Row("commit -> job start through the webhook p95", p95, wait_p95, "ms",
             "poll at 30 s: p95 wait"),
     ]
-    for index, (ours, bare) in enumerate(servers):
+    for index, (ours, bare, web) in enumerate(servers):
         load = f"{deliveries} concurrent deliveries, {ours.label}"
         p99 = percentile(ours.times, 99)
         target = index == 0  # the target is for the service as it runs by default
@@ -165,6 +172,11 @@ def measure(root: Path, redis_url: str, commits: int, deliveries: int = 200,
                 median(bare.walls), "ms", bare.label),
             Row(f"webhook CPU per delivery under that load, {ours.label}",
                 ours.cpu_per_delivery(), bare.cpu_per_delivery(), "ms", bare.label),
+            Row(f"tornado.web answer time p99, {deliveries} concurrent requests, "
+                f"{web.label}", percentile(web.times, 99), percentile(bare.times, 99), "ms",
+                f"{bare.label}, same load"),
+            Row(f"tornado.web CPU per request under that load, {web.label}",
+                web.cpu_per_delivery(), bare.cpu_per_delivery(), "ms", bare.label),
         ]
     return rows
 
@@ -200,15 +212,17 @@ def _answer_times(servers: list[Server], remote: GitRemote, deliveries: int,
             server.times += times
 
 
-def serve_floor(port: int, processes: int) -> int:
+def serve_floor(port: int, processes: int, kind: str) -> int:
     """The baseline server: Tornado's HTTP server with the service's settings, answering
     202 to every request as soon as its body is in, without looking at it; in as many
-    processes sharing the port as the service runs."""
+    processes sharing the port as the service runs. ``kind`` "web": the same answer
+    from a ``tornado.web`` handler."""
     import tornado.httpserver
+    import tornado.web
     from tornado import httputil
 
-    from postdeploy.webhook.processes import listen_sockets, run_servers
-    from postdeploy.webhook.service import BODY_TIMEOUT, READ_LIMIT, STOP_TIMEOUT
+    from postdeploy.webhook.processes import listen_sockets, run_servers, stop_event
+    from postdeploy.webhook.service import BODY_TIMEOUT, READ_LIMIT
 
     answer = b'{"status": "queued", "apps": []}'
 
@@ -228,18 +242,26 @@ def serve_floor(port: int, processes: int) -> int:
                           request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
             return Bare(request_conn)
 
+    class Accept(tornado.web.RequestHandler):
+        def prepare(self) -> None:
+            self.set_status(202)
+            self.set_header("Content-Type", "application/json")
+            self.finish(answer)
+
+    app = tornado.web.Application([(r"/.*", Accept)]) if kind == "web" else Server()
+
     async def run(sockets: list[socket.socket]) -> None:
-        tornado.httpserver.HTTPServer(Server(), max_body_size=READ_LIMIT,
+        tornado.httpserver.HTTPServer(app, max_body_size=READ_LIMIT,
                                       max_buffer_size=READ_LIMIT, body_timeout=BODY_TIMEOUT,
                                       idle_connection_timeout=60).add_sockets(sockets)
-        await asyncio.Event().wait()
+        await stop_event().wait()
 
     def serve(sockets: list[socket.socket]) -> int:
         asyncio.run(run(sockets))
         return 0
 
-    return run_servers(listen_sockets("127.0.0.1", port, processes), serve, STOP_TIMEOUT)
+    return run_servers(listen_sockets("127.0.0.1", port, processes), serve)
 
 
 if __name__ == "__main__":
-    sys.exit(serve_floor(int(sys.argv[1]), int(sys.argv[2])))
+    sys.exit(serve_floor(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))

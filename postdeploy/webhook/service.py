@@ -30,15 +30,10 @@ from postdeploy.errors import ConfigError
 from postdeploy.store.celery_app import app as celery_app
 from postdeploy.store.celery_app import configure
 from postdeploy.store.connection import redis_client, resolve_redis_url
-from postdeploy.webhook.dispatch import STOP_TIMEOUT as DISPATCH_STOP_TIMEOUT
 from postdeploy.webhook.dispatch import Dispatcher
 from postdeploy.webhook.http import MAX_BODY, HookServer
 from postdeploy.webhook.match import AppIndex, Push
-from postdeploy.webhook.processes import (
-    STOP_SIGNALS,
-    listen_sockets,
-    run_servers,
-)
+from postdeploy.webhook.processes import STOP_SIGNALS, listen_sockets, run_servers, stop_event
 from postdeploy.webhook.providers import PROVIDERS, Event, Headers, HookRejected, Provider
 from postdeploy.webhook.state import Delivery, WebhookState
 
@@ -181,8 +176,7 @@ def serve(settings: Settings, address: str, port: int, processes: int = 1) -> in
     sockets = listen_sockets(address, port, processes)
     log.info("webhook: listening on http://%s:%d/hooks/{%s} for %d app(s), %d process(es)",
              address, port, ",".join(PROVIDERS), len(settings.apps), processes)
-    return run_servers(sockets, lambda held: _serve(settings, secret, url, held),
-                       STOP_TIMEOUT * 2 + DISPATCH_STOP_TIMEOUT)
+    return run_servers(sockets, lambda held: _serve(settings, secret, url, held))
 
 
 def _serve(settings: Settings, secret: str, url: str, sockets: list[socket.socket]) -> int:
@@ -217,13 +211,10 @@ async def _loop(service: WebhookService, sockets: list[socket.socket], apps: int
         hooks, max_body_size=READ_LIMIT, max_buffer_size=READ_LIMIT,
         body_timeout=BODY_TIMEOUT, idle_connection_timeout=60)
     server.add_sockets(sockets)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stop_event().wait()
     # Stopping already: a second signal (Ctrl-C reaches the parent and every server
-    # process, and the parent passes it on) is moot, and would hit the loop as it closes.
+    # process) is moot, and would hit the loop as it closes.
+    loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)

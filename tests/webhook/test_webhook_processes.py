@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +19,7 @@ import redis
 
 from tests.conftest import EXTERNAL_REDIS
 from tests.support.clirun import all_dead, cli_env, family
-from tests.support.core import RedisServer, Service, free_port, wait_for
+from tests.support.core import REPO_ROOT, RedisServer, Service, free_port, wait_for
 from tests.support.webhook_client import (
     cli_run,
     github_push,
@@ -128,7 +131,7 @@ def test_a_process_that_dies_is_reported_and_started_again(
              15, what="the server process to be started again")
     assert service.alive() and set(others) <= set(server_pids(service))
     log = service.log()
-    assert f"(pid {victim}) exited (signal 9); starting it again" in log
+    assert f"(pid {victim}) killed by signal 9, restarting" in log  # fork_processes' words
     for _ in range(20):  # every socket is served again
         assert push(port)[0] == 202
 
@@ -142,6 +145,38 @@ def test_a_parent_killed_outright_takes_its_processes_with_it(env: dict[str, str
     service.proc.wait(10)
     wait_for(lambda: all_dead(children), 15, what="the orphaned server processes to exit")
     service.stop()
+
+
+# Server process 0 fails at every start, as on a bad setting only it sees; 1 serves.
+CRASH_LOOP = textwrap.dedent("""
+    import asyncio, os, sys, tornado.process
+    from postdeploy.config.logs import configure_logging
+    from postdeploy.webhook.processes import listen_sockets, run_servers, stop_event
+
+    async def wait() -> int:
+        await stop_event().wait()
+        return 0
+
+    def serve(sockets):
+        if tornado.process.task_id() == 0:
+            return 1
+        print("serving", os.getpid(), flush=True)
+        return asyncio.run(wait())
+
+    configure_logging("INFO")
+    sys.exit(run_servers(listen_sockets("127.0.0.1", int(sys.argv[1]), 2), serve))
+""")
+
+
+def test_a_crash_loop_stops_the_service_with_one_error_and_exit_1() -> None:
+    result = subprocess.run([sys.executable, "-c", CRASH_LOOP, str(free_port())],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert "server processes died" in error and "stopping the service" in error, error
+    # The process that did start was stopped, and waited for, before the service exited.
+    serving = [int(line.split()[1]) for line in result.stdout.splitlines()]
+    assert serving and all_dead(serving), result
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", ""])
