@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 # gains nothing on a host that also runs the workers.
 MAX_DEFAULT = 4
 # Deaths over the service's whole life (fork_processes counts them all, not per
-# minute): a process that dies at every start stops the service within seconds.
-MAX_RESTARTS = 10
+# minute): a process that dies at every start stops the service within seconds,
+# while the odd death (an out-of-memory kill) takes a hundred to stop it.
+MAX_RESTARTS = 100
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 _stop_pipe: int | None = None  # in a forked server process: the parent's stop pipe
