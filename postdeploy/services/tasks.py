@@ -33,7 +33,7 @@ from postdeploy.store.connection import redis_client
 from postdeploy.store.lifecycle import UNSTARTED
 from postdeploy.store.records import RunRecord, Status, Trigger
 from postdeploy.store.state import StateStore
-from postdeploy.trigger.check import reconcile
+from postdeploy.trigger.check import reconcile, reconcile_all
 from postdeploy.trigger.placement import HostPlacement, RunRequest, forward_host
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,13 @@ def check_apps(app_names: list[str]) -> None:
 
 def _check_batch(app_names: list[str]) -> None:
     settings = current_settings()
+    apps = []
     for name in app_names:
-        app_config = settings.app(name)
-        if app_config is None:
+        if (app_config := settings.app(name)) is None:
             log.warning("check: unknown app %r (configurations differ between hosts?)", name)
-            continue
-        try:
-            reconcile(settings, state_store(), app_config, _enqueue_auto)
-        except Exception:
-            log.exception("check of %s failed unexpectedly", name)
+        else:
+            apps.append(app_config)
+    reconcile_all(settings, state_store(), apps, _enqueue_auto)
 
 
 @app.task(name="postdeploy.check_app")

@@ -58,12 +58,14 @@ local function current()
 end
 """
 
-# KEYS: deployments, last_seen, checked_at. ARGV: sha, current id read before the
-# lookup ('' for none), now, marker prefix, claim ttl, done ttl, the marker of the
-# commit before deployments were recorded, KEEP. Returns {deployment JSON, started,
-# claimed}; started is -1 when another check recorded a deployment meanwhile.
+# KEYS: deployments, last_seen, checked_at, check failure streak. ARGV: sha, current
+# id read before the lookup ('' for none), now, marker prefix, claim ttl, done ttl,
+# the marker of the commit before deployments were recorded, KEEP. Returns
+# {deployment JSON, started, claimed, the failure streak this look ended or false};
+# started is -1 when another check recorded a deployment meanwhile.
 _OBSERVE = _START + """
 local sha = ARGV[1]
+local streak = redis.call('GETDEL', KEYS[4])
 local d = current()
 local started = 0
 if d == nil then
@@ -76,7 +78,7 @@ if d == nil then
   end
 elseif d.sha ~= sha then
   if tostring(d.id) ~= ARGV[2] then
-    return {cjson.encode(d), -1, 0}
+    return {cjson.encode(d), -1, 0, streak}
   end
   d = start(sha, d.sha, ARGV[3])
   started = 1
@@ -89,7 +91,7 @@ if redis.call('EXPIRE', done, ARGV[6]) == 0 and
     redis.call('SET', ARGV[4] .. d.id .. ':claim', 'queued', 'NX', 'EX', ARGV[5]) then
   claimed = 1
 end
-return {cjson.encode(d), started, claimed}
+return {cjson.encode(d), started, claimed, streak}
 """
 
 # KEYS: deployments, last_seen, checked_at, host heads. ARGV: host, head, now, marker
@@ -163,6 +165,7 @@ class Observation:
     started: bool  # this look recorded it
     claimed: bool = False  # repo apps: the caller holds its claim (it needs a run)
     stale: bool = False  # another look recorded a deployment while this one ran git
+    recovered: str | None = None  # repo apps: the failed checks' streak this look ended (JSON)
     mine: int | None = None  # path apps: the latest deployment of this host's head
 
 
@@ -211,16 +214,19 @@ class DeploymentLog:
         """A ``repo`` app's branch is at ``sha``: record a deployment if it changed,
         and claim the current deployment's run unless it ran or is claimed.
 
-        ``seen_before``: :meth:`current_id` as read before the git lookup.
+        ``seen_before``: :meth:`current_id` as read before the git lookup. A look
+        that got here ends the app's streak of failed checks (see ``recovered``).
         """
         now = time.time()
-        raw, started, claimed = self._observe(
-            keys=[keys.deployments(app), keys.last_seen(app), keys.checked_at(app)],
+        raw, started, claimed, streak = self._observe(
+            keys=[keys.deployments(app), keys.last_seen(app), keys.checked_at(app),
+                  keys.check_failure(app)],
             args=[sha, "" if seen_before is None else str(seen_before), repr(now),
                   keys.deployment_prefix(app), claim_ttl, self.done_ttl,
                   keys.commit_done(app, sha), KEEP])
         return Observation(Deployment.from_json(raw), int(started) == 1, bool(claimed),
-                           stale=int(started) == -1)
+                           stale=int(started) == -1,
+                           recovered=streak.decode() if isinstance(streak, bytes) else None)
 
     def host_head(self, app: str, host: str, head: str) -> Observation:
         """A ``path`` app's working copy on ``host`` is at ``head`` (see the module doc)."""

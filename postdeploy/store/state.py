@@ -351,11 +351,6 @@ class StateStore:
         """A check of ``app`` starts: pushes from now on need a check of their own."""
         self.client.delete(keys.check_pending(app))
 
-    def check_recovered(self, app: str) -> dict[str, Any] | None:
-        """End a streak of failed checks; return it (None if checks were fine)."""
-        raw = self.client.getdel(keys.check_failure(app))
-        return json.loads(raw) if raw else None
-
     def check_failure(self, app: str) -> dict[str, Any] | None:
         raw = self.client.get(keys.check_failure(app))
         return json.loads(raw) if raw else None

@@ -10,6 +10,7 @@ is enqueued again.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -43,16 +44,27 @@ def _streak_text(streak: dict[str, Any]) -> str:
     return f"still failing: {streak['count']} checks over {minutes:.0f} min"
 
 
-def _look(store: StateStore, source: AppSource, app: AppConfig) -> Observation:
+class _Unread:
+    """The current deployment was not read ahead: the check reads it itself."""
+
+
+UNREAD = _Unread()
+
+
+def _look(store: StateStore, source: AppSource, app: AppConfig,
+          seen_before: int | None | _Unread) -> Observation:
     """Learn the branch head and record it (a deployment if it changed).
 
-    The current deployment is read before git: when another check records one
-    while git runs, this answer may predate it and records nothing. Git is then
-    asked once more, so a push's check never leaves its commit to the next interval.
+    The current deployment is read before git (by the caller, for a batch of
+    apps in one round trip): when another check records one while git runs,
+    this answer may predate it and records nothing. Git is then asked once more,
+    so a push's check never leaves its commit to the next interval.
     """
     for _ in range(STALE_LOOKS):
-        seen_before = store.deployments.current_id(app.name)
+        if isinstance(seen_before, _Unread):
+            seen_before = store.deployments.current_id(app.name)
         seen = store.observe(app.name, source.current_sha(), seen_before)
+        seen_before = UNREAD
         if not seen.stale:
             break
         log.debug("%s: deployment %d (%s) was recorded while this check looked; looking "
@@ -71,21 +83,36 @@ class CheckResult:
         return {"app": self.app, "sha": self.sha, "action": self.action, "detail": self.detail}
 
 
-def reconcile(settings: Settings, store: StateStore, app: AppConfig,
-              enqueue: Enqueue) -> CheckResult:
-    """Check one app's deployed commit; enqueue an automatic run if its deployment has none."""
+def reconcile_all(settings: Settings, store: StateStore, apps: list[AppConfig],
+                  enqueue: Enqueue) -> None:
+    """:func:`reconcile` each app, their current deployments read in one round trip;
+    one app's failure never stops the others."""
+    before = store.deployments.current_ids([app.name for app in apps])
+    for app, seen_before in zip(apps, before, strict=True):
+        try:
+            reconcile(settings, store, app, enqueue, seen_before)
+        except Exception:
+            log.exception("check of %s failed unexpectedly", app.name)
+
+
+def reconcile(settings: Settings, store: StateStore, app: AppConfig, enqueue: Enqueue,
+              seen_before: int | None | _Unread = UNREAD) -> CheckResult:
+    """Check one app's deployed commit; enqueue an automatic run if its deployment has none.
+
+    ``seen_before``: the app's current deployment id, read just before (see _look).
+    """
     source = AppSource(app, settings.state_dir)
     try:
-        seen = _look(store, source, app)
+        seen = _look(store, source, app, seen_before)
     except GitError as exc:
         streak = store.check_failed(app.name, str(exc), FAILURE_LOG_EVERY)
         if streak is not None:
             log.warning("commit check of %s failed: %s (%s)", app.name, exc,
                         _streak_text(streak))
         return CheckResult(app.name, None, "error", str(exc))
-    if (ended := store.check_recovered(app.name)) is not None:
+    if seen.recovered is not None:
         log.info("commit check of %s works again after %d failed check(s)", app.name,
-                 ended["count"])
+                 json.loads(seen.recovered)["count"])
 
     deployment = seen.deployment
     sha = deployment.sha
