@@ -9,6 +9,10 @@ before starting the job, and the job's guard, on whichever host, stops the
 job's processes (SIGTERM, the grace, SIGKILL); the run is recorded ``cancelled``
 with the reason "cancelled <who and how>". So a cancel never records
 ``cancelled`` for a job that goes on running.
+
+Every way of cancelling ends here: the CLI, Flower's revoke (services/tasks.py
+only hands Celery's signals over), the worker's look before the job starts, a
+revoke that SIGTERMed the job, a run cancelled while its worker died.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from postdeploy.announce.run_end import announce_end
 from postdeploy.config.settings import Settings
 from postdeploy.errors import PostdeployError
-from postdeploy.run.job import cancel_run
+from postdeploy.run.clock import JobClock
+from postdeploy.run.place import mark_cancelled
+from postdeploy.store import lifecycle
 from postdeploy.store.lifecycle import UNSTARTED
-from postdeploy.store.records import RunRecord, Status
+from postdeploy.store.patience import quietly
+from postdeploy.store.records import RunRecord, Status, Trigger
 from postdeploy.store.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,7 @@ CANCEL_TTL = 86_400  # seconds a cancel request waits for the worker running the
 STOP_MARGIN = 5.0  # seconds the CLI waits beyond the kill grace for the worker's record
 PROGRESS_EVERY = 2.0  # seconds between "still stopping" lines while the CLI waits
 POLL = 0.1  # seconds between reads of the run while the CLI waits
+REVOKE_WAIT = 2.0  # seconds a SIGTERMed run waits to learn it was revoked, not shut down
 
 
 class NotThatAppsRun(PostdeployError):
@@ -76,20 +85,23 @@ def other_unfinished(store: StateStore, record: RunRecord) -> list[RunRecord]:
             if r.id != record.id and not r.status.finished]
 
 
-def request_cancel(settings: Settings, store: StateStore, record: RunRecord,
-                   how: str) -> Cancel:
+def request_cancel(settings: Settings, store: StateStore, record: RunRecord, how: str,
+                   reason: str | None = None, stopping: bool = False) -> Cancel:
     """Cancel ``record``: at once if it has not started, else ask its worker to stop it.
 
     ``how`` says who and how ("from the CLI by root@host"); the run's reason
-    becomes "cancelled <how>".
+    becomes ``reason``, by default "cancelled <how>". ``stopping``: its job is
+    being stopped already (a revoke that terminates it), so the run is recorded
+    cancelled whatever its status.
     """
     if record.status.finished:
         return Cancel(Result.ENDED, record)
     # First the request: if the run starts between our read and our write, its
     # worker or its guard finds it (see the module doc).
     store.request_cancel(record.id, how, CANCEL_TTL)
-    if record.status in UNSTARTED:
-        if cancel_run(settings, store, record, f"cancelled {how}", only_from=UNSTARTED):
+    if record.status in UNSTARTED or stopping:
+        if cancel_run(settings, store, record, reason or f"cancelled {how}",
+                      only_from=None if stopping else UNSTARTED):
             return Cancel(Result.CANCELLED, record)
         # It moved meanwhile (cancel_run left what is stored in ``record``): it ended
         # (cancelled by its worker, which found the request, or otherwise), or a worker
@@ -101,6 +113,48 @@ def request_cancel(settings: Settings, store: StateStore, record: RunRecord,
     # It may have ended between our read and the request: then nobody will stop it.
     current = store.get_run(record.id) or record
     return Cancel(_result_of(current), current)
+
+
+def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason: str,
+               only_from: frozenset[Status] | None = None) -> bool:
+    """End an unfinished run as cancelled; its deployment is not run again automatically.
+
+    ``only_from``: only if it is still in one of these statuses (a cancel that must
+    not record ``cancelled`` for a job that started meanwhile).
+    """
+    if record.status.finished or not lifecycle.move(store, record, Status.CANCELLED,
+                                                    reason=reason, only_from=only_from):
+        return False
+    if record.trigger == Trigger.AUTO:
+        mark_cancelled(settings, store, record)
+    log.warning("%s@%s: run %s cancelled: %s", record.app, record.sha[:7], record.id, reason)
+    announce_end(settings, store, record)
+    return True
+
+
+def heed_request(store: StateStore, clock: JobClock, record: RunRecord) -> None:
+    """A cancel written to Redis (`postdeploy cancel` on any host, Flower's revoke without
+    terminate) while git worked: the job never starts. Once it runs, its guard watches."""
+    if clock.cancel_reason is None:
+        how = quietly(lambda: store.cancel_request(record.id))
+        if how:
+            clock.cancel(f"cancelled {how}")
+
+
+def revoke_reason(store: StateStore, record: RunRecord) -> str | None:
+    """SIGTERM stopped the job: the cancelled run's reason if a revoke did it, None if
+    its worker is shutting down. The worker's main process records a revoke (see
+    services/tasks.py) while the job stops, so its trace is waited for a moment."""
+    deadline = time.monotonic() + REVOKE_WAIT
+    while time.monotonic() < deadline:
+        stored = quietly(lambda: store.get_run(record.id))
+        if stored is not None and stored.status == Status.CANCELLED:
+            return stored.reason
+        how = quietly(lambda: store.cancel_request(record.id))
+        if how:  # the revoke's request, written before it records the run
+            return f"cancelled {how}"
+        time.sleep(0.05)
+    return None
 
 
 def wait_stopped(store: StateStore, record: RunRecord, timeout: float,

@@ -14,18 +14,18 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from postdeploy.announce import commit_status
-from postdeploy.announce.notify import notify_if_needed
+from postdeploy.announce.run_end import announce_end
 from postdeploy.config.redaction import mask_secrets
 from postdeploy.config.secrets import executor_secrets
 from postdeploy.config.settings import Settings
 from postdeploy.errors import AppSpecError, GitError, JobFailed, JobUserError
 from postdeploy.run import gate as waiting
+from postdeploy.run.cancel import cancel_run, heed_request, revoke_reason
 from postdeploy.run.clock import JobClock
 from postdeploy.run.env import run_environment
 from postdeploy.run.gate import GateWait
@@ -34,7 +34,6 @@ from postdeploy.run.output import OutputCapture
 from postdeploy.run.place import (
     RunPlace,
     claim_ttl,
-    mark_cancelled,
     mark_done,
     skip_reason,
     working_copy_problem,
@@ -47,16 +46,14 @@ from postdeploy.store import decisions, deployments, keys, lifecycle
 from postdeploy.store.celery_app import app as celery
 from postdeploy.store.deployments import Deployment
 from postdeploy.store.fencing import Fence, RunLock
+from postdeploy.store.patience import patiently, quietly
 from postdeploy.store.records import RunRecord, Status, Trigger
 from postdeploy.store.state import StateStore
 
 log = logging.getLogger(__name__)
 
-REDIS_PATIENCE = 120.0  # seconds a finished run waits for Redis to come back to record itself
-REVOKE_WAIT = 2.0  # seconds a SIGTERMed run waits to learn it was revoked, not shut down
 MAX_LOST_ATTEMPTS = 3  # automatic runs of one deployment that may die with their worker
 
-T = TypeVar("T")
 
 
 class LockBusy(Exception):
@@ -117,7 +114,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
         lost = store.take_active(app.name, run_place.slot)
         if lost:
             _mark_lost(settings, store, lost)
-            _announce_end(settings, store, lost)
+            announce_end(settings, store, lost)
         if auto and (skipped := skip_reason(settings, store, app, record, run_place)):
             return _finish(settings, store, record,
                            JobOutcome(Status.SUPERSEDED, None, skipped), run_place, fence)
@@ -136,24 +133,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
         return _run_locked(settings, store, source, clock, record, lock, worker, task_id,
                            run_place)
     finally:
-        _patiently(lambda: _release(lock), "release the run lock")
-
-
-def cancel_run(settings: Settings, store: StateStore, record: RunRecord, reason: str,
-               only_from: frozenset[Status] | None = None) -> bool:
-    """End an unfinished run as cancelled; its deployment is not run again automatically.
-
-    ``only_from``: only if it is still in one of these statuses (a cancel that must
-    not record ``cancelled`` for a job that started meanwhile).
-    """
-    if record.status.finished or not lifecycle.move(store, record, Status.CANCELLED,
-                                                    reason=reason, only_from=only_from):
-        return False
-    if record.trigger == Trigger.AUTO:
-        mark_cancelled(settings, store, record)
-    log.warning("%s@%s: run %s cancelled: %s", record.app, record.sha[:7], record.id, reason)
-    _announce_end(settings, store, record)
-    return True
+        patiently(lambda: _release(lock), "release the run lock")
 
 
 def _before_start(settings: Settings, store: StateStore, source: AppSource, record: RunRecord,
@@ -212,7 +192,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                           worker=worker or socket.gethostname(), task_id=task_id,
                           host=settings.host):
         # Cancelled (or otherwise ended) while it waited in the queue: it never starts.
-        _patiently(lambda: store.clear_active(app, run_place.slot), "clear the active run")
+        patiently(lambda: store.clear_active(app, run_place.slot), "clear the active run")
         return record
     commit_status.report(settings, store, record)
     store.hold_claim(app, record.deployment, settings.lock_ttl, run_place.slot)
@@ -233,7 +213,7 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
                                    "add it to appspec.yaml envs")
             cwd = resolve_folder(workdir, spec.folder)
             clock.arm(spec.timeout)
-            _heed_cancel_request(store, clock, record)
+            heed_request(store, clock, record)
             if not lifecycle.update(store, record, fence=fence,
                                     command=mask_secrets(spec.command, secrets),
                                     timeout=spec.timeout):
@@ -255,7 +235,14 @@ def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock:
             outcome = JobOutcome(Status.TIMED_OUT, None, f"{clock.timeout_reason()}, before "
                                  "the job started (the checkout took that long)")
         if outcome.status == Status.CANCELLED and clock.terminated:
-            outcome = _revoked_or_shutdown(store, clock, record, outcome)
+            # SIGTERM stopped the job: a revoke (the worker's main process cancels the
+            # run), or the worker shutting down (lost: its deployment is run again).
+            if (reason := revoke_reason(store, record)) is not None:
+                clock.terminate_handled = True  # the pool process lives on
+                outcome = JobOutcome(Status.CANCELLED, outcome.exit_code, reason)
+            else:
+                outcome = JobOutcome(Status.LOST, outcome.exit_code,
+                                     _lost_reason(record, "its worker was shut down mid-run"))
         return _finish(settings, store, record, outcome, run_place, fence)
 
 
@@ -275,7 +262,7 @@ def _run_job_process(settings: Settings, store: StateStore, clock: JobClock, rec
                      lease_held: ExitStack, run_place: RunPlace) -> JobOutcome:
     def store_output(tail: bytes, total: int) -> None:
         record.output_bytes = total
-        _quietly(lambda: store.write_output(record.id, tail, total, lock.fence()))
+        quietly(lambda: store.write_output(record.id, tail, total, lock.fence()))
 
     capture = OutputCapture(job.label, settings.output_limit, job.secrets, store_output)
     # Scope instance: the instance's lock and claim, not the app's.
@@ -301,34 +288,6 @@ def _deployment_restorer(record: RunRecord) -> Callable[[redis.Redis], object] |
     return lambda client: deployments.restore(client, record.app, deployment)
 
 
-def _heed_cancel_request(store: StateStore, clock: JobClock, record: RunRecord) -> None:
-    """A cancel written to Redis (`postdeploy cancel` on any host, Flower's revoke without
-    terminate) while git worked: the job never starts. Once it runs, its guard watches."""
-    if clock.cancel_reason is None:
-        how = _quietly(lambda: store.cancel_request(record.id))
-        if how:
-            clock.cancel(f"cancelled {how}")
-
-
-def _revoked_or_shutdown(store: StateStore, clock: JobClock, record: RunRecord,
-                         outcome: JobOutcome) -> JobOutcome:
-    """SIGTERM stopped the job: a revoke (the worker's main process cancels the run), or
-    the worker shutting down (the run is lost and its deployment is run again)."""
-    deadline = time.monotonic() + REVOKE_WAIT
-    while time.monotonic() < deadline:
-        stored = _quietly(lambda: store.get_run(record.id))
-        if stored is not None and stored.status == Status.CANCELLED:
-            clock.terminate_handled = True  # the pool process lives on
-            return JobOutcome(Status.CANCELLED, outcome.exit_code, stored.reason)
-        how = _quietly(lambda: store.cancel_request(record.id))
-        if how:  # the revoke's request, written before it records the run
-            clock.terminate_handled = True
-            return JobOutcome(Status.CANCELLED, outcome.exit_code, f"cancelled {how}")
-        time.sleep(0.05)
-    return JobOutcome(Status.LOST, outcome.exit_code,
-                      _lost_reason(record, "its worker was shut down mid-run"))
-
-
 def _finish(settings: Settings, store: StateStore, record: RunRecord,
             outcome: JobOutcome, run_place: RunPlace, fence: Fence | None = None) -> RunRecord:
     """Record the outcome (unless the run ended otherwise meanwhile) and tidy up.
@@ -338,7 +297,7 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
     """
     status = outcome.status
     label = f"{record.app}@{record.sha[:7]}"
-    moved = _patiently(lambda: lifecycle.move(store, record, status, fence=fence,
+    moved = patiently(lambda: lifecycle.move(store, record, status, fence=fence,
                                               exit_code=outcome.exit_code,
                                               reason=outcome.reason), "record the run")
     if not record.status.finished:
@@ -352,36 +311,27 @@ def _finish(settings: Settings, store: StateStore, record: RunRecord,
         log.warning("%s: POST_DEPLOY job %s: %s (run %s); the app keeps running",
                     label, status, outcome.reason, record.id)
     if moved:
-        _announce_end(settings, store, record)
+        announce_end(settings, store, record)
     slot = run_place.slot
     deployment = record.deployment
     if record.status == Status.SUPERSEDED:
-        _patiently(lambda: store.release_claim(record.app, deployment, slot),
+        patiently(lambda: store.release_claim(record.app, deployment, slot),
                    "release the claim")
         return record
     if record.status == Status.LOST:
         if moved and record.trigger == Trigger.AUTO:
-            _quietly(lambda: store.count_lost(record.app, deployment))
+            quietly(lambda: store.count_lost(record.app, deployment))
         if moved:  # our own worker's shutdown: let the next check enqueue it again
-            _patiently(lambda: store.release_claim(record.app, deployment, slot),
+            patiently(lambda: store.release_claim(record.app, deployment, slot),
                        "release the claim")
-            _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
+            patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
         return record  # else declared lost by another worker, whose run owns the app now
     if record.trigger == Trigger.AUTO and deployment is not None:
-        _patiently(lambda: mark_done(settings, store, record.app, deployment,
+        patiently(lambda: mark_done(settings, store, record.app, deployment,
                                                record.id, run_place),
                    "mark the deployment done")
-    _patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
+    patiently(lambda: store.clear_active(record.app, slot), "clear the active run")
     return record
-
-
-def _announce_end(settings: Settings, store: StateStore, run: RunRecord | str) -> None:
-    """Tell the outside world a run has its final status: notifications (at most once
-    per run and event) and the commit status. Never raises."""
-    notify_if_needed(settings, store, run)
-    record = _quietly(lambda: store.get_run(run)) if isinstance(run, str) else run
-    if record is not None:
-        commit_status.report(settings, store, record)
 
 
 def _mark_lost(settings: Settings, store: StateStore, run_id: str) -> None:
@@ -420,30 +370,3 @@ def _current_sha(source: AppSource) -> str:
 
 def _release(lock: RunLock) -> None:
     lock.release()  # (False: it lapsed, maybe retaken: nothing of ours to release)
-
-
-def _quietly(action: Callable[[], T]) -> T | None:
-    """Best effort while the job runs: Redis trouble must not stop the job."""
-    try:
-        return action()
-    except redis.RedisError as exc:
-        log.debug("Redis unavailable during a run: %s", exc)
-        return None
-
-
-def _patiently(action: Callable[[], T], what: str) -> T:
-    """Retry through a Redis restart, so a finished run still gets recorded."""
-    deadline = time.monotonic() + REDIS_PATIENCE
-    delay = 0.5
-    warned = False
-    while True:
-        try:
-            return action()
-        except redis.RedisError as exc:
-            if time.monotonic() > deadline:
-                raise
-            if not warned:
-                log.warning("Redis unavailable, retrying to %s: %s", what, exc)
-                warned = True
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)

@@ -15,11 +15,11 @@ from celery.worker import control as worker_control
 from celery.worker import state as worker_state
 
 from postdeploy.errors import JobFailed
-from postdeploy.run.cancel import CANCEL_TTL, request_cancel
+from postdeploy.run.cancel import request_cancel
 from postdeploy.run.clock import JobClock
 from postdeploy.run.gate import GateWait
 from postdeploy.run.guard import reap_guards
-from postdeploy.run.job import LockBusy, cancel_run, carry_out_run
+from postdeploy.run.job import LockBusy, carry_out_run
 from postdeploy.run.place import RunPlace
 from postdeploy.source.appspec import SCOPE_APP
 from postdeploy.store.celery_app import (
@@ -30,7 +30,6 @@ from postdeploy.store.celery_app import (
     host_queue,
 )
 from postdeploy.store.connection import redis_client
-from postdeploy.store.lifecycle import UNSTARTED
 from postdeploy.store.records import RunRecord, Status, Trigger
 from postdeploy.store.state import StateStore
 from postdeploy.trigger.check import reconcile, reconcile_all
@@ -219,13 +218,9 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = Fals
             how = f"revoked from Flower (or celery control), terminated with {_name(signum)}"
         else:
             how = "revoked from Flower (or celery control) before it started"
-        # The request first, as for `postdeploy cancel`: a run that started meanwhile
-        # is stopped by its guard; without terminate, only a run that has not started
-        # is recorded cancelled here.
-        store = state_store()
-        store.request_cancel(record.id, how, CANCEL_TTL)
-        cancel_run(current_settings(), store, record, how,
-                   only_from=None if terminated else UNSTARTED)
+        # As `postdeploy cancel`; with terminate, its job is being stopped already.
+        request_cancel(current_settings(), state_store(), record, how, reason=how,
+                       stopping=terminated)
     except Exception:  # a signal handler must never take the worker down
         log.exception("could not record the revoke of task %s", request.id)
 
