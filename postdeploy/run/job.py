@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -64,17 +64,29 @@ class LockBusy(Exception):
         self.run_id = run_id
 
 
-def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_name: str,
-                  sha: str | None, trigger: str, run_id: str | None, worker: str | None = None,
-                  task_id: str | None = None, run_place: RunPlace | None = None,
-                  waiting_since: float | None = None) -> RunRecord:
+@dataclass(frozen=True)
+class RunMessage:
+    """One ``run_job`` message as its task received it."""
+
+    app: str
+    sha: str | None  # None: the app's last seen commit
+    trigger: str
+    run_id: str | None = None  # None: a message sent without a run (Flower, the API)
+    worker: str | None = None  # the Celery worker's name
+    task_id: str | None = None
+    place: RunPlace = field(default_factory=RunPlace)
+    waiting_since: float | None = None  # when its readiness wait began, on a retry
+
+
+def carry_out_run(settings: Settings, store: StateStore, clock: JobClock,
+                  message: RunMessage) -> RunRecord:
     """Carry out one requested run, if it should happen; return its record.
 
     Raises LockBusy when the app (or, scope instance, the instance) is busy and
     GateWait while the app is not ready yet (both: retry later), JobFailed when
-    the request itself is wrong. A run that did not succeed is only recorded (LENIENT).
+    the message itself is wrong. A run that did not succeed is only recorded (LENIENT).
     """
-    run_place = run_place or RunPlace()
+    app_name, sha, trigger, run_place = message.app, message.sha, message.trigger, message.place
     app = settings.app(app_name)
     if app is None:
         raise JobFailed(f"unknown app {app_name!r}; it is not in this worker's configuration")
@@ -86,7 +98,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
     if not is_sha(sha):
         raise JobFailed(f"invalid sha {sha[:50]!r}; give a full 40-character commit id")
 
-    record = store.get_run(run_id) if run_id else None
+    record = store.get_run(message.run_id) if message.run_id else None
     if record is not None and record.status.finished:
         log.info("run %s already ended as %s; ignoring a repeated message",
                  record.id, record.status)
@@ -103,7 +115,8 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
     if auto and (skipped := skip_reason(settings, store, app, record, run_place)):
         return _finish(settings, store, record, JobOutcome(Status.SUPERSEDED, None, skipped),
                        run_place)
-    if ended := _before_start(settings, store, source, record, run_place, waiting_since):
+    if ended := _before_start(settings, store, source, record, run_place,
+                              message.waiting_since):
         return ended
 
     lock = store.run_lock(app.name, settings.lock_ttl, run_place.slot)
@@ -130,8 +143,7 @@ def carry_out_run(settings: Settings, store: StateStore, clock: JobClock, app_na
             record = current
         if record.status.finished:
             return record
-        return _run_locked(settings, store, source, clock, record, lock, worker, task_id,
-                           run_place)
+        return _run_locked(settings, store, source, clock, record, lock, message)
     finally:
         patiently(lambda: _release(lock), "release the run lock")
 
@@ -183,13 +195,13 @@ def _before_start(settings: Settings, store: StateStore, source: AppSource, reco
 
 
 def _run_locked(settings: Settings, store: StateStore, source: AppSource, clock: JobClock,
-                record: RunRecord, lock: RunLock, worker: str | None,
-                task_id: str | None, run_place: RunPlace) -> RunRecord:
-    app = record.app
+                record: RunRecord, lock: RunLock, message: RunMessage) -> RunRecord:
+    app, run_place = record.app, message.place
     fence = lock.fence()
     store.set_active(app, record.id, run_place.slot)
     if not lifecycle.move(store, record, Status.RUNNING, fence=fence,
-                          worker=worker or socket.gethostname(), task_id=task_id,
+                          worker=message.worker or socket.gethostname(),
+                          task_id=message.task_id,
                           host=settings.host):
         # Cancelled (or otherwise ended) while it waited in the queue: it never starts.
         patiently(lambda: store.clear_active(app, run_place.slot), "clear the active run")

@@ -19,7 +19,7 @@ from postdeploy.run.cancel import request_cancel
 from postdeploy.run.clock import JobClock
 from postdeploy.run.gate import GateWait
 from postdeploy.run.guard import reap_guards
-from postdeploy.run.job import LockBusy, carry_out_run
+from postdeploy.run.job import LockBusy, RunMessage, carry_out_run
 from postdeploy.run.place import RunPlace
 from postdeploy.source.appspec import SCOPE_APP
 from postdeploy.store.celery_app import (
@@ -162,9 +162,10 @@ def run_job(self: Task, app: str, sha: str | None = None, trigger: str = "manual
     timelimit = self.request.timelimit or (None, None)
     try:
         with JobClock(soft_limit=timelimit[1]) as clock:
-            record = carry_out_run(settings, state_store(), clock, app, sha, trigger, run_id,
-                                   self.request.hostname, self.request.id,
-                                   RunPlace(host, scope or SCOPE_APP), waiting_since)
+            message = RunMessage(app, sha, trigger, run_id, self.request.hostname,
+                                 self.request.id, RunPlace(host, scope or SCOPE_APP),
+                                 waiting_since)
+            record = carry_out_run(settings, state_store(), clock, message)
     except LockBusy as busy:
         # Another run of this app is going on: wait our turn without holding a worker,
         # as the same run (a message sent without a run id got one on this attempt).
