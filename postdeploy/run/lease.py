@@ -112,6 +112,7 @@ class LeaseKeeper:
         """
         answer = self._renew()
         self._absorb(answer)
+        self._next = lease_clock() + TICK  # the thread's first renewal is a tick later
         if answer.error:
             return Stop(StopKind.LEASE_LOST, f"lease lost (cannot confirm it: {answer.error})")
         return self._verdict()
