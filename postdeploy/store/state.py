@@ -285,10 +285,9 @@ class StateStore:
         guard must know in time that it cannot renew, and stop its job.
         """
         pool = self.client.connection_pool
-        # RESP2: no HELLO round trip before the first renewal, which a job's start waits on.
         kwargs = {**pool.connection_kwargs, "socket_timeout": CALL_TIMEOUT,
                   "socket_connect_timeout": CALL_TIMEOUT, "retry_on_timeout": False,
-                  "retry": None, "health_check_interval": 0, "protocol": 2}
+                  "retry": None, "health_check_interval": 0}
         return redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=pool.connection_class, **kwargs))
 
