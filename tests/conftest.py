@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -39,13 +40,52 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_OWN_BASETEMP] = base
 
 
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """As root, the real passwd users that tests' apps run as, made once per run (by
+    the controller when pytest-xdist runs the tests in several processes)."""
+    if AS_ROOT and not _is_xdist_worker(session.config):
+        session.config.stash[_MADE_USERS] = _make_users(APP_USERS)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _is_xdist_worker(session.config):
+        return
+    _remove_users(session.config.stash.get(_MADE_USERS, []))
     base = session.config.stash.get(_OWN_BASETEMP, None)
     if base is not None and exitstatus == 0:  # keep the logs of a failed session
         shutil.rmtree(base, ignore_errors=True)
 
 
 _OWN_BASETEMP = pytest.StashKey[Path]()
+_MADE_USERS = pytest.StashKey[list[str]]()
+
+
+def _make_users(names: tuple[str, ...]) -> list[str]:
+    """Make those of ``names`` that do not exist yet; the ones made."""
+    made = []
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--user-group", "--shell",
+                            "/bin/bash", name], capture_output=True, check=False)
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                continue  # app_users says why tests that need it cannot run
+            made.append(name)
+    return made
+
+
+def _remove_users(names: list[str]) -> None:
+    """Remove users this run made, with their homes and processes, whatever the tests did."""
+    for name in names:
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
+        subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,7 +93,10 @@ def _temp_dirs_reachable_by_jobs(tmp_path_factory: pytest.TempPathFactory) -> No
     """Jobs (the job user) leave journals and pid files in the tests' temp dirs."""
     if not AS_ROOT:
         return
-    tmp_path_factory.getbasetemp().chmod(0o711)  # pytest made it private: traverse only
+    base = tmp_path_factory.getbasetemp()
+    base.chmod(0o711)  # pytest made it private: traverse only
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base.parent.chmod(0o711)  # the run's own, each pytest-xdist process works below it
     make = tmp_path_factory.mktemp
 
     def mktemp(basename: str, numbered: bool = True) -> Path:
@@ -74,9 +117,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """A flushed Redis for this test (the external one when configured)."""
+def redis_url(redis_server: RedisServer, worker_id: str) -> str:
+    """A flushed Redis for this test (the external one when configured: a database of
+    its own for each pytest-xdist process, which flushes only its own)."""
     url = EXTERNAL_REDIS or redis_server.url
+    if EXTERNAL_REDIS and worker_id.startswith("gw"):
+        parts = urlsplit(EXTERNAL_REDIS)
+        db = int(parts.path.strip("/") or 0) + int(worker_id.removeprefix("gw"))
+        url = urlunsplit(parts._replace(path=f"/{db}"))
     redis.Redis.from_url(url).flushdb()
     return url
 
@@ -132,24 +180,15 @@ def fleet(tmp_path: Path, remote: GitRemote, redis_url: str) -> Iterator[Fleet]:
 
 
 @pytest.fixture(scope="session")
-def app_users() -> Iterator[tuple[str, ...]]:
-    """Real passwd users with a home, for apps' ``user:`` (root only). Those this
-    session made are removed at its end, with their homes and processes, whatever
-    the tests did; users that were there before are left as they were."""
+def app_users() -> tuple[str, ...]:
+    """Real passwd users with a home, for apps' ``user:`` (root only); made at the start
+    of the run and removed at its end (see pytest_sessionstart), unless they were
+    there before."""
     if not AS_ROOT:
         pytest.skip("making users and switching to them needs root")
-    made = []
-    try:
-        for name in APP_USERS:
-            try:
-                pwd.getpwnam(name)
-            except KeyError:
-                subprocess.run(["useradd", "--create-home", "--user-group", "--shell",
-                                "/bin/bash", name], capture_output=True, check=False)
-                pwd.getpwnam(name)  # made now, or by a session racing us
-                made.append(name)
-        yield APP_USERS
-    finally:
-        for name in made:
-            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
-            subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
+    for name in APP_USERS:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            pytest.fail(f"useradd could not make the test user {name!r}")
+    return APP_USERS
