@@ -21,8 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
+import redis
 import yaml
 
+from postdeploy.store import keys
 from tests.support.core import GitRemote, run_git, service_env, wait_for
 from tests.support.standin import AppStandIn
 
@@ -108,6 +110,7 @@ class Host:
         self.dir.mkdir(parents=True)
         self.origin = origin
         self.app = app
+        self.kind = kind
         self.workdir = self.dir / app
         run_git(self.dir, "clone", "-q", origin.url, str(self.workdir))
         self.standin = AppStandIn(version=self.head())
@@ -127,7 +130,15 @@ class Host:
         return run_git(self.workdir, "rev-parse", "HEAD").strip()
 
     def pull(self, sha: str | None = None) -> str:
-        """The deploy's git step: the working copy moves to ``sha`` (default: origin's)."""
+        """The deploy's git step: the working copy moves to ``sha`` (default: origin's).
+
+        A running worker has first reported the head it leaves, as on a real host
+        that served before its deploy: a host's first report is never a move (see
+        docs/hosts.md), and on a busy machine a worker may start late."""
+        if self.worker is not None and self.kind == "path":
+            head, client = self.head(), redis.Redis.from_url(self.env["POSTDEPLOY_REDIS_URL"])
+            wait_for(lambda: client.hget(keys.host_heads(self.app), self.name) == head.encode(),
+                     30, what=f"{self.name}'s report of {head[:7]}")
         run_git(self.workdir, "fetch", "-q", "origin")
         run_git(self.workdir, "reset", "-q", "--hard", sha or f"origin/{self.origin.branch}")
         return self.head()
